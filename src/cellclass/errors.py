@@ -1,0 +1,31 @@
+"""Exceptions raised by cellclass.
+
+Every message follows one shape: what was wrong, the value received, what is valid.
+The CLI catches :class:`CellclassError` and prints its message without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CellclassError(Exception):
+    """Base class of every error cellclass raises on purpose."""
+
+
+class ImageReadError(CellclassError):
+    """An image file is missing, truncated, undecodable or of an unsupported layout."""
+
+
+class SpecError(CellclassError):
+    """A dataset spec (YAML, preset or command line) is invalid."""
+
+
+class LabelError(CellclassError):
+    """A label value is unknown, empty or malformed."""
+
+
+class ModelError(CellclassError):
+    """A model name, argument or weight file is invalid."""
+
+
+class MissingDependencyError(CellclassError):
+    """An optional dependency is not installed; the message names the extra to install."""
