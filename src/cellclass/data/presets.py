@@ -1,0 +1,230 @@
+"""Dataset presets: specs for the layouts researchers already have on disk.
+
+Each preset takes the dataset's folder and returns a :class:`DatasetSpec`:
+
+- ``bps``: NASA BPS microscopy benchmark (``meta.csv`` with
+  ``filename,dose_Gy,particle_type,hr_post_exposure``; plate and well parsed from names
+  like ``P242_73665006707-A6_003_013_proj.tif``).
+- ``hpa``: Human Protein Atlas (``train.csv`` with ``Id,Target``; four PNGs per image).
+- ``rxrx1``: RxRx1 (``metadata.csv``; six PNGs per site).
+- ``folder``: one sub-folder per class.
+- ``csv``: a generic ``Image,Label`` manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cellclass.data.spec import (
+    ControlSpec,
+    DatasetSpec,
+    DerivedColumn,
+    ImageSpec,
+    TaskSpec,
+    spec_from_manifest,
+)
+from cellclass.errors import SpecError
+
+HPA_CLASSES: list[str] = [
+    "Nucleoplasm", "Nuclear membrane", "Nucleoli", "Nucleoli fibrillar center",
+    "Nuclear speckles", "Nuclear bodies", "Endoplasmic reticulum", "Golgi apparatus",
+    "Peroxisomes", "Endosomes", "Lysosomes", "Intermediate filaments", "Actin filaments",
+    "Focal adhesion sites", "Microtubules", "Microtubule ends", "Cytokinetic bridge",
+    "Mitotic spindle", "Microtubule organizing center", "Centrosome", "Lipid droplets",
+    "Plasma membrane", "Cell junctions", "Mitochondria", "Aggresome", "Cytosol",
+    "Cytoplasmic bodies", "Rods & rings",
+]
+"""The 28 Human Protein Atlas localisation classes, in the index order of ``Target``."""
+
+HPA_CHANNELS = ["red", "green", "blue", "yellow"]
+RXRX1_CHANNELS = ["Hoechst", "ConA", "Phalloidin", "Syto14", "MitoTracker", "WGA"]
+
+BPS_PLATE_REGEX = r"^(P\d+)_"
+# A well name such as A6 repeats on every plate: the well id keeps its plate and barcode.
+BPS_WELL_REGEX = r"^(P\d+_\d+-[A-Z]{1,2}\d{1,2})_"
+
+
+def bps(root: str | Path, *, manifest: str = "meta.csv") -> DatasetSpec:
+    """NASA BPS microscopy benchmark: single-channel uint16 TIFF nuclei.
+
+    Tasks: ``particle_type`` (Fe, X-ray), ``dose`` (Gy), ``particle_dose`` (both at
+    once), ``hours`` (after exposure). Groups: ``plate`` and ``well`` from the file name.
+    The 0 Gy rows are declared a sham control so ``inspect`` can show they differ only by
+    plate.
+    """
+    return DatasetSpec(
+        name="bps",
+        preset="bps",
+        manifest=manifest,
+        image=ImageSpec(column="filename", channels=["53BP1"]),
+        tasks=[
+            TaskSpec("particle_type", ["particle_type"], classes=["Fe", "X-ray"]),
+            TaskSpec("dose", ["dose_Gy"]),
+            TaskSpec("particle_dose", ["particle_type", "dose_Gy"]),
+            TaskSpec("hours", ["hr_post_exposure"]),
+        ],
+        derive={
+            "plate": DerivedColumn("filename", BPS_PLATE_REGEX),
+            "well": DerivedColumn("filename", BPS_WELL_REGEX),
+        },
+        groups=["plate", "well"],
+        controls=[ControlSpec("dose_Gy", "0", "sham")],
+        base_dir=Path(root),
+    )
+
+
+def hpa(root: str | Path, *, manifest: str = "train.csv", images: str = "train") -> DatasetSpec:
+    """Human Protein Atlas: four 8-bit PNGs per image, 28 multi-label localisations."""
+    return DatasetSpec(
+        name="hpa",
+        preset="hpa",
+        manifest=manifest,
+        image=ImageSpec(pattern="{Id}_{channel}.png", root=images, channels=list(HPA_CHANNELS)),
+        tasks=[
+            TaskSpec("localization", ["Target"], type="multilabel", delimiter=" ",
+                     classes=list(HPA_CLASSES), values="indices")
+        ],
+        base_dir=Path(root),
+    )
+
+
+def rxrx1(root: str | Path, *, manifest: str = "metadata.csv", images: str = "images") -> DatasetSpec:
+    """RxRx1: six-channel Cell Painting-like sites, 1,139 siRNAs, strong batch effects.
+
+    Groups: ``experiment``, ``plate``, ``well``. The ``dataset`` column (train/test) is
+    the predefined split.
+    """
+    return DatasetSpec(
+        name="rxrx1",
+        preset="rxrx1",
+        manifest=manifest,
+        image=ImageSpec(
+            pattern="{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png",
+            root=images,
+            channels=list(RXRX1_CHANNELS),
+            channel_keys=[str(i) for i in range(1, 7)],
+        ),
+        tasks=[TaskSpec("sirna", ["sirna"]), TaskSpec("cell_type", ["cell_type"])],
+        groups=["experiment", "plate", "well"],
+        split_column="dataset",
+        base_dir=Path(root),
+    )
+
+
+def folder(root: str | Path) -> DatasetSpec:
+    """One sub-folder per class under ``root``; the task is called ``label``."""
+    return DatasetSpec(
+        name=Path(root).resolve().name,
+        preset="folder",
+        layout="folder",
+        image=ImageSpec(column="filename"),
+        tasks=[TaskSpec("label", ["label"])],
+        base_dir=Path(root),
+    )
+
+
+def csv(root: str | Path, *, manifest: str | None = None, image_col: str = "Image",
+        label_col: str = "Label") -> DatasetSpec:
+    """A generic manifest with an image column and a label column.
+
+    ``root`` is the CSV itself or its folder (then the only ``*.csv`` in it, or
+    ``manifest``).
+    """
+    root = Path(root)
+    if root.is_dir():
+        if manifest is None:
+            found = sorted(root.glob("*.csv"))
+            if len(found) != 1:
+                raise SpecError(
+                    f"preset 'csv' needs one manifest in {str(root)!r}, found "
+                    f"{[p.name for p in found]}; pass the CSV path instead of the folder"
+                )
+            root = found[0]
+        else:
+            root = root / manifest
+    spec = spec_from_manifest(root, image_col=image_col, tasks=[f"{label_col.lower()}={label_col}"])
+    spec.preset = "csv"
+    return spec
+
+
+PRESETS: dict[str, Callable[..., DatasetSpec]] = {
+    "bps": bps,
+    "hpa": hpa,
+    "rxrx1": rxrx1,
+    "folder": folder,
+    "csv": csv,
+}
+
+
+def preset(name: str, root: str | Path, **options: Any) -> DatasetSpec:
+    """Build the spec of preset ``name`` for the dataset in ``root``.
+
+    Raises:
+        SpecError: When the preset is unknown.
+    """
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise SpecError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}") from None
+    return factory(root, **options)
+
+
+SPEC_FILE_NAMES = ("cellclass.yaml", "dataset.yaml", "spec.yaml")
+
+
+def load_spec(
+    source: str | Path,
+    *,
+    preset_name: str | None = None,
+    image_col: str | None = None,
+    tasks: list[str] | None = None,
+    groups: list[str] | None = None,
+    delimiter: str | None = None,
+    split_column: str | None = None,
+    drop_unlabeled: bool = False,
+) -> DatasetSpec:
+    """Resolve what a user names on the command line into a spec.
+
+    ``source`` is a YAML spec, a manifest CSV (with ``image_col`` and ``tasks``), or a
+    folder with ``preset_name`` (or holding a ``cellclass.yaml``). With a YAML spec or a
+    preset, ``tasks`` selects declared tasks by name; with a manifest it declares them
+    (``COLUMN[:TYPE]`` or ``NAME=COLUMN[:TYPE]``). ``groups`` replaces the declared groups.
+
+    Raises:
+        SpecError: When the source cannot be resolved; the message says what to pass.
+    """
+    from cellclass.data.spec import DatasetSpec as _Spec
+
+    path = Path(source)
+    if not path.exists():
+        raise SpecError(f"dataset source {str(path)!r} does not exist")
+    if preset_name is not None:
+        spec = preset(preset_name, path).select_tasks(tasks)
+    elif path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        spec = _Spec.from_yaml(path).select_tasks(tasks)
+    elif path.is_file():
+        if not image_col:
+            raise SpecError(
+                f"manifest {str(path)!r} given without --image-col; name the column of image paths"
+            )
+        return spec_from_manifest(
+            path, image_col=image_col, tasks=tasks or [], groups=groups or [],
+            delimiter=delimiter, split_column=split_column, drop_unlabeled=drop_unlabeled,
+        )
+    else:
+        found = [path / n for n in SPEC_FILE_NAMES if (path / n).is_file()]
+        if not found:
+            raise SpecError(
+                f"folder {str(path)!r} holds no {' / '.join(SPEC_FILE_NAMES)}; pass --preset "
+                f"({', '.join(PRESETS)}), a YAML spec, or a manifest CSV with --image-col and --task"
+            )
+        spec = _Spec.from_yaml(found[0]).select_tasks(tasks)
+    if groups:
+        spec.groups = list(groups)
+    if split_column:
+        spec.split_column = split_column
+    if drop_unlabeled:
+        spec.drop_unlabeled = True
+    return spec
