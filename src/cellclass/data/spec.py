@@ -409,9 +409,11 @@ class DatasetSpec:
         """A stable identifier of one row's image, relative to the image root."""
         if self.image.column is not None:
             return str(row[self.image.column])
-        return self.image.pattern.replace("_{channel}", "").replace("{channel}", "").format(
-            **{k: row[k] for k in self.image.pattern_fields}
-        )
+        # The part of the pattern before the channel, less a trailing "_" or "_w":
+        # "train/{Id}_{channel}.png" -> "train/abc"; "{well}_s{site}_w{channel}.png" -> "B03_s1".
+        prefix = self.image.pattern.split("{channel}")[0]
+        prefix = re.sub(r"[_\-.][A-Za-z]?$", "", prefix)
+        return prefix.format(**{k: row[k] for k in self.image.pattern_fields})
 
     def read_image(self, row: Mapping[str, Any]) -> np.ndarray:
         """Read one row's image as ``(C, H, W)`` in the file's dtype."""

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 
 _TYPO_MAX_COUNT = 2
-_TYPO_MIN_RATIO = 10
+_TYPO_MIN_RATIO = 4
 
 
 @dataclass(frozen=True)
