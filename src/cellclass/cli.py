@@ -238,6 +238,185 @@ def _print_inspection(result: Any) -> None:
         console.print(f"[bold red]warning:[/bold red] {message}")
 
 
+@contextmanager
+def _stage_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar whose description follows the stage: ``progress(stage, done, total)``."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
+        task_id = bar.add_task("starting", total=None)
+
+        def update(stage: str, done: int, total: int) -> None:
+            bar.update(task_id, description=stage, completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+def models(
+    pattern: Annotated[str | None, typer.Argument(help="Shell-style filter, e.g. 'resnet*'.")] = None,
+) -> None:
+    """List model names: scikit-learn baselines, LeNet-5 and every timm backbone."""
+    from cellclass.models import list_models, model_info
+
+    names = list_models(pattern)
+    ours = [n for n in names if model_info(n).source == "cellclass"] if len(names) < 2000 else \
+        [n for n in ("lenet5", "logreg", "mlp", "svm") if n in names]
+    for name in ours:
+        info = model_info(name)
+        console.print(f"[bold]{name}[/bold]  ({info.kind}) {info.description}")
+    others = [n for n in names if n not in ours]
+    if others:
+        console.print(f"timm backbones ({len(others)}): " + ", ".join(others[:200]) +
+                      (" ..." if len(others) > 200 else ""))
+
+
+TRAIN_OPTIONS = ("model", "epochs", "image_size", "batch_size", "lr", "split_by", "split", "devices",
+                 "strategy", "precision", "seed", "pretrained")
+
+
+def build_config(config_file: Path | None, sets: list[str] | None, **options: Any) -> Any:
+    """Defaults, then ``--config FILE``, then explicit options, then ``--set key=value``."""
+    from cellclass.training.config import TrainConfig, parse_set_options
+
+    config = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+    explicit = {k: v for k, v in options.items() if v is not None}
+    return config.override({**explicit, **parse_set_options(sets or [])})
+
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name (see `cellclass models`).")]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", min=1, help="Maximum epochs.")]
+SizeOpt = Annotated[int | None, typer.Option("--image-size", min=8, help="Side of the square model input.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Global batch size.")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
+SplitByOpt = Annotated[str | None, typer.Option("--split-by", help="Keep each value of this column on one side "
+                                                                   "(default: the spec's first group).")]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="group, random (warns on grouped data) or predefined.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file (keys of TrainConfig).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set lr=1e-3. Repeatable.")]
+DevicesOpt = Annotated[int | None, typer.Option("--devices", min=1, help="Processes/devices (DDP when > 1).")]
+StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="Fabric strategy: auto, ddp, ddp_spawn.")]
+PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="32-true, bf16-mixed, 16-mixed or auto.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of split, weights and augmentation.")]
+PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="Path to local weights (or 'hub').")]
+
+
+@app.command()
+def train(
+    spec: SpecArg,
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    preset: PresetOpt = None,
+    image_col: ImageColOpt = None,
+    task: TaskOpt = None,
+    group: GroupOpt = None,
+    delimiter: DelimiterOpt = None,
+    drop_unlabeled: DropUnlabeledOpt = False,
+    model: ModelOpt = None,
+    epochs: EpochsOpt = None,
+    image_size: SizeOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    split_by: SplitByOpt = None,
+    split: SplitOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    devices: DevicesOpt = None,
+    strategy: StrategyOpt = None,
+    precision: PrecisionOpt = None,
+    seed: SeedOpt = None,
+    pretrained: PretrainedOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
+) -> None:
+    """Train a model, select its best epoch on validation, evaluate it on test, write the run folder."""
+    from cellclass.training.loop import train as run_train
+
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled)
+    if resume and (out / "config.yaml").is_file():
+        from cellclass.evaluation.evaluate import run_config
+
+        cfg = run_config(out)
+    else:
+        cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size,
+                           batch_size=batch_size, lr=lr, split_by=split_by, split=split, devices=devices,
+                           strategy=strategy, precision=precision, seed=seed,
+                           pretrained=(True if pretrained == "hub" else pretrained))
+    with _stage_progress() as progress:
+        result = run_train(ds, cfg, out, resume=resume, progress=progress)
+    if result:
+        _print_metrics(result, out)
+
+
+def _print_metrics(result: dict[str, Any], out: Path) -> None:
+    split = result["split"]
+    console.print(f"[bold]{result.get('model')}[/bold] on {result['dataset']}: split {split.get('method')}"
+                  + (f" by {split['group_column']}" if split.get("group_column") else "")
+                  + f"; evaluated on {result['evaluation']['on']} ({result['evaluation']['n_images']} images)")
+    if split.get("warning"):
+        console.print(f"[bold red]warning:[/bold red] {split['warning']}")
+    table = Table()
+    for col in ("task", "accuracy", "balanced acc.", "macro F1", "ROC-AUC"):
+        table.add_column(col, justify="right")
+    for task, m in result["tasks"].items():
+        table.add_row(task, *[_f(m.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")])
+    console.print(table)
+    console.print(f"run folder: {out} (metrics.json, predictions.csv, plots/, report.html)")
+
+
+def _f(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder made by `cellclass train`.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this dataset instead of the run's test split.")] = None,
+    preset: PresetOpt = None,
+    image_col: ImageColOpt = None,
+    task: TaskOpt = None,
+    group: GroupOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/evaluation).")] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
+) -> None:
+    """Evaluate a run's best checkpoint on its test split or on another dataset."""
+    from cellclass.evaluation.evaluate import evaluate_run
+
+    spec = _spec(data, preset, image_col, task, group) if data is not None else None
+    with _stage_progress() as progress:
+        result = evaluate_run(run, spec=spec, out=out, tta=tta, progress=progress)
+    _print_metrics(result, out or run / "evaluation")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder or .ckpt file.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (TIFF, PNG, NPY).")],
+    out: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path("predictions.csv"),
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
+) -> None:
+    """Predict image files with a trained run; writes one CSV row per image."""
+    import pandas as pd
+
+    from cellclass.atomic import atomic_path
+    from cellclass.data.io import read_image
+    from cellclass.serving.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(run, tta=tta)
+    rows = []
+    for start in range(0, len(images), 256):
+        chunk = images[start : start + 256]
+        results = predictor.predict_images([read_image(p) for p in chunk])
+        for path, result in zip(chunk, results, strict=True):
+            row: dict[str, Any] = {"image": str(path)}
+            for task_name, r in result.items():
+                label = r["label"]
+                row[task_name] = ";".join(label) if isinstance(label, list) else label
+                row.update({f"{task_name}__p__{c}": round(p, 6) for c, p in r["probabilities"].items()})
+            rows.append(row)
+    with atomic_path(out) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    console.print(f"{len(rows)} prediction(s) written to {out}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data and results.")] = Path("demo"),

@@ -1,0 +1,212 @@
+"""Final evaluation of a run: thresholds tuned on validation, metrics on test, the
+predictions table, plots and an HTML report that says how every number was obtained.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellclass.atomic import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _keep(encoder_type: str, y: np.ndarray) -> np.ndarray:
+    return np.ones(len(y), dtype=bool) if encoder_type == "multilabel" else y >= 0
+
+
+def tune_task_thresholds(predictor: Any, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
+                         method: str) -> dict[str, list[float]]:
+    """Per-class thresholds of every multi-label task, tuned on validation data."""
+    from cellclass.evaluation.thresholds import tune_thresholds
+
+    out = {}
+    for task, enc in predictor.encoders.items():
+        if enc.type != "multilabel":
+            continue
+        if method == "none":
+            out[task] = [0.5] * enc.n_outputs
+        else:
+            out[task] = [float(t) for t in tune_thresholds(targets[task], probs[task], method=method)]
+    return out
+
+
+def evaluate_tasks(predictor: Any, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
+                   thresholds: Mapping[str, list[float]] | None = None) -> dict[str, dict[str, Any]]:
+    """Metrics per task; multi-label tasks also report the fixed 0.5 threshold for contrast."""
+    from cellclass.evaluation.metrics import task_metrics
+
+    result = {}
+    for task, enc in predictor.encoders.items():
+        y = np.asarray(targets[task])
+        keep = _keep(enc.type, y)
+        p = np.asarray(probs[task], dtype=np.float64)[keep]
+        if enc.type == "multilabel":
+            thr = (thresholds or {}).get(task)
+            metrics = task_metrics(enc.type, y[keep], p, enc.classes,
+                                   thresholds=None if thr is None else np.asarray(thr))
+            fixed = task_metrics(enc.type, y[keep], p, enc.classes, thresholds=0.5)
+            metrics["fixed_threshold_0.5"] = {k: fixed[k] for k in ("macro_f1", "micro_f1", "samples_f1",
+                                                                    "hamming_loss") if k in fixed}
+        else:
+            metrics = task_metrics(enc.type, y[keep], p, enc.classes)
+        metrics["n_unlabeled_skipped"] = int((~keep).sum())
+        result[task] = metrics
+    return result
+
+
+def predictions_frame(predictor: Any, ids: list[str], rows: np.ndarray, targets: Mapping[str, np.ndarray],
+                      probs: Mapping[str, np.ndarray], split_name: str) -> pd.DataFrame:
+    """One row per image: true and predicted labels and every probability, per task."""
+    labels = predictor.decide(probs)
+    frame = pd.DataFrame({"image": ids, "row": rows, "split": split_name})
+    for task, enc in predictor.encoders.items():
+        y = np.asarray(targets[task])
+        if enc.type == "multilabel":
+            frame[f"{task}__true"] = [";".join(v) for v in enc.decode(y)]
+            frame[f"{task}__pred"] = [";".join(v) for v in labels[task]]
+        else:
+            frame[f"{task}__true"] = [enc.classes[i] if i >= 0 else "" for i in y]
+            frame[f"{task}__pred"] = labels[task]
+        for j, cls in enumerate(enc.classes):
+            frame[f"{task}__p__{cls}"] = np.round(probs[task][:, j], 6)
+    return frame
+
+
+def write_evaluation(out: Path, predictor: Any, data: Any, x: np.ndarray, *, threshold_method: str,
+                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the run's best checkpoint and write metrics.json, predictions.csv, plots, report.html."""
+    import torch
+
+    split = data.split
+    val_probs = predictor.predict_normalized(x[split.val])
+    val_targets = {t: v[split.val] for t, v in data.targets.items()}
+    thresholds = tune_task_thresholds(predictor, val_targets, val_probs, threshold_method)
+    predictor.thresholds = {**predictor.thresholds, **thresholds}
+    ckpt_path = out / "checkpoints" / "best.ckpt"
+    if thresholds and ckpt_path.is_file():
+        payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        payload["thresholds"] = thresholds
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(payload, tmp)
+    on_test = len(split.test) > 0
+    idx = split.test if on_test else split.val
+    test_probs = predictor.predict_normalized(x[idx]) if on_test else val_probs
+    test_targets = {t: v[idx] for t, v in data.targets.items()}
+    tasks = evaluate_tasks(predictor, test_targets, test_probs, thresholds)
+    val_tasks = evaluate_tasks(predictor, val_targets, val_probs, thresholds)
+    for task in tasks:
+        tasks[task]["val"] = {k: v for k, v in val_tasks[task].items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    split_info = split.describe()
+    if data.split_warning:
+        split_info["warning"] = data.split_warning
+    result = {
+        "dataset": data.spec.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "split": split_info,
+        "evaluation": {
+            "on": "test" if on_test else "val (no test split: test_fraction = 0)",
+            "n_images": int(len(idx)),
+            "checkpoint": "best (selected on validation)",
+            "tta": "D4 (8 flips/rotations averaged)" if predictor.tta else "none",
+            "thresholds": (f"per class, tuned on validation ({threshold_method})" if thresholds
+                           else "argmax (single-label tasks)"),
+        },
+        **dict(extra or {}),
+        "tasks": tasks,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=_json_default))
+    frame = predictions_frame(predictor, [data.ids[i] for i in idx],
+                              data.frame[ROW].to_numpy()[idx], test_targets, test_probs,
+                              "test" if on_test else "val")
+    with atomic_path(out / "predictions.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    plots = write_plots(out, predictor, test_targets, test_probs, tasks)
+    write_report(out, result, plots)
+    return result
+
+
+ROW = "_row"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def write_plots(out: Path, predictor: Any, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
+                tasks: Mapping[str, Mapping[str, Any]]) -> list[Path]:
+    """Learning curves, and per task: confusion matrix, per-class F1, ROC/PR, calibration."""
+    from cellclass.evaluation import plots as P
+
+    folder = out / "plots"
+    made: list[Path] = []
+    if (out / "metrics.csv").is_file() and len(pd.read_csv(out / "metrics.csv")) > 1:
+        made.append(P.plot_learning_curves(out / "metrics.csv", folder / "learning_curves.png"))
+    for task, enc in predictor.encoders.items():
+        y = np.asarray(targets[task])
+        keep = _keep(enc.type, y)
+        p = np.asarray(probs[task])[keep]
+        metrics = tasks[task]
+        try:
+            if "confusion_matrix" in metrics:
+                made.append(P.plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), enc.classes,
+                                                    folder / f"confusion_{task}.png"))
+            made.append(P.plot_per_class_f1(metrics["per_class"], folder / f"per_class_f1_{task}.png"))
+            made.append(P.plot_roc_pr(y[keep], p, enc.classes, folder / f"roc_pr_{task}.png",
+                                      task_type=enc.type))
+            made.append(P.plot_calibration(y[keep], p, folder / f"calibration_{task}.png"))
+        except Exception as exc:  # a plot must never lose the metrics already written
+            log.warning("could not draw plots for task %s: %s", task, exc)
+    return made
+
+
+def write_report(out: Path, result: Mapping[str, Any], plots: list[Path]) -> Path:
+    """A self-contained HTML page: how the numbers were obtained, the numbers, the plots."""
+    esc = html.escape
+    rows = []
+    for task, m in result["tasks"].items():
+        cells = "".join(
+            f"<td>{_fmt(m.get(k))}</td>" for k in ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1",
+                                                   "roc_auc", "map", "hamming_loss", "jaccard_samples"))
+        rows.append(f"<tr><th>{esc(task)}</th>{cells}</tr>")
+    header = "".join(f"<th>{h}</th>" for h in ("task", "accuracy", "balanced acc.", "macro F1", "micro F1",
+                                               "ROC-AUC", "mAP", "Hamming loss", "Jaccard"))
+    split = result["split"]
+    how = "".join(f"<li><b>{esc(str(k))}</b>: {esc(json.dumps(v, default=_json_default))}</li>"
+                  for k, v in {**result["evaluation"], "split": split}.items())
+    warning = f'<p class="warn">{esc(split["warning"])}</p>' if split.get("warning") else ""
+    images = "".join(
+        f'<figure><img src="{esc(p.relative_to(out).as_posix())}" alt="{esc(p.stem)}">'
+        f"<figcaption>{esc(p.stem)}</figcaption></figure>" for p in plots)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cellclass run report: {esc(str(result.get('model', '')))}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}
+.warn{{background:#fff3cd;padding:8px;border:1px solid #e0c36a}}figure{{display:inline-block;margin:8px}}
+img{{max-width:540px;border:1px solid #ddd}}</style></head><body>
+<h1>{esc(str(result.get('model', 'model')))} on {esc(result['dataset'])}</h1>
+<h2>How these numbers were obtained</h2>{warning}<ul>{how}</ul>
+<h2>Test metrics</h2><table><tr>{header}</tr>{''.join(rows)}</table>
+<h2>Plots</h2>{images}
+</body></html>"""
+    return atomic_write_text(out / "report.html", page)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else html.escape(str(value))

@@ -1,0 +1,184 @@
+"""The Predictor: one path from raw images to decisions, shared by evaluation, the CLI
+``predict`` command and the HTTP API.
+
+Raw ``(C, H, W)`` images in their own dtype are fitted to the training size, normalized
+with the statistics saved in the checkpoint, passed through the model (with D4
+test-time augmentation when asked) and turned into per-task probabilities and labels
+with the tuned thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellclass.data.labels import TaskEncoder
+from cellclass.data.loading import fit_image, select_channels
+from cellclass.errors import ImageReadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictor:
+    """A trained model with everything needed to use it.
+
+    Attributes:
+        model: A network (``torch.nn.Module``) or a fitted baseline.
+        kind: ``network`` or ``baseline``.
+        encoders: Task name to encoder (class names per task).
+        normalizer: Fitted :class:`cellclass.data.normalize.Normalizer`.
+        image_size: Side of the square model input.
+        fit: How images are made square (``pad``, ``resize``, ``crop``).
+        channel_indices: Channels kept from each image (all when empty).
+        channels: Channel names.
+        thresholds: Per-class thresholds of multi-label tasks.
+        tta: Average over the 8 D4 transforms.
+        batch_size: Inference batch size.
+        identity: Model identity reported with predictions (name, run, checkpoint).
+    """
+
+    model: Any
+    kind: str
+    encoders: dict[str, TaskEncoder]
+    normalizer: Any
+    image_size: int
+    fit: str = "pad"
+    channel_indices: list[int] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)
+    thresholds: dict[str, list[float]] = field(default_factory=dict)
+    tta: bool = False
+    batch_size: int = 64
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_chans(self) -> int:
+        """Channels the model expects (after channel selection)."""
+        return int(self.model.config["in_chans"])
+
+    @classmethod
+    def from_checkpoint(cls, source: str | Path, *, tta: bool | None = None, which: str = "best") -> Predictor:
+        """Load a run folder's best checkpoint (or a ``.ckpt`` file)."""
+        from cellclass.data.normalize import Normalizer
+        from cellclass.models import create_model
+        from cellclass.training.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(source, which)
+        if ckpt["kind"] == "baseline":
+            model = ckpt["estimator"]
+        else:
+            model = create_model(**ckpt["model_config"])
+            model.load_state_dict(ckpt["state_dict"])
+            model.eval()
+        config = ckpt["config"]
+        return cls(
+            model=model,
+            kind=ckpt["kind"],
+            encoders={k: TaskEncoder.from_dict(v) for k, v in ckpt["encoders"].items()},
+            normalizer=Normalizer.from_dict(ckpt["normalizer"]),
+            image_size=int(ckpt["image_size"]),
+            fit=ckpt.get("fit", "pad"),
+            channel_indices=list(ckpt.get("channel_indices") or []),
+            channels=list(ckpt.get("channels") or []),
+            thresholds={k: list(v) for k, v in (ckpt.get("thresholds") or {}).items()},
+            tta=bool(config.get("tta", False)) if tta is None else tta,
+            identity={"model": config.get("model"), "checkpoint": ckpt["path"],
+                      "epoch": ckpt.get("epoch"), "run": ckpt.get("run")},
+        )
+
+    # -- preprocessing ----------------------------------------------------------------
+    def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Fit raw images to the model size: ``(N, C, S, S)`` float32 in original units.
+
+        Raises:
+            ImageReadError: When an image's channel count does not match the model.
+        """
+        out = []
+        for i, image in enumerate(images):
+            image = np.asarray(image)
+            if image.ndim == 2:
+                image = image[None]
+            image = select_channels(image, self.channel_indices or None)
+            if image.shape[0] != self.in_chans:
+                raise ImageReadError(
+                    f"image {i} has {image.shape[0]} channel(s); the model expects {self.in_chans}"
+                    + (f" ({', '.join(self.channels)})" if self.channels else "")
+                )
+            out.append(fit_image(image, self.image_size, self.fit))
+        return np.stack(out).astype(np.float32, copy=False)
+
+    def normalize(self, prepared: np.ndarray, groups: Sequence[str] | None = None) -> np.ndarray:
+        """Apply the checkpoint's normalization to prepared images."""
+        return self.normalizer.transform_batch(prepared, groups=groups).astype(np.float32, copy=False)
+
+    # -- inference --------------------------------------------------------------------
+    def predict_normalized(self, x: np.ndarray, *, tta: bool | None = None) -> dict[str, np.ndarray]:
+        """Probabilities per task for normalized ``(N, C, S, S)`` inputs.
+
+        Single-label and binary tasks give softmax rows; multi-label tasks per-class
+        sigmoid probabilities.
+        """
+        tta = self.tta if tta is None else tta
+        if self.kind == "baseline":
+            return {k: np.asarray(v, dtype=np.float64) for k, v in self.model.predict_proba(x).items()}
+        import torch
+
+        from cellclass.data.augment import dihedral
+
+        self.model.eval()
+        outputs: dict[str, list[np.ndarray]] = {t: [] for t in self.encoders}
+        with torch.inference_mode():
+            for start in range(0, len(x), self.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(x[start : start + self.batch_size]))
+                views = range(8) if tta else range(1)
+                acc: dict[str, torch.Tensor] = {}
+                for k in views:
+                    logits = self.model(dihedral(batch, k) if k else batch)
+                    for task, value in logits.items():
+                        p = self._activate(task, value.float())
+                        acc[task] = acc.get(task, 0) + p
+                for task in self.encoders:
+                    outputs[task].append((acc[task] / len(views)).numpy())
+        return {t: np.concatenate(v).astype(np.float64) for t, v in outputs.items()}
+
+    def _activate(self, task: str, logits: Any) -> Any:
+        import torch
+
+        if self.encoders[task].type == "multilabel":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=1)
+
+    def decide(self, probabilities: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
+        """Labels per task: argmax for single/binary, tuned thresholds for multi-label."""
+        out: dict[str, list[Any]] = {}
+        for task, p in probabilities.items():
+            encoder = self.encoders[task]
+            if encoder.type == "multilabel":
+                thr = np.asarray(self.thresholds.get(task, [0.5] * encoder.n_outputs))
+                out[task] = encoder.decode((p >= thr).astype(np.uint8))
+            else:
+                out[task] = encoder.decode(p.argmax(axis=1))
+        return out
+
+    def predict_images(self, images: Sequence[np.ndarray], groups: Sequence[str] | None = None,
+                       *, tta: bool | None = None) -> list[dict[str, Any]]:
+        """Predict raw images: one dict per image with per-task probabilities and labels."""
+        x = self.normalize(self.prepare(images), groups)
+        probabilities = self.predict_normalized(x, tta=tta)
+        labels = self.decide(probabilities)
+        results = []
+        for i in range(len(images)):
+            results.append({
+                task: {
+                    "label": labels[task][i],
+                    "probabilities": dict(zip(self.encoders[task].classes,
+                                              map(float, probabilities[task][i]), strict=True)),
+                }
+                for task in self.encoders
+            })
+        return results

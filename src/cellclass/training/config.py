@@ -1,0 +1,187 @@
+"""The typed training configuration, its YAML form and ``--set key=value`` overrides.
+
+The resolved configuration is saved in every run folder (``config.yaml``) and inside
+every checkpoint, so a number can always be traced to the settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cellclass.errors import CellclassError
+
+
+class ConfigError(CellclassError):
+    """A configuration key or value is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one training run.
+
+    Attributes:
+        model: Registry name (``cellclass models`` lists them).
+        tasks: Tasks to train (all declared tasks when empty).
+        image_size: Side of the square images the model sees.
+        fit: How images become square: ``pad``, ``resize`` or ``crop``.
+        channels: Channel indices to keep (all when empty).
+        epochs: Maximum epochs.
+        batch_size: Global batch size (split across devices under DDP).
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (AdamW) or L2 (SGD).
+        optimizer: ``adamw`` or ``sgd``.
+        schedule: ``onecycle``, ``cosine`` or ``none``.
+        warmup_fraction: Fraction of steps spent warming up (one-cycle).
+        label_smoothing: Cross-entropy label smoothing for single-label tasks.
+        class_weights: Weight cross-entropy by inverse class frequency.
+        multilabel_loss: ``bce``, ``focal`` or ``softf1``.
+        pos_weight: Weight BCE positives by negatives/positives per class.
+        task_weights: Loss weight per task (1 when absent).
+        patience: Epochs without improvement before stopping (0: never stop early).
+        monitor: Validation metric that picks the best epoch (``val/macro_f1`` is the
+            mean over tasks; ``val/<task>/<metric>`` for one task).
+        augment: Train-time augmentation on batches.
+        crop_scale: Random resized crop scale range, or ``None`` for no crop.
+        intensity_scale: Per-channel multiplicative jitter.
+        intensity_shift: Per-channel additive jitter.
+        normalize: ``percentile`` (per channel, fitted on train), ``image``, ``group``, ``none``.
+        norm_low: Lower percentile mapped to 0.
+        norm_high: Upper percentile mapped to 1.
+        split: ``group``, ``random`` or ``predefined`` (default: group when groups exist).
+        split_by: Group column to split by (default: the first declared group).
+        val_fraction: Fraction of rows for validation.
+        test_fraction: Fraction of rows for test.
+        threshold_method: Per-class thresholds tuned on validation: ``f1``,
+            ``prevalence`` or ``none`` (0.5).
+        tta: D4 test-time augmentation at evaluation.
+        seed: Seed of splits, weights, augmentation and data order.
+        devices: Processes/devices (``--devices 2 --strategy ddp`` on CPU uses gloo).
+        strategy: Fabric strategy (``auto``, ``ddp``, ``ddp_spawn``).
+        accelerator: ``auto``, ``cpu``, ``gpu``.
+        precision: Fabric precision (``32-true``, ``bf16-mixed``, ``16-mixed``) or ``auto``
+            (bf16-mixed on GPU, 32-true on CPU).
+        channels_last: Use channels-last memory format for convolutional networks.
+        workers: Image decoding threads.
+        pretrained: ``False``, ``True`` (hub, needs network) or a path to local weights.
+        drop_rate: Dropout before the heads.
+        pixels: Side the scikit-learn baselines downsample to.
+    """
+
+    model: str = "lenet5"
+    tasks: list[str] = field(default_factory=list)
+    image_size: int = 64
+    fit: str = "pad"
+    channels: list[int] = field(default_factory=list)
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.2
+    label_smoothing: float = 0.1
+    class_weights: bool = False
+    multilabel_loss: str = "bce"
+    pos_weight: bool = False
+    task_weights: dict[str, float] = field(default_factory=dict)
+    patience: int = 0
+    monitor: str = "val/macro_f1"
+    augment: bool = True
+    crop_scale: list[float] | None = field(default_factory=lambda: [0.85, 1.0])
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+    normalize: str = "percentile"
+    norm_low: float = 1.0
+    norm_high: float = 99.8
+    split: str | None = None
+    split_by: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.25
+    threshold_method: str = "f1"
+    tta: bool = True
+    seed: int = 0
+    devices: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    workers: int = 4
+    pretrained: bool | str = False
+    drop_rate: float = 0.0
+    pixels: int = 32
+
+    def __post_init__(self) -> None:
+        choices = {
+            "optimizer": ("adamw", "sgd"),
+            "schedule": ("onecycle", "cosine", "none"),
+            "multilabel_loss": ("bce", "focal", "softf1"),
+            "normalize": ("percentile", "image", "group", "none"),
+            "threshold_method": ("f1", "prevalence", "none"),
+            "fit": ("pad", "resize", "crop"),
+        }
+        for key, valid in choices.items():
+            value = getattr(self, key)
+            if value not in valid:
+                raise ConfigError(f"{key} = {value!r} is invalid; valid: {', '.join(valid)}")
+        if self.split is not None and self.split not in ("group", "random", "predefined"):
+            raise ConfigError(f"split = {self.split!r} is invalid; valid: group, random, predefined")
+        for key in ("epochs", "batch_size", "image_size", "devices"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid; valid: an integer >= 1")
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
+            raise ConfigError("val_fraction and test_fraction must each lie in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        """Write the config as YAML (atomically)."""
+        from cellclass.atomic import atomic_write_text
+
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build from a dict; unknown keys are an error naming the valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid: {', '.join(sorted(valid))}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """Read a config written by :meth:`to_yaml` (or by hand)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping")
+        return cls.from_dict(data)
+
+    def override(self, values: Mapping[str, Any]) -> TrainConfig:
+        """A copy with ``values`` applied (validated again)."""
+        return TrainConfig.from_dict({**self.to_dict(), **dict(values)})
+
+
+def parse_set_options(options: Iterable[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` options; values are read as YAML (``lr=1e-3``, ``tta=false``).
+
+    Raises:
+        ConfigError: When an option has no ``=``.
+    """
+    out: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {option!r} is invalid; valid: KEY=VALUE, e.g. --set lr=1e-3")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

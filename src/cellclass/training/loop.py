@@ -1,0 +1,509 @@
+"""The training loop, read top to bottom: data, split, normalization, model, epochs,
+selection of the best epoch, thresholds, test evaluation, run folder.
+
+Networks train on Lightning Fabric, which brings devices, mixed precision and DDP
+(``--devices 2 --strategy ddp`` on CPU runs two gloo processes). Baselines from
+scikit-learn go through the same data, split, normalization and evaluation, so their
+numbers are comparable with the networks'.
+
+A run folder holds ``config.yaml`` (resolved configuration, dataset spec, split),
+``encoders.json``, ``split.json``, ``metrics.csv`` (one row per epoch), ``metrics.json``
+(final, with how the split was made), ``predictions.csv``, ``checkpoints/{best,last}.ckpt``,
+``plots/`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from cellclass.atomic import atomic_path, atomic_write_text
+from cellclass.data.labels import TaskEncoder, encode_frame, fit_encoders, save_encoders
+from cellclass.data.spec import ROW_COLUMN, DatasetSpec
+from cellclass.errors import CellclassError
+from cellclass.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+EPOCH_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1", "map", "roc_auc")
+
+
+class TrainingError(CellclassError):
+    """Training cannot start or continue as asked."""
+
+
+class Tracker(Protocol):
+    """What the loop tells an experiment tracker (see :mod:`cellclass.tracking`)."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_artifacts(self, folder: Path) -> None: ...
+
+
+ProgressFn = Callable[[str, int, int], None]
+"""Called as ``progress(stage, done, total)``."""
+
+
+@dataclass
+class PreparedData:
+    """Everything the loop needs from a dataset, computed once per run."""
+
+    spec: DatasetSpec
+    frame: pd.DataFrame
+    encoders: dict[str, TaskEncoder]
+    targets: dict[str, np.ndarray]
+    groups: np.ndarray | None
+    split: Any
+    split_warning: str | None
+    images: np.ndarray
+    ids: list[str]
+
+
+def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapping[str, Any] | None = None,
+                 progress: ProgressFn | None = None) -> PreparedData:
+    """Load labels, split and images (fitted to size, intensities unchanged)."""
+    from cellclass.data.loading import load_images
+    from cellclass.data.splits import Split, choose_split_method, make_split
+
+    frame = spec.load_manifest()
+    encoders = fit_encoders(spec, frame)
+    targets = encode_frame(spec, frame, encoders)
+    method, group_col, warning = choose_split_method(spec.groups, config.split_by, config.split,
+                                                     split_column=spec.split_column)
+    groups = frame[group_col].astype(str).to_numpy() if group_col else None
+    first = targets[spec.tasks[0].name]
+    if split_override is not None:
+        split = Split(**split_override, groups=groups, labels=first)
+    else:
+        split = make_split(
+            frame, labels=first, groups=groups, method=method, val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction, seed=config.seed, group_column=group_col,
+            predefined=frame[spec.split_column].to_numpy() if method == "predefined" else None,
+        )
+    ids = [spec.image_id(r) for r in frame.to_dict("records")]
+    images = load_images(
+        spec, frame, size=config.image_size, mode=config.fit, channels=config.channels or None,
+        workers=config.workers,
+        progress=(lambda d, t: progress("loading images", d, t)) if progress else None,
+    )
+    return PreparedData(spec, frame, encoders, targets, groups, split, warning, images, ids)
+
+
+def train(
+    spec: DatasetSpec,
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    tracker: Tracker | None = None,
+    data: PreparedData | None = None,
+) -> dict[str, Any]:
+    """Train one model and evaluate it; return the final ``metrics.json`` content.
+
+    Args:
+        spec: Dataset (restricted to ``config.tasks`` when given).
+        config: Resolved configuration.
+        out: Run folder.
+        resume: Continue from ``out/checkpoints/last.ckpt``.
+        progress: Progress callback.
+        tracker: Experiment tracker told about params, per-epoch metrics and artifacts.
+        data: Already prepared data (cross-validation reuses it across folds).
+
+    Raises:
+        TrainingError: When the run folder holds a finished or interrupted run and
+            ``resume`` was not asked, or ``resume`` was asked with nothing to resume.
+    """
+    from cellclass.models import create_model, is_baseline
+
+    out = Path(out)
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise TrainingError(f"nothing to resume in {str(out)!r}: no checkpoints/last.ckpt")
+    if not resume and (last.is_file() or (out / "metrics.json").is_file()):
+        raise TrainingError(
+            f"run folder {str(out)!r} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    spec = spec.select_tasks(config.tasks)
+    fabric = None
+    if not is_baseline(config.model):
+        fabric = _fabric(config)
+    is_main = fabric is None or fabric.is_global_zero
+
+    split_override = None
+    if resume and (out / "split.json").is_file():
+        split_override = json.loads((out / "split.json").read_text())["split"]
+        split_override = {k: (np.asarray(v) if k in ("train", "val", "test") else v)
+                          for k, v in split_override.items()}
+    if data is None:
+        data = prepare_data(spec, config, split_override=split_override, progress=progress)
+    split = data.split
+    if data.split_warning and is_main:
+        log.warning(data.split_warning)
+    if len(split.train) == 0 or len(split.val) == 0:
+        raise TrainingError(f"the split left {len(split.train)} training and {len(split.val)} validation rows; "
+                            "use more data or other fractions")
+
+    from cellclass.data.normalize import Normalizer
+
+    norm = Normalizer(mode=config.normalize, low=config.norm_low, high=config.norm_high)
+    train_groups = None if data.groups is None else data.groups[split.train]
+    norm.fit(data.images[split.train], groups=train_groups, seed=config.seed)
+    x = norm.transform_batch(data.images, groups=data.groups).astype(np.float32, copy=False)
+
+    heads = {t: e.n_outputs for t, e in data.encoders.items()}
+    task_types = {t: e.type for t, e in data.encoders.items()}
+    model_kwargs: dict[str, Any] = {"task_types": task_types}
+    if is_baseline(config.model):
+        model_kwargs["pixels"] = config.pixels
+    elif config.drop_rate:
+        model_kwargs["drop_rate"] = config.drop_rate
+    model = create_model(config.model, in_chans=x.shape[1], heads=heads, image_size=config.image_size,
+                         pretrained=config.pretrained, **model_kwargs)
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run_header(out, spec, config, data)
+        if tracker is not None:
+            tracker.log_params({**config.to_dict(), "dataset": spec.name, "split": split.method})
+
+    common = {
+        "model_config": model.config,
+        "encoders": {t: e.to_dict() for t, e in data.encoders.items()},
+        "channels": _channel_names(spec, x.shape[1], config.channels),
+        "channel_indices": list(config.channels),
+        "image_size": config.image_size,
+        "fit": config.fit,
+        "normalizer": norm.to_dict(),
+        "config": config.to_dict(),
+        "spec": spec.to_dict(),
+        "run": str(out),
+    }
+    started = time.perf_counter()
+    if fabric is None:
+        best_epoch = _fit_baseline(model, x, data, out, common, progress, tracker)
+    else:
+        best_epoch = _fit_network(fabric, model, x, data, config, out, common, resume, progress, tracker)
+    seconds = time.perf_counter() - started
+    if not is_main:
+        return {}
+    return finish_run(out, data, x, config, best_epoch=best_epoch, train_seconds=seconds, tracker=tracker)
+
+
+# -- set-up --------------------------------------------------------------------------
+def _fabric(config: TrainConfig) -> Any:
+    import torch
+    from lightning_fabric import Fabric
+
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    strategy = config.strategy
+    if strategy == "ddp" and config.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
+        strategy = "ddp"  # gloo on CPU; Fabric picks the backend
+    fabric = Fabric(accelerator=config.accelerator, devices=config.devices, strategy=strategy,
+                    precision=precision)
+    fabric.launch()
+    return fabric
+
+
+def _channel_names(spec: DatasetSpec, n: int, indices: list[int]) -> list[str]:
+    names = spec.image.channels or [f"ch{i}" for i in range(n if not indices else max(indices) + 1)]
+    if indices:
+        names = [names[i] if i < len(names) else f"ch{i}" for i in indices]
+    return list(names)[:n] if len(names) >= n else [f"ch{i}" for i in range(n)]
+
+
+def _write_run_header(out: Path, spec: DatasetSpec, config: TrainConfig, data: PreparedData) -> None:
+    split = data.split
+    resolved = {
+        "train": config.to_dict(),
+        "dataset": {**spec.to_dict(), "base_dir": str(spec.base_dir)},
+        "split": {**split.describe(), **({"warning": data.split_warning} if data.split_warning else {})},
+    }
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    save_encoders(out / "encoders.json", data.encoders)
+    payload = {
+        "split": {"train": split.train.tolist(), "val": split.val.tolist(), "test": split.test.tolist(),
+                  "method": split.method, "group": split.group, "seed": split.seed,
+                  "fractions": split.fractions},
+        "ids": {side: [data.ids[i] for i in getattr(split, side)] for side in ("train", "val", "test")},
+    }
+    atomic_write_text(out / "split.json", json.dumps(payload))
+
+
+# -- baselines -----------------------------------------------------------------------
+def _fit_baseline(model: Any, x: np.ndarray, data: PreparedData, out: Path, common: dict[str, Any],
+                  progress: ProgressFn | None, tracker: Tracker | None) -> int:
+    from cellclass.training.checkpoint import baseline_bytes, save_checkpoint
+
+    train_idx = _labeled(data, data.split.train)
+    if progress:
+        progress("fitting baseline", 0, 1)
+    started = time.perf_counter()
+    model.fit(x[train_idx], {t: v[train_idx] for t, v in data.targets.items()})
+    probs = {t: np.asarray(p) for t, p in model.predict_proba(x[data.split.val]).items()}
+    row = {"epoch": 1, "seconds": round(time.perf_counter() - started, 3),
+           **_val_metrics(data, data.split.val, probs)}
+    _append_metrics(out, row)
+    if tracker is not None:
+        tracker.log_metrics(_numeric(row), step=1)
+    save_checkpoint(out / "checkpoints" / "best.ckpt",
+                    {**common, "kind": "baseline", "estimator": baseline_bytes(model), "epoch": 1})
+    save_checkpoint(out / "checkpoints" / "last.ckpt",
+                    {**common, "kind": "baseline", "estimator": baseline_bytes(model), "epoch": 1})
+    if progress:
+        progress("fitting baseline", 1, 1)
+    return 1
+
+
+def _labeled(data: PreparedData, idx: np.ndarray) -> np.ndarray:
+    """Rows of ``idx`` labeled in every single-label task (baselines cannot skip labels)."""
+    keep = np.ones(len(idx), dtype=bool)
+    for task, enc in data.encoders.items():
+        if enc.type != "multilabel":
+            keep &= data.targets[task][idx] >= 0
+    return idx[keep]
+
+
+# -- networks ------------------------------------------------------------------------
+def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, config: TrainConfig,
+                 out: Path, common: dict[str, Any], resume: bool, progress: ProgressFn | None,
+                 tracker: Tracker | None) -> int:
+    import torch
+
+    from cellclass.data.augment import AugmentConfig, BatchAugment
+    from cellclass.training.checkpoint import load_checkpoint, save_checkpoint
+    from cellclass.training.losses import build_loss, multitask_loss
+
+    fabric.seed_everything(config.seed)
+    split = data.split
+    train_idx = split.train
+    losses = {t: build_loss(e, config, data.targets[t][train_idx]) for t, e in data.encoders.items()}
+    total_loss = multitask_loss(losses, config.task_weights)
+
+    world = fabric.world_size
+    per_rank = max(1, config.batch_size // world)
+    shard_len = len(train_idx) // world
+    steps = max(1, shard_len // per_rank)
+    total_steps = steps * config.epochs
+
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(model, config)
+    scheduler = _scheduler(optimizer, config, total_steps)
+    model, optimizer = fabric.setup(model, optimizer)
+
+    order = torch.Generator().manual_seed(config.seed)
+    augment = BatchAugment(
+        AugmentConfig(dihedral=True, crop_scale=tuple(config.crop_scale) if config.crop_scale else None,
+                      intensity_scale=config.intensity_scale, intensity_shift=config.intensity_shift),
+        seed=config.seed + 7919 * fabric.global_rank,
+    ) if config.augment else None
+
+    monitor, mode = config.monitor, ("min" if "loss" in config.monitor else "max")
+    best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 0
+    if resume:
+        state = load_checkpoint(out, "last")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["training_state"]["optimizer"])
+        scheduler.load_state_dict(state["training_state"]["scheduler"])
+        order.set_state(state["training_state"]["order_rng"])
+        if augment is not None and state["training_state"].get("augment_rng") is not None:
+            augment.generator.set_state(state["training_state"]["augment_rng"])
+        best_score = state["training_state"]["best_score"]
+        best_epoch = state["training_state"]["best_epoch"]
+        bad_epochs = state["training_state"]["bad_epochs"]
+        start_epoch = state["epoch"]
+        log.info("resuming %s after epoch %d (best %s = %.4f at epoch %d)",
+                 out, start_epoch, monitor, best_score, best_epoch)
+
+    x_train = torch.from_numpy(x[train_idx])
+    y_train = {t: torch.from_numpy(v[train_idx]) for t, v in data.targets.items()}
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(train_idx), generator=order)
+        shard = perm[fabric.global_rank :: world][:shard_len]
+        running, seen = 0.0, 0
+        for step in range(steps):
+            idx = shard[step * per_rank : (step + 1) * per_rank]
+            xb = x_train[idx]
+            if augment is not None:
+                xb = augment(xb)
+            xb = fabric.to_device(xb.contiguous(memory_format=fmt))
+            yb = {t: fabric.to_device(v[idx]) for t, v in y_train.items()}
+            loss = total_loss(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            running += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            if progress and fabric.is_global_zero:
+                progress(f"epoch {epoch}/{config.epochs}", step + 1, steps)
+        train_loss = fabric.all_reduce(torch.tensor(running / max(seen, 1)), reduce_op="mean")
+        val_loss, probs = _evaluate_val(fabric, model, x, data, total_loss)
+        row = {"epoch": epoch, "train_loss": round(float(train_loss), 6), "val_loss": round(val_loss, 6),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3),
+               **_val_metrics(data, split.val, probs)}
+        if monitor not in row:
+            raise TrainingError(f"monitor {monitor!r} is not a validation metric; valid: "
+                                f"{', '.join(k for k in row if k.startswith('val'))}")
+        score = row[monitor] if mode == "max" else -row[monitor]
+        score = -math.inf if score is None or (isinstance(score, float) and math.isnan(score)) else score
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+        else:
+            bad_epochs += 1
+        unwrapped = _unwrap(model)
+        weights = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
+        if fabric.is_global_zero:
+            _append_metrics(out, row)
+            if tracker is not None:
+                tracker.log_metrics(_numeric(row), step=epoch)
+            payload = {**common, "kind": "network", "state_dict": weights, "epoch": epoch,
+                       "metrics": _numeric(row)}
+            if improved:
+                save_checkpoint(out / "checkpoints" / "best.ckpt", payload)
+            save_checkpoint(out / "checkpoints" / "last.ckpt", {**payload, "training_state": {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "order_rng": order.get_state(),
+                "augment_rng": None if augment is None else augment.generator.get_state(),
+                "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs}})
+        fabric.barrier()
+        if config.patience and bad_epochs >= config.patience:
+            log.info("early stop at epoch %d: %s did not improve for %d epochs", epoch, monitor, bad_epochs)
+            break
+    return best_epoch
+
+
+def _unwrap(model: Any) -> Any:
+    inner = getattr(model, "module", model)
+    return getattr(inner, "module", inner) if hasattr(inner, "module") else inner
+
+
+def _optimizer(model: Any, config: TrainConfig) -> Any:
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _scheduler(optimizer: Any, config: TrainConfig, total_steps: int) -> Any:
+    import torch
+
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                   pct_start=config.warmup_fraction)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _evaluate_val(fabric: Any, model: Any, x: np.ndarray, data: PreparedData,
+                  total_loss: Callable[..., Any], batch_size: int = 256) -> tuple[float, dict[str, np.ndarray]]:
+    """Validation loss and probabilities over the whole validation set.
+
+    Every process evaluates the full set, so all ranks agree on the best epoch.
+    """
+    import torch
+
+    model.eval()
+    idx = data.split.val
+    logits: dict[str, list[torch.Tensor]] = {t: [] for t in data.encoders}
+    with torch.inference_mode():
+        for start in range(0, len(idx), batch_size):
+            xb = fabric.to_device(torch.from_numpy(x[idx[start : start + batch_size]]))
+            for t, v in model(xb).items():
+                logits[t].append(v.float().cpu())
+    joined = {t: torch.cat(v) for t, v in logits.items()}
+    targets = {t: torch.from_numpy(v[idx]) for t, v in data.targets.items()}
+    loss = float(total_loss(joined, targets))
+    probs = {}
+    for t, v in joined.items():
+        probs[t] = (torch.sigmoid(v) if data.encoders[t].type == "multilabel" else torch.softmax(v, 1)).numpy()
+    return loss, probs
+
+
+# -- metrics -------------------------------------------------------------------------
+def _val_metrics(data: PreparedData, idx: np.ndarray, probs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per-epoch validation metrics named ``val/<task>/<metric>`` and ``val/<metric>``.
+
+    ``val/<metric>`` is the task's value for a single-task run and the mean over tasks
+    otherwise.
+    """
+    from cellclass.evaluation.metrics import task_metrics
+
+    row: dict[str, float] = {}
+    per_metric: dict[str, list[float]] = {}
+    for task, enc in data.encoders.items():
+        y = data.targets[task][idx]
+        p = np.asarray(probs[task], dtype=np.float64)
+        keep = np.ones(len(y), dtype=bool) if enc.type == "multilabel" else y >= 0
+        result = task_metrics(enc.type, y[keep], p[keep], enc.classes)
+        for name in EPOCH_METRICS:
+            value = result.get(name)
+            if isinstance(value, (int, float)) and value is not None:
+                row[f"val/{task}/{name}"] = float(value)
+                per_metric.setdefault(name, []).append(float(value))
+    for name, values in per_metric.items():
+        row[f"val/{name}"] = float(np.mean(values))
+    return row
+
+
+def _numeric(row: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
+
+
+def _append_metrics(out: Path, row: Mapping[str, Any]) -> None:
+    path = out / "metrics.csv"
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if len(frame) and "epoch" in frame:
+        frame = frame[frame["epoch"] < row["epoch"]]
+    frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+# -- final evaluation ----------------------------------------------------------------
+def finish_run(out: Path, data: PreparedData, x: np.ndarray, config: TrainConfig, *, best_epoch: int,
+               train_seconds: float, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Tune thresholds on validation, evaluate the best checkpoint on test, write results."""
+    from cellclass.evaluation.report import write_evaluation
+    from cellclass.serving.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(out, tta=config.tta)
+    result = write_evaluation(
+        out, predictor, data, x, threshold_method=config.threshold_method,
+        extra={"model": config.model, "best_epoch": best_epoch, "monitor": config.monitor,
+               "train_seconds": round(train_seconds, 2), "epochs_run": _epochs_run(out)},
+    )
+    if tracker is not None:
+        flat = {f"test/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tracker.log_metrics(flat, step=best_epoch)
+        tracker.log_artifacts(out)
+    return result
+
+
+def _epochs_run(out: Path) -> int:
+    path = out / "metrics.csv"
+    return int(pd.read_csv(path)["epoch"].max()) if path.is_file() else 0
