@@ -29,3 +29,7 @@ class ModelError(CellclassError):
 
 class MissingDependencyError(CellclassError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class SplitError(CellclassError):
+    """A train/validation/test split or a k-fold cannot be made as asked."""

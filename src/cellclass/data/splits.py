@@ -1,0 +1,568 @@
+"""Train/validation/test splits and k-folds that keep groups (plates, wells) on one side.
+
+Cells of one plate share its staining, focus and background, so a model can learn to
+recognise the plate. A random image-level split then rewards plate recognition: the
+same plate sits on both sides. Where a dataset declares groups, every split here keeps
+each group whole on one side, stratified by class where that is possible, and records
+how it was made (:meth:`Split.describe`), which goes verbatim into every ``metrics.json``.
+
+Positions returned are integer positions (``iloc``) into the manifest frame, sorted.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellclass.data.spec import ROW_COLUMN
+from cellclass.errors import SplitError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("group", "random", "predefined")
+"""Split methods: keep groups whole, image-level (stratified), or from a split column."""
+
+SPLIT_VALUES = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+"""Accepted values of a predefined split column (case-insensitive) and the side they mean."""
+
+RANDOM_ON_GROUPS_WARNING = (
+    "random image-level split of grouped data: cells of one plate land on both sides, "
+    "so the score can reward plate recognition"
+)
+
+_SIDES = ("train", "val", "test")
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class Split:
+    """Row positions of each side of a split and how they were chosen.
+
+    Attributes:
+        train: Sorted ``int64`` positions into the manifest frame.
+        val: Sorted positions of the validation side (may be empty).
+        test: Sorted positions of the test side (may be empty).
+        method: ``group``, ``random`` or ``predefined``.
+        group: Group column the split kept whole (or carved validation by), if any.
+        seed: Random seed the split was drawn with.
+        fractions: Requested ``val`` and ``test`` fractions of all rows.
+        groups: Group value of every row (used by :meth:`describe`), if known.
+        labels: Labels the split was stratified on (used by :meth:`describe`), if any.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    method: str
+    group: str | None = None
+    seed: int = 0
+    fractions: dict[str, float] = field(default_factory=dict)
+    groups: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+
+    def side(self, name: str) -> np.ndarray:
+        """Positions of side ``train``, ``val`` or ``test``."""
+        if name not in _SIDES:
+            raise SplitError(f"split side {name!r} is invalid; valid: {', '.join(_SIDES)}")
+        return getattr(self, name)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows over all sides."""
+        return int(len(self.train) + len(self.val) + len(self.test))
+
+    def describe(
+        self,
+        labels: np.ndarray | Mapping[str, np.ndarray] | None = None,
+        classes: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    ) -> dict[str, Any]:
+        """JSON-ready record of how the split was made and what each side holds.
+
+        Args:
+            labels: Encoded labels of every row, one array (single ``(N,)`` or
+                multi-label ``(N, K)``) or a mapping task → array; defaults to the
+                labels the split was stratified on.
+            classes: Class names, a list for one array or a mapping task → list;
+                class indices are used where absent.
+
+        Returns:
+            ``method``, ``group_column``, ``seed``, ``requested_fractions``, ``sizes``
+            and achieved ``fractions`` per side, ``groups`` (number per side),
+            ``groups_overlap`` and ``overlapping_groups`` (``None`` without groups), and
+            ``class_counts`` per side when labels are known (per task for a mapping).
+        """
+        n = max(self.n_rows, 1)
+        out: dict[str, Any] = {
+            "method": self.method,
+            "group_column": self.group,
+            "seed": int(self.seed),
+            "requested_fractions": {k: float(v) for k, v in self.fractions.items()},
+            "sizes": {s: int(len(self.side(s))) for s in _SIDES},
+            "fractions": {s: round(len(self.side(s)) / n, 4) for s in _SIDES},
+            "groups": None,
+            "groups_overlap": None,
+            "overlapping_groups": None,
+        }
+        if self.groups is not None:
+            per_side = {s: set(np.asarray(self.groups)[self.side(s)].tolist()) for s in _SIDES}
+            shared = (
+                (per_side["train"] & per_side["val"])
+                | (per_side["train"] & per_side["test"])
+                | (per_side["val"] & per_side["test"])
+            )
+            out["groups"] = {s: len(g) for s, g in per_side.items()}
+            out["groups_overlap"] = bool(shared)
+            out["overlapping_groups"] = len(shared)
+        labels = self.labels if labels is None else labels
+        if isinstance(labels, Mapping):
+            names = classes if isinstance(classes, Mapping) else {}
+            out["class_counts"] = {
+                task: self._class_counts(np.asarray(y), names.get(task))
+                for task, y in labels.items()
+            }
+        elif labels is not None:
+            out["class_counts"] = self._class_counts(
+                np.asarray(labels), None if isinstance(classes, Mapping) else classes
+            )
+        return out
+
+    def _class_counts(
+        self, labels: np.ndarray, classes: Sequence[str] | None
+    ) -> dict[str, dict[str, int]]:
+        if len(labels) != self.n_rows:
+            raise SplitError(
+                f"labels have {len(labels)} rows but the split covers {self.n_rows}; "
+                "pass the labels of the whole frame"
+            )
+        if labels.ndim == 2:
+            k = labels.shape[1]
+        else:
+            k = int(labels.max()) + 1 if len(labels) else 0
+        if classes is not None:
+            k = max(k, len(classes))
+        names = [
+            str(classes[i]) if classes is not None and i < len(classes) else str(i)
+            for i in range(k)
+        ]
+        out: dict[str, dict[str, int]] = {}
+        for s in _SIDES:
+            y = labels[self.side(s)]
+            if labels.ndim == 2:
+                counts = np.asarray(y, dtype=np.int64).sum(axis=0) if len(y) else np.zeros(k, int)
+                out[s] = {names[i]: int(counts[i]) for i in range(k)}
+            else:
+                counts = np.bincount(y[y >= 0].astype(np.int64), minlength=k)
+                out[s] = {names[i]: int(counts[i]) for i in range(k)}
+                if (y < 0).any():
+                    out[s]["(no label)"] = int((y < 0).sum())
+        return out
+
+
+def choose_split_method(
+    spec_groups: Sequence[str],
+    split_by: str | None,
+    split: str | None,
+    *,
+    split_column: str | None = None,
+) -> tuple[str, str | None, str | None]:
+    """Decide how to split from the spec and the command line.
+
+    Rules, in order: ``split_by`` (``--split-by COL``) forces a group split by that
+    column; ``split`` (``--split``) is obeyed, a ``random`` split of grouped data with a
+    warning; with neither, a spec's split column gives a ``predefined`` split (validation
+    carved by the first group where the column has none), declared groups give a group
+    split by the *first* group, and otherwise the split is ``random``.
+
+    Args:
+        spec_groups: Group columns the spec declares, in order.
+        split_by: Column the user asked to keep whole.
+        split: Method the user asked for: ``group``, ``random`` or ``predefined``.
+        split_column: The spec's predefined split column, if any.
+
+    Returns:
+        ``(method, group_column, warning)``; ``warning`` is ``None`` unless the choice
+        is known to flatter the score.
+
+    Raises:
+        SplitError: When the request is invalid or contradicts the spec.
+    """
+    first_group = spec_groups[0] if spec_groups else None
+    if split is not None and split not in METHODS:
+        raise SplitError(f"split method {split!r} is invalid; valid: {', '.join(METHODS)}")
+    if split_by is not None:
+        if split not in (None, "group"):
+            raise SplitError(
+                f"--split-by {split_by!r} keeps groups whole, which contradicts --split {split!r}; "
+                "drop one of them"
+            )
+        return "group", split_by, None
+    if split == "random":
+        return "random", None, RANDOM_ON_GROUPS_WARNING if spec_groups else None
+    if split == "group":
+        if first_group is None:
+            raise SplitError(
+                "a group split needs a group column; the spec declares none: "
+                "add 'groups' to the spec or pass --split-by COLUMN"
+            )
+        return "group", first_group, None
+    if split == "predefined":
+        if split_column is None:
+            raise SplitError(
+                "a predefined split needs the spec's 'split_column'; the spec declares none"
+            )
+        return "predefined", first_group, None
+    if split_column is not None:
+        return "predefined", first_group, None
+    if first_group is not None:
+        return "group", first_group, None
+    return "random", None, None
+
+
+def make_split(
+    frame: pd.DataFrame,
+    *,
+    labels: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    method: str = "group",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    predefined: np.ndarray | None = None,
+    group_column: str | None = None,
+) -> Split:
+    """Split the rows of ``frame`` into train, validation and test.
+
+    Args:
+        frame: The manifest; its length sets ``N`` and its ``_row`` column names rows in
+            errors.
+        labels: Encoded labels to stratify on: single ``(N,)`` integers (``-1`` empty)
+            or multi-label ``(N, K)`` 0/1.
+        groups: Group value of every row; required by ``group``. With ``random`` they
+            are only recorded, so :meth:`Split.describe` shows the overlap.
+        method: ``group`` (each group on one side, stratified where possible),
+            ``random`` (image-level, stratified where possible) or ``predefined``.
+        val_fraction: Approximate share of all rows for validation (0 for none).
+        test_fraction: Approximate share of all rows for test (0 for none). A group
+            split holds out one of ``round(1 / fraction)`` folds, so the share achieved
+            follows the group sizes.
+        seed: Seed of every random choice.
+        predefined: Split column values (``train``, ``val``/``valid``/``validation``,
+            ``test``, any case) for ``predefined``. Without a validation side, one is
+            carved from train (by group when ``groups`` are given).
+        group_column: Name of the column ``groups`` came from, for the record.
+
+    Raises:
+        SplitError: On an unknown method, invalid fractions, arrays of the wrong length,
+            too few groups or rows, or unknown predefined values.
+    """
+    if method not in METHODS:
+        raise SplitError(f"split method {method!r} is invalid; valid: {', '.join(METHODS)}")
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise SplitError(f"{name} must be in [0, 1); got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise SplitError(
+            f"val_fraction + test_fraction must leave rows to train on; got "
+            f"{val_fraction} + {test_fraction} = {val_fraction + test_fraction}"
+        )
+    n = len(frame)
+    labels = None if labels is None else np.asarray(labels)
+    groups = None if groups is None else np.asarray(groups).astype(str)
+    for name, array in (("labels", labels), ("groups", groups), ("predefined", predefined)):
+        if array is not None and len(array) != n:
+            raise SplitError(f"{name} have {len(array)} rows but the frame has {n}")
+    if groups is not None and (groups == "").any():
+        log.warning(
+            "%d row(s) have an empty group value; they are kept together as one group",
+            int((groups == "").sum()),
+        )
+    rng = np.random.default_rng(seed)
+    everything = np.arange(n, dtype=np.int64)
+    fractions = {"val": float(val_fraction), "test": float(test_fraction)}
+
+    if method == "predefined":
+        if predefined is None:
+            raise SplitError(
+                "method 'predefined' needs the split column's values (predefined=...)"
+            )
+        sides = _parse_predefined(frame, predefined)
+        train, val, test = (everything[sides == s] for s in _SIDES)
+        if len(val) == 0 and val_fraction > 0 and len(train):
+            share = val_fraction * n / len(train)
+            if share >= 1.0:
+                raise SplitError(
+                    f"val_fraction {val_fraction} of {n} rows exceeds the {len(train)} "
+                    "predefined training rows it would be carved from"
+                )
+            train, val = _hold_out(train, labels, groups, share, rng, "validation")
+        if groups is not None:
+            shared = set(groups[train]) & set(groups[test])
+            if shared:
+                log.warning(
+                    "the predefined split puts %d group(s) on both train and test, e.g. %s",
+                    len(shared), sorted(shared)[:3],
+                )
+        fractions = {
+            "val": round(len(val) / max(n, 1), 4),
+            "test": round(len(test) / max(n, 1), 4),
+        }
+        return Split(
+            np.sort(train), np.sort(val), np.sort(test), "predefined",
+            group_column if groups is not None else None, seed, fractions, groups, labels,
+        )
+
+    if method == "group" and groups is None:
+        raise SplitError("method 'group' needs the group value of every row (groups=...)")
+    split_groups = groups if method == "group" else None
+    if method == "group":
+        needed = 1 + (val_fraction > 0) + (test_fraction > 0)
+        n_groups = len(np.unique(groups))
+        if n_groups < needed:
+            raise SplitError(
+                f"a group split into {needed} non-empty sides needs at least {needed} groups; "
+                f"column {group_column or 'groups'!r} has {n_groups}"
+            )
+    elif n < 1 + (val_fraction > 0) + (test_fraction > 0):
+        raise SplitError(f"cannot split {n} row(s) into train, validation and test")
+
+    rest, test = everything, _EMPTY
+    if test_fraction > 0:
+        rest, test = _hold_out(everything, labels, split_groups, test_fraction, rng, "test")
+    train, val = rest, _EMPTY
+    if val_fraction > 0:
+        share = min(val_fraction * n / len(rest), 0.5)
+        train, val = _hold_out(rest, labels, split_groups, share, rng, "validation")
+    return Split(
+        np.sort(train), np.sort(val), np.sort(test), method,
+        group_column if method == "group" else None, seed, fractions, groups, labels,
+    )
+
+
+def kfold(
+    labels: np.ndarray | None,
+    groups: np.ndarray | None,
+    *,
+    n_splits: int = 5,
+    seed: int = 0,
+    multilabel: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K-fold cross-validation folds; with groups, each group is in one test fold only.
+
+    Uses ``StratifiedGroupKFold`` (groups, single labels), ``GroupKFold`` (groups with
+    multi-label or no labels), ``MultilabelStratifiedKFold`` (multi-label) or
+    ``StratifiedKFold`` (single labels), all shuffled with ``seed``.
+
+    Args:
+        labels: Single ``(N,)`` integer labels or multi-label ``(N, K)``; ``None`` for
+            unstratified folds (then ``groups`` must be given).
+        groups: Group value of every row, or ``None``.
+        n_splits: Number of folds.
+        seed: Shuffling seed.
+        multilabel: Treat ``labels`` as multi-label (implied by a 2-D array).
+
+    Returns:
+        ``n_splits`` pairs of sorted ``(train_positions, test_positions)``; every row is
+        in exactly one test fold.
+
+    Raises:
+        SplitError: When ``n_splits < 2``, or there are fewer groups or rows than folds.
+    """
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    if labels is None and groups is None:
+        raise SplitError("kfold needs labels or groups (or both); got neither")
+    n = len(labels) if labels is not None else len(groups)
+    if labels is not None and groups is not None and len(groups) != n:
+        raise SplitError(f"groups have {len(groups)} rows but labels have {n}")
+    if n_splits < 2:
+        raise SplitError(f"k-fold needs n_splits >= 2; got {n_splits}")
+    y = None if labels is None else np.asarray(labels)
+    multilabel = multilabel or (y is not None and y.ndim == 2)
+    x = np.zeros((n, 1))
+
+    if groups is not None:
+        g = np.asarray(groups).astype(str)
+        n_groups = len(np.unique(g))
+        if n_groups < n_splits:
+            raise SplitError(
+                f"group k-fold with {n_splits} folds needs at least {n_splits} groups; "
+                f"got {n_groups} groups"
+            )
+        folds = None
+        if y is not None and not multilabel:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                cv = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+                folds = list(cv.split(x, y, g))
+            if any(len(test) == 0 for _, test in folds):
+                log.warning("stratified group k-fold left a fold empty; using GroupKFold")
+                folds = None
+        if folds is None:
+            folds = list(GroupKFold(n_splits, shuffle=True, random_state=seed).split(x, groups=g))
+    else:
+        if n < n_splits:
+            raise SplitError(
+                f"k-fold with {n_splits} folds needs at least {n_splits} rows; got {n}"
+            )
+        if multilabel:
+            from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+            cv = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            folds = list(cv.split(x, y))
+        elif np.bincount(_class_codes(y)).max() >= n_splits:
+            small = _small_classes(y, n_splits)
+            if small:
+                log.warning(
+                    "class(es) %s have fewer than %d rows: not every fold can hold them",
+                    small, n_splits,
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+                folds = list(cv.split(x, y))
+        else:
+            log.warning("no class has %d rows; k-fold is not stratified", n_splits)
+            folds = list(KFold(n_splits, shuffle=True, random_state=seed).split(x))
+    return [(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)) for tr, te in folds]
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _parse_predefined(frame: pd.DataFrame, values: np.ndarray) -> np.ndarray:
+    """Map split-column values to ``train``/``val``/``test``; name rows holding others."""
+    raw = pd.Series(np.asarray(values).astype(str))
+    sides = raw.str.strip().str.lower().map(SPLIT_VALUES)
+    bad = sides.isna().to_numpy()
+    if bad.any():
+        rows = (
+            frame[ROW_COLUMN].to_numpy()[bad]
+            if ROW_COLUMN in frame.columns
+            else np.flatnonzero(bad) + 1
+        )
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        found = sorted(set(raw[bad].tolist()))
+        raise SplitError(
+            f"split column has unknown value(s) {found[:10]} in {int(bad.sum())} row(s) "
+            f"(rows {shown}); valid: {', '.join(SPLIT_VALUES)} (any case)"
+        )
+    return sides.to_numpy()
+
+
+def _class_codes(y: np.ndarray) -> np.ndarray:
+    """Non-negative codes of single labels, the empty label (-1) being a class of its own."""
+    return np.unique(y, return_inverse=True)[1].ravel()
+
+
+def _small_classes(y: np.ndarray, minimum: int) -> list[int]:
+    values, counts = np.unique(y, return_counts=True)
+    return [int(v) for v, c in zip(values, counts, strict=True) if c < minimum]
+
+
+def _hold_out(
+    pool: np.ndarray,
+    labels: np.ndarray | None,
+    groups: np.ndarray | None,
+    fraction: float,
+    rng: np.random.Generator,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``pool`` into ``(rest, held)`` with about ``fraction`` of its rows held out."""
+    seed = int(rng.integers(2**31 - 1))
+    y = None if labels is None else labels[pool]
+    if groups is not None:
+        rest, held = _hold_out_groups(y, groups[pool], fraction, seed, what)
+    else:
+        rest, held = _hold_out_rows(y, len(pool), fraction, seed, what)
+    return pool[rest], pool[held]
+
+
+def _hold_out_groups(
+    y: np.ndarray | None, groups: np.ndarray, fraction: float, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n = len(groups)
+    unique = np.unique(groups)
+    if len(unique) < 2:
+        raise SplitError(
+            f"cannot hold out a {what} side by group: the rows left hold {len(unique)} group(s)"
+        )
+    n_splits = max(2, round(1.0 / fraction))
+    target = fraction * n
+    positions = np.arange(n)
+    reason = None
+    if y is None:
+        reason = "no labels given"
+    elif y.ndim == 2:
+        reason = "multi-label labels"
+    elif len(unique) < n_splits:
+        reason = f"{len(unique)} groups for {n_splits} folds"
+    if reason is None:
+        few = _classes_in_few_groups(y, groups, n_splits)
+        if few:
+            log.info(
+                "%s split: class(es) %s occur in fewer than %d groups and cannot be on "
+                "every side", what, few, n_splits,
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            cv = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+            folds = [test for _, test in cv.split(np.zeros((n, 1)), y, groups) if len(test)]
+        held = min(folds, key=lambda f: abs(len(f) - target))
+        log.info(
+            "%s side: one of %d stratified group folds (%d rows, target %.0f)",
+            what, n_splits, len(held), target,
+        )
+        return np.setdiff1d(positions, held), held
+    log.info("%s side: groups drawn at random, not stratified (%s)", what, reason)
+    order = np.random.default_rng(seed).permutation(unique)
+    sizes = pd.Series(groups).value_counts().reindex(order).to_numpy()
+    cumulative = np.cumsum(sizes)[:-1]  # leave at least one group on the other side
+    k = int(np.argmin(np.abs(cumulative - target))) + 1
+    held = np.flatnonzero(np.isin(groups, order[:k]))
+    return np.setdiff1d(positions, held), held
+
+
+def _classes_in_few_groups(y: np.ndarray, groups: np.ndarray, minimum: int) -> list[int]:
+    pairs = pd.DataFrame({"y": y, "g": groups}).drop_duplicates()
+    per_class = pairs.groupby("y")["g"].nunique()
+    return [int(c) for c, k in per_class.items() if k < minimum]
+
+
+def _hold_out_rows(
+    y: np.ndarray | None, n: int, fraction: float, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
+
+    x = np.zeros((n, 1))
+    n_held = int(np.ceil(fraction * n))
+    if n_held >= n:
+        raise SplitError(f"cannot hold out a {what} side of {fraction:.0%} from {n} row(s)")
+    if y is None:
+        return next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(x))
+    if y.ndim == 2:
+        from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+        cv = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        rest, held = next(cv.split(x, y))
+        return rest, held
+    counts = np.bincount(_class_codes(y))
+    if counts.min() >= 2 and n_held >= len(counts) and n - n_held >= len(counts):
+        cv = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        return next(cv.split(x, y))
+    log.info(
+        "%s side: rows drawn at random, not stratified (smallest class has %d row(s), "
+        "%d classes for %d held-out rows)", what, counts.min(), len(counts), n_held,
+    )
+    return next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(x))

@@ -1,0 +1,158 @@
+"""D4 symmetries form a group; random batch augmentations are reproducible and bounded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cellclass.data.augment import (
+    DIHEDRAL_INVERSE,
+    AugmentConfig,
+    BatchAugment,
+    dihedral,
+    intensity_jitter,
+    random_dihedral,
+    random_resized_crop,
+    tta_d4,
+    zoom,
+)
+
+
+def asymmetric(n: int = 1, c: int = 2, size: int = 5) -> torch.Tensor:
+    """Distinct values everywhere: no D4 element but the identity leaves it unchanged."""
+    return torch.arange(n * c * size * size, dtype=torch.float32).reshape(n, c, size, size)
+
+
+def _element_of(y: torch.Tensor, x: torch.Tensor) -> int:
+    matches = [k for k in range(8) if torch.equal(dihedral(x, k), y)]
+    assert len(matches) == 1
+    return matches[0]
+
+
+def test_the_eight_transforms_are_distinct() -> None:
+    x = asymmetric()
+    images = [dihedral(x, k) for k in range(8)]
+    assert torch.equal(images[0], x)
+    for i in range(8):
+        for j in range(i + 1, 8):
+            assert not torch.equal(images[i], images[j])
+
+
+def test_the_transforms_form_a_group() -> None:
+    x = asymmetric()
+    table = [[_element_of(dihedral(dihedral(x, a), b), x) for b in range(8)] for a in range(8)]
+    for row in table:  # closure, and each row a permutation (cancellation)
+        assert sorted(row) == list(range(8))
+    for k in range(8):
+        assert torch.equal(dihedral(dihedral(x, k), DIHEDRAL_INVERSE[k]), x)
+        assert table[k][DIHEDRAL_INVERSE[k]] == 0
+
+
+def test_dihedral_rejects_invalid_element() -> None:
+    with pytest.raises(ValueError, match="integer in 0..7; got 8"):
+        dihedral(asymmetric(), 8)
+
+
+def test_random_dihedral_is_deterministic_and_per_sample() -> None:
+    x = asymmetric(n=64)
+    a = random_dihedral(x, torch.Generator().manual_seed(1))
+    b = random_dihedral(x, torch.Generator().manual_seed(1))
+    c = random_dihedral(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    used = {_element_of(a[i : i + 1], x[i : i + 1]) for i in range(len(x))}
+    assert used == set(range(8))
+
+
+def test_random_dihedral_keeps_non_square_shapes() -> None:
+    x = torch.rand(32, 1, 4, 6)
+    out = random_dihedral(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+
+
+def test_crop_keeps_shape_and_range() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 20, 24) * 5 - 1
+    out = random_resized_crop(x, scale=(0.5, 1.0), generator=gen)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= x.min() - 1e-5 and out.max() <= x.max() + 1e-5
+    assert not torch.allclose(out, x)
+
+
+def test_full_crop_is_the_identity() -> None:
+    x = torch.rand(4, 2, 9, 9)
+    out = random_resized_crop(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=torch.Generator())
+    torch.testing.assert_close(out, x)
+
+
+def test_zoom_keeps_shape_and_pads_with_zeros() -> None:
+    x = torch.ones(8, 1, 16, 16)
+    out = zoom(x, scale=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert out[:, :, 0, 0].abs().max() == 0 and out[:, :, 8, 8].min() == 1
+
+
+def test_jitter_statistics() -> None:
+    scale, shift = 0.2, 0.1
+    x = torch.ones(4000, 3, 4, 4)
+    out = intensity_jitter(x, scale, shift, torch.Generator().manual_seed(0))
+    values = out[:, :, 0, 0]
+    assert torch.equal(out, values[:, :, None, None].expand_as(out))  # one factor per channel
+    assert values.min() >= 1 - scale - shift and values.max() <= 1 + scale + shift
+    assert abs(values.mean().item() - 1.0) < 0.01
+    expected_std = ((scale**2 + shift**2) / 3) ** 0.5
+    assert abs(values.std().item() - expected_std) / expected_std < 0.05
+    assert abs(torch.corrcoef(values[:, :2].T)[0, 1].item()) < 0.1  # channels independent
+
+
+def test_batch_augment_reproducible_and_serialisable() -> None:
+    x = torch.rand(8, 2, 12, 12)
+    config = AugmentConfig(crop_scale=(0.7, 1.0), intensity_scale=0.2)
+    a, b = BatchAugment(config, seed=3), BatchAugment(config, seed=3)
+    assert torch.equal(a(x), b(x)) and torch.equal(a(x), b(x))
+    data = json.loads(json.dumps(a.to_dict()))
+    again = BatchAugment.from_dict(data)
+    assert again.config == config and again.seed == 3
+    assert torch.equal(again(x), BatchAugment(config, seed=3)(x))
+    assert BatchAugment(AugmentConfig(False, None, intensity_scale=0, intensity_shift=0))(x) is x
+
+
+def test_augment_errors() -> None:
+    with pytest.raises(ValueError, match=r"crop_scale must be \(low, high\).*got \(0.5, 1.2\)"):
+        AugmentConfig(crop_scale=(0.5, 1.2))
+    with pytest.raises(ValueError, match=r"unknown augmentation option\(s\) \['rotate'\]; valid: dihedral"):
+        AugmentConfig.from_dict({"rotate": True})
+    with pytest.raises(ValueError, match="intensity_scale and intensity_shift must be >= 0"):
+        AugmentConfig(intensity_scale=-1)
+    with pytest.raises(ValueError, match=r"shape \(N, C, H, W\); got \(3, 8, 8\)"):
+        BatchAugment()(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="of torch.uint8"):
+        random_dihedral(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+
+
+def test_tta_on_an_invariant_model_equals_no_tta() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 4)
+
+    def model(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = x.mean(dim=(-2, -1))  # global pooling: invariant to every D4 element
+        return {"t": torch.softmax(linear(pooled), dim=1), "u": torch.sigmoid(pooled)}
+
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        plain, tta = model(x), tta_d4(model, x)
+    for task in plain:
+        torch.testing.assert_close(tta[task], plain[task])
+
+
+def test_tta_averages_over_the_transforms() -> None:
+    x = asymmetric(n=2, c=1, size=3)
+
+    def corner(batch: torch.Tensor) -> torch.Tensor:
+        return batch[:, :, 0, 0]
+
+    expected = torch.stack([corner(dihedral(x, k)) for k in range(8)]).mean(0)
+    torch.testing.assert_close(tta_d4(corner, x), expected)
+    with pytest.raises(ValueError, match="at least one D4 element"):
+        tta_d4(corner, x, elements=[])
