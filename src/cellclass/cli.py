@@ -92,6 +92,13 @@ def _root(
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # cellclass's own progress notes (one line per epoch, per fold) are shown by default.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours = logging.getLogger("cellclass")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = False
     if version:
         console.print(f"cellclass {__version__}")
         raise typer.Exit()
@@ -415,6 +422,84 @@ def predict(
     with atomic_path(out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     console.print(f"{len(rows)} prediction(s) written to {out}")
+
+
+@app.command()
+def cv(
+    spec: SpecArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the fold runs and cv.json.")],
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Number of folds.")] = 5,
+    preset: PresetOpt = None,
+    image_col: ImageColOpt = None,
+    task: TaskOpt = None,
+    group: GroupOpt = None,
+    delimiter: DelimiterOpt = None,
+    drop_unlabeled: DropUnlabeledOpt = False,
+    model: ModelOpt = None,
+    epochs: EpochsOpt = None,
+    image_size: SizeOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    split_by: SplitByOpt = None,
+    split: SplitOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seed: SeedOpt = None,
+) -> None:
+    """k-fold cross-validation (stratified group k-fold by default); reports mean and spread.
+
+    Re-running the same command skips the folds already finished.
+    """
+    from cellclass.evaluation.crossval import cross_validate
+
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled)
+    cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
+                       lr=lr, split_by=split_by, split=split, seed=seed)
+    with _stage_progress() as progress:
+        summary = cross_validate(ds, cfg, out, n_folds=folds, progress=progress)
+    table = Table(title=f"{cfg.model}: {folds}-fold cross-validation ({summary['split']['method']}"
+                        + (f" by {summary['split']['group']})" if summary["split"]["group"] else ")"))
+    for col in ("task", "metric", "mean", "std", "min", "max"):
+        table.add_column(col, justify="right")
+    for task_name, metrics in summary["tasks"].items():
+        for name in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
+            if name in metrics:
+                m = metrics[name]
+                table.add_row(task_name, name, *[_f(m[k]) for k in ("mean", "std", "min", "max")])
+    console.print(table)
+    console.print(f"per-fold runs and cv.json in {out}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run folders evaluated on the same test images.")],
+    task: Annotated[str | None, typer.Option("--task", help="Task to compare (default: every shared task).")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="macro_f1 or accuracy, for the paired bootstrap.")] = "macro_f1",
+    n_boot: Annotated[int, typer.Option("--n-boot", min=100, help="Bootstrap resamples.")] = 2000,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for compare.json, tables and a plot.")] = None,
+) -> None:
+    """Side-by-side metrics, paired bootstrap confidence intervals and McNemar tests on the same test images."""
+    from cellclass.evaluation.evaluate import compare_runs
+
+    result = compare_runs(runs, task=task, metric=metric, n_boot=n_boot, out=out)
+    for task_name, block in result["tasks"].items():
+        table = Table(title=f"task {task_name}: test metrics with 95% bootstrap CI ({block['n']} images)")
+        for col in ("run", "model", "split", "accuracy", "macro F1"):
+            table.add_column(col)
+        for row in block["table"]:
+            table.add_row(row["run"], str(row.get("model_name", "")), str(row.get("split", "")),
+                          f"{row['accuracy']:.3f} [{row['accuracy_ci_low']:.3f}, {row['accuracy_ci_high']:.3f}]",
+                          f"{row['macro_f1']:.3f} [{row['macro_f1_ci_low']:.3f}, {row['macro_f1_ci_high']:.3f}]")
+        console.print(table)
+        pairs = Table(title=f"paired differences ({metric}, A minus B)")
+        for col in ("A", "B", "delta", "95% CI", "bootstrap p", "McNemar p"):
+            pairs.add_column(col)
+        for p in block["pairs"]:
+            pairs.add_row(p["model_a"], p["model_b"], f"{p['delta']:+.3f}", f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]",
+                          f"{p['p_value']:.3g}", f"{p['mcnemar_p_value']:.3g}")
+        console.print(pairs)
+    if out is not None:
+        console.print(f"comparison written to {out}")
 
 
 @app.command()

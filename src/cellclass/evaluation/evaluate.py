@@ -108,3 +108,70 @@ def evaluate_run(run: str | Path, *, spec: DatasetSpec | None = None, out: str |
         frame.to_csv(tmp, index=False)
     write_report(out, result, write_plots(out, predictor, targets, probs, tasks))
     return result
+
+
+def compare_runs(runs: list[str | Path], *, task: str | None = None, metric: str = "macro_f1",
+                 n_boot: int = 2000, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+    """Compare finished runs on the same test images, task by task.
+
+    For each task: every run's accuracy and macro F1 with bootstrap confidence intervals,
+    and for every pair a paired bootstrap of the difference and McNemar's test. Runs
+    scored on different test images are refused (see
+    :func:`cellclass.evaluation.compare.align_predictions`).
+
+    Raises:
+        CellclassError: When fewer than two runs are given or they share no task.
+    """
+    import pandas as pd
+
+    from cellclass.evaluation.compare import compare_predictions, model_table
+
+    if len(runs) < 2:
+        raise CellclassError(f"compare needs at least two run folders, got {len(runs)}")
+    names, metas, preds = [], {}, {}
+    for run in runs:
+        run = Path(run)
+        for required in ("metrics.json", "predictions.csv"):
+            if not (run / required).is_file():
+                raise CellclassError(f"{str(run)!r} has no {required}; is it a finished `cellclass train` run?")
+        name = run.name if run.name not in names else str(run)
+        names.append(name)
+        metas[name] = json.loads((run / "metrics.json").read_text())
+        preds[name] = pd.read_csv(run / "predictions.csv", dtype=str, keep_default_na=False)
+    shared = [t for t in metas[names[0]]["tasks"] if all(t in m["tasks"] for m in metas.values())]
+    if task is not None:
+        if task not in shared:
+            raise CellclassError(f"task {task!r} is not in every run; shared tasks: {', '.join(shared) or 'none'}")
+        shared = [task]
+    if not shared:
+        raise CellclassError("the runs share no task")
+    result: dict[str, Any] = {"metric": metric, "n_boot": n_boot, "runs": {n: str(r) for n, r in zip(names, runs)},
+                              "tasks": {}}
+    for t in shared:
+        frames = {n: pd.DataFrame({"image": p["image"], "y_true": p[f"{t}__true"], "y_pred": p[f"{t}__pred"]})
+                  for n, p in preds.items()}
+        table = model_table(frames, metrics=("accuracy", "macro_f1"), n_boot=n_boot, seed=seed)
+        table.insert(0, "run", table.pop("model"))
+        table["model_name"] = [metas[n].get("model") for n in table["run"]]
+        table["split"] = [_split_text(metas[n]["split"]) for n in table["run"]]
+        pairs = compare_predictions(frames, metric=metric, n_boot=n_boot, seed=seed)
+        result["tasks"][t] = {"n": int(table["n"].iloc[0]), "table": table.to_dict("records"),
+                              "pairs": pairs.to_dict("records")}
+    if out is not None:
+        from cellclass.atomic import atomic_write_text
+        from cellclass.evaluation.plots import plot_comparison
+        from cellclass.evaluation.report import _json_default
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "compare.json", json.dumps(result, indent=2, default=_json_default))
+        for t, block in result["tasks"].items():
+            frame = pd.DataFrame(block["table"]).rename(columns={"run": "model"})
+            plot_comparison(frame, "macro_f1", out / f"compare_{t}.png")
+    return result
+
+
+def _split_text(split: dict[str, Any]) -> str:
+    method = split.get("method", "?")
+    group = split.get("group_column")
+    return f"{method} by {group}" if group else str(method)

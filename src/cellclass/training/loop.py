@@ -361,6 +361,9 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
         if monitor not in row:
             raise TrainingError(f"monitor {monitor!r} is not a validation metric; valid: "
                                 f"{', '.join(k for k in row if k.startswith('val'))}")
+        if fabric.is_global_zero:
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s %.4f  (%.1f s)", epoch, config.epochs,
+                     row["train_loss"], row["val_loss"], monitor, row[monitor], row["seconds"])
         score = row[monitor] if mode == "max" else -row[monitor]
         score = -math.inf if score is None or (isinstance(score, float) and math.isnan(score)) else score
         improved = score > best_score
