@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 import pytest
 
@@ -36,3 +40,27 @@ def hpa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("hpa")
     simulate_hpa(out, n_images=24, seed=0)
     return out
+
+
+def corrupt_bps_copy(src: Path, dst: Path) -> dict[str, int]:
+    """Copy a simulated BPS set and break four rows four ways; return row numbers by fault:
+    a truncated TIFF, a missing file, a label typo and an image with the wrong channel count."""
+    from cellclass.data.io import write_tiff
+
+    shutil.copytree(src, dst)
+    meta = pd.read_csv(dst / "meta.csv", dtype=str, keep_default_na=False)
+    rows = {"truncated": 2, "missing": 5, "typo": 7, "channels": 9}
+    truncated = dst / meta.filename[rows["truncated"] - 1]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (dst / meta.filename[rows["missing"] - 1]).unlink()
+    meta.loc[rows["typo"] - 1, "particle_type"] = "Xray"
+    write_tiff(dst / meta.filename[rows["channels"] - 1], np.full((3, 32, 32), 1000, dtype=np.uint16))
+    meta.to_csv(dst / "meta.csv", index=False)
+    return rows
+
+
+@pytest.fixture
+def corrupt_bps(bps_dir: Path, tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """A copy of the simulated BPS set with four faults, and the faulty row numbers."""
+    out = tmp_path / "corrupt_bps"
+    return out, corrupt_bps_copy(bps_dir, out)

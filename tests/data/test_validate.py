@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,30 +19,14 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def corrupt_bps_copy(src: Path, dst: Path) -> dict[str, int]:
-    """Copy a simulated BPS set and break four rows four ways; return row numbers by fault."""
-    shutil.copytree(src, dst)
-    meta = pd.read_csv(dst / "meta.csv", dtype=str, keep_default_na=False)
-    rows = {"truncated": 2, "missing": 5, "typo": 7, "channels": 9}
-    truncated = dst / meta.filename[rows["truncated"] - 1]
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    (dst / meta.filename[rows["missing"] - 1]).unlink()
-    meta.loc[rows["typo"] - 1, "particle_type"] = "Xray"
-    odd = dst / meta.filename[rows["channels"] - 1]
-    write_tiff(odd, np.full((3, 32, 32), 1000, dtype=np.uint16))
-    meta.to_csv(dst / "meta.csv", index=False)
-    return rows
-
-
 def test_clean_simulated_set_has_no_problem(bps_dir: Path) -> None:
     report = validate(bps(bps_dir))
     assert report.ok, report.problems
     assert report.dtypes == {"uint16": report.n_rows}
 
 
-def test_all_four_faults_reported_with_rows_and_sources_untouched(bps_dir: Path, tmp_path: Path) -> None:
-    data = tmp_path / "bad"
-    rows = corrupt_bps_copy(bps_dir, data)
+def test_all_four_faults_reported_with_rows_and_sources_untouched(corrupt_bps: tuple[Path, dict[str, int]]) -> None:
+    data, rows = corrupt_bps
     before = _digest(data)
     report = validate(bps(data))
     by_row = {p.row: p for p in report.problems}
@@ -57,9 +40,8 @@ def test_all_four_faults_reported_with_rows_and_sources_untouched(bps_dir: Path,
     assert _digest(data) == before
 
 
-def test_write_clean_keeps_good_rows_and_works_elsewhere(bps_dir: Path, tmp_path: Path) -> None:
-    data = tmp_path / "bad"
-    rows = corrupt_bps_copy(bps_dir, data)
+def test_write_clean_keeps_good_rows_and_works_elsewhere(corrupt_bps: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    data, rows = corrupt_bps
     report = validate(bps(data))
     out = tmp_path / "clean" / "meta.csv"
     write_clean_manifest(bps(data), report, out)
@@ -68,7 +50,10 @@ def test_write_clean_keeps_good_rows_and_works_elsewhere(bps_dir: Path, tmp_path
     assert list(clean.columns) == ["filename", "dose_Gy", "particle_type", "hr_post_exposure"]
     spec = spec_from_manifest(out, image_col="filename", tasks=["particle_type"])
     assert validate(spec).ok
-    assert not set(rows.values()) & set(report.n_rows + 1 - np.arange(0))
+    assert report.bad_rows == set(rows.values())
+    original = pd.read_csv(data / "meta.csv", dtype=str)
+    bad_files = {original.filename[r - 1] for r in rows.values()}
+    assert not {Path(f).name for f in clean.filename} & bad_files
 
 
 def test_duplicates_empty_labels_typos_and_nan_pixels(tmp_path: Path) -> None:

@@ -117,6 +117,7 @@ class TrainConfig:
     pixels: int = 32
 
     def __post_init__(self) -> None:
+        self._coerce_numbers()
         choices = {
             "optimizer": ("adamw", "sgd"),
             "schedule": ("onecycle", "cosine", "none"),
@@ -136,6 +137,17 @@ class TrainConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid; valid: an integer >= 1")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise ConfigError("val_fraction and test_fraction must each lie in [0, 1)")
+
+    def _coerce_numbers(self) -> None:
+        """YAML 1.1 reads ``1e-3`` as text: convert numeric fields given as text."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str) or f.type not in ("float", "int"):
+                continue
+            try:
+                setattr(self, f.name, float(value) if f.type == "float" else int(value))
+            except ValueError:
+                raise ConfigError(f"{f.name} = {value!r} is invalid; valid: a number") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON-ready)."""
@@ -183,5 +195,11 @@ def parse_set_options(options: Iterable[str]) -> dict[str, Any]:
         key, sep, value = option.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {option!r} is invalid; valid: KEY=VALUE, e.g. --set lr=1e-3")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):
+            try:
+                parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
     return out

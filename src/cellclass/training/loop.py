@@ -134,6 +134,11 @@ def train(
         raise TrainingError(
             f"run folder {str(out)!r} already holds a run; pass --resume to continue it or choose another --out"
         )
+    if not (config.monitor == "val_loss" or config.monitor.startswith("val/")):
+        raise TrainingError(
+            f"monitor {config.monitor!r} is not a validation metric; the best epoch is chosen on validation "
+            "data: use val_loss, val/<metric> or val/<task>/<metric> (e.g. val/macro_f1)"
+        )
     spec = spec.select_tasks(config.tasks)
     fabric = None
     if not is_baseline(config.model):
@@ -168,6 +173,9 @@ def train(
         model_kwargs["pixels"] = config.pixels
     elif config.drop_rate:
         model_kwargs["drop_rate"] = config.drop_rate
+    import torch
+
+    torch.manual_seed(config.seed)  # weights are initialised in create_model: seed first
     model = create_model(config.model, in_chans=x.shape[1], heads=heads, image_size=config.image_size,
                          pretrained=config.pretrained, **model_kwargs)
 
