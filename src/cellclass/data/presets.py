@@ -184,6 +184,7 @@ def load_spec(
     delimiter: str | None = None,
     split_column: str | None = None,
     drop_unlabeled: bool = False,
+    where: list[str] | None = None,
 ) -> DatasetSpec:
     """Resolve what a user names on the command line into a spec.
 
@@ -209,10 +210,12 @@ def load_spec(
             raise SpecError(
                 f"manifest {str(path)!r} given without --image-col; name the column of image paths"
             )
-        return spec_from_manifest(
+        spec = spec_from_manifest(
             path, image_col=image_col, tasks=tasks or [], groups=groups or [],
             delimiter=delimiter, split_column=split_column, drop_unlabeled=drop_unlabeled,
         )
+        spec.where = list(where or [])
+        return spec
     else:
         found = [path / n for n in SPEC_FILE_NAMES if (path / n).is_file()]
         if not found:
@@ -227,4 +230,10 @@ def load_spec(
         spec.split_column = split_column
     if drop_unlabeled:
         spec.drop_unlabeled = True
+    if where:
+        from cellclass.data.spec import parse_where
+
+        for expression in where:
+            parse_where(expression)
+        spec.where = [*spec.where, *where]
     return spec

@@ -232,6 +232,43 @@ class ControlSpec:
         return (values == str(self.equals)).to_numpy()
 
 
+_OPERATORS = ("==", "!=", "<=", ">=", "<", ">")
+
+
+def parse_where(expression: str) -> tuple[str, str, str]:
+    """Split a row filter such as ``dose_Gy > 0`` into ``(column, operator, value)``.
+
+    Raises:
+        SpecError: When no operator is found.
+    """
+    match = re.match(r"^\s*([^<>=!]+?)\s*(==|!=|<=|>=|<|>)\s*(.*?)\s*$", expression)
+    if not match or not match.group(3):
+        raise SpecError(
+            f"row filter {expression!r} is invalid; valid: 'COLUMN OP VALUE' with OP one of "
+            f"{', '.join(_OPERATORS)}, e.g. 'dose_Gy > 0'"
+        )
+    return match.group(1), match.group(2), match.group(3).strip("'\"")
+
+
+def where_mask(frame: pd.DataFrame, expression: str) -> np.ndarray:
+    """Rows of ``frame`` that satisfy one filter; numbers compare as numbers."""
+    column, op, value = parse_where(expression)
+    if column not in frame.columns:
+        raise SpecError(f"row filter {expression!r} names no column {column!r}; columns: {', '.join(frame.columns)}")
+    text = frame[column].astype(str).str.strip()
+    numeric = pd.to_numeric(text, errors="coerce")
+    target = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+    if not np.isnan(target) and numeric.notna().all():
+        left, right = numeric, target
+    elif op in ("==", "!="):
+        left, right = text, value
+    else:
+        raise SpecError(f"row filter {expression!r} compares column {column!r}, which is not numeric, with {op}")
+    result = {"==": left == right, "!=": left != right, "<": left < right, "<=": left <= right,
+              ">": left > right, ">=": left >= right}[op]
+    return np.asarray(result, dtype=bool)
+
+
 @dataclass
 class DatasetSpec:
     """Everything cellclass needs to know about a dataset.
@@ -249,6 +286,8 @@ class DatasetSpec:
         split_column: Column holding a predefined split (``train``/``val``/``test``).
         drop_unlabeled: Drop rows whose labels are all empty instead of reporting them.
         controls: Negative-control rows checked by ``inspect``.
+        where: Row filters (``"dose_Gy > 0"``), all of which a row must satisfy; the
+            ``_row`` numbers still refer to the manifest.
         preset: Name of the preset that built this spec, if any.
         base_dir: Folder relative paths start from (the YAML file's folder). Not saved.
     """
@@ -263,6 +302,7 @@ class DatasetSpec:
     split_column: str | None = None
     drop_unlabeled: bool = False
     controls: list[ControlSpec] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
     preset: str | None = None
     base_dir: Path = field(default_factory=Path.cwd)
 
@@ -274,6 +314,8 @@ class DatasetSpec:
             raise SpecError("a csv-layout spec needs 'manifest' (path of the CSV)")
         if not self.tasks:
             raise SpecError(f"dataset {self.name!r} declares no label task")
+        for expression in self.where:
+            parse_where(expression)
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -362,6 +404,8 @@ class DatasetSpec:
             if isinstance(extracted, pd.DataFrame):
                 extracted = extracted.iloc[:, 0]
             frame[name] = extracted.fillna("").astype(str)
+        for expression in self.where:
+            frame = frame[where_mask(frame, expression)].reset_index(drop=True)
         if apply_drop and self.drop_unlabeled:
             frame = frame[self.labeled_mask(frame)].reset_index(drop=True)
         return frame
