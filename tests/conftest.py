@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +67,16 @@ def corrupt_bps(bps_dir: Path, tmp_path: Path) -> tuple[Path, dict[str, int]]:
     """A copy of the simulated BPS set with four faults, and the faulty row numbers."""
     out = tmp_path / "corrupt_bps"
     return out, corrupt_bps_copy(bps_dir, out)
+
+
+def run_cli(*args: object, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``cellclass`` console script as a user would; capture its output."""
+    env = {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    exe = Path(sys.executable).with_name("cellclass")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def cli() -> object:
+    """The :func:`run_cli` helper."""
+    return run_cli
