@@ -1,0 +1,1 @@
+"""Data: image readers, dataset specs and presets, splits, caches and simulators."""
