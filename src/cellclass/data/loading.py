@@ -117,3 +117,34 @@ def load_images(
             if progress is not None:
                 progress(i + 1, len(records))
     return out
+
+
+class NormalizedView:
+    """An image array whose rows are normalized when read, so memory stays with the source.
+
+    The source may be an in-memory array or a memory-mapped cache; indexing with an int
+    array returns a float32 ``(n, C, H, W)`` batch normalized with ``normalizer``.
+    """
+
+    def __init__(self, images: np.ndarray, normalizer: Any, groups: np.ndarray | None = None) -> None:
+        self.images = images
+        self.normalizer = normalizer
+        self.groups = groups
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the underlying array."""
+        return tuple(self.images.shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        rows = np.arange(len(self.images))[index]
+        rows = np.atleast_1d(rows)
+        order = np.argsort(rows, kind="stable")
+        batch = np.asarray(self.images[rows[order]])
+        groups = None if self.groups is None else self.groups[rows[order]]
+        out = np.empty((len(rows), *batch.shape[1:]), dtype=np.float32)
+        out[order] = self.normalizer.transform_batch(batch, groups=groups)
+        return out

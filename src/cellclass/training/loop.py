@@ -29,7 +29,7 @@ import yaml
 
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.labels import TaskEncoder, encode_frame, fit_encoders, save_encoders
-from cellclass.data.spec import ROW_COLUMN, DatasetSpec
+from cellclass.data.spec import DatasetSpec
 from cellclass.errors import CellclassError
 from cellclass.training.config import TrainConfig
 
@@ -164,7 +164,9 @@ def train(
     norm = Normalizer(mode=config.normalize, low=config.norm_low, high=config.norm_high)
     train_groups = None if data.groups is None else data.groups[split.train]
     norm.fit(data.images[split.train], groups=train_groups, seed=config.seed)
-    x = norm.transform_batch(data.images, groups=data.groups).astype(np.float32, copy=False)
+    from cellclass.data.loading import NormalizedView
+
+    x = NormalizedView(data.images, norm, data.groups)
 
     heads = {t: e.n_outputs for t, e in data.encoders.items()}
     task_types = {t: e.type for t, e in data.encoders.items()}
@@ -336,7 +338,6 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
         log.info("resuming %s after epoch %d (best %s = %.4f at epoch %d)",
                  out, start_epoch, monitor, best_score, best_epoch)
 
-    x_train = torch.from_numpy(x[train_idx])
     y_train = {t: torch.from_numpy(v[train_idx]) for t, v in data.targets.items()}
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -347,7 +348,7 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
         running, seen = 0.0, 0
         for step in range(steps):
             idx = shard[step * per_rank : (step + 1) * per_rank]
-            xb = x_train[idx]
+            xb = torch.from_numpy(x[train_idx[idx.numpy()]])
             if augment is not None:
                 xb = augment(xb)
             xb = fabric.to_device(xb.contiguous(memory_format=fmt))

@@ -1,0 +1,170 @@
+"""Data commands: simulate, validate, inspect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from cellclass.cli.app import (
+    DelimiterOpt,
+    DropUnlabeledOpt,
+    GroupOpt,
+    ImageColOpt,
+    PresetOpt,
+    SpecArg,
+    TaskOpt,
+    WhereOpt,
+    _progress,
+    _spec,
+    app,
+    console,
+    simulate_app,
+)
+
+
+@simulate_app.command("bps")
+def simulate_bps_cmd(
+    out: Annotated[Path, typer.Argument(help="Output folder (meta.csv + TIFF images).")],
+    n_images: Annotated[int, typer.Option("--n-images", min=1, help="Number of nuclei to write.")] = 680,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Simulate a NASA BPS-layout dataset: uint16 TIFF nuclei whose foci carry dose, particle and time signal."""
+    from cellclass.data.simulate import simulate_bps
+
+    meta = simulate_bps(out, n_images=n_images, seed=seed)
+    console.print(f"wrote {n_images} images and {meta}")
+    console.print(f"next: cellclass validate {out} --preset bps")
+
+
+@simulate_app.command("hpa")
+def simulate_hpa_cmd(
+    out: Annotated[Path, typer.Argument(help="Output folder (train.csv + train/{Id}_{channel}.png).")],
+    n_images: Annotated[int, typer.Option("--n-images", min=1, help="Number of 4-channel images.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Simulate a Human Protein Atlas-layout multi-label dataset (4-channel PNG sets)."""
+    from cellclass.data.simulate import simulate_hpa
+
+    meta = simulate_hpa(out, n_images=n_images, seed=seed)
+    console.print(f"wrote {n_images} image sets and {meta}")
+    console.print(f"next: cellclass validate {out} --preset hpa")
+
+
+@app.command()
+def validate(
+    spec: SpecArg,
+    preset: PresetOpt = None,
+    image_col: ImageColOpt = None,
+    task: TaskOpt = None,
+    group: GroupOpt = None,
+    delimiter: DelimiterOpt = None,
+    drop_unlabeled: DropUnlabeledOpt = False,
+    where: WhereOpt = None,
+    write_clean: Annotated[Path | None, typer.Option("--write-clean", help="Write a manifest of the good rows here.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write every problem to this CSV.")] = None,
+    no_images: Annotated[bool, typer.Option("--no-images", help="Check metadata only, do not decode images.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = 4,
+) -> None:
+    """Read every row and every image; list all problems with row, file and reason.
+
+    Exits 0 when the dataset is clean, 1 when a problem was found. Source files are never
+    modified.
+    """
+    from cellclass.data.validate import validate as run_validate
+    from cellclass.data.validate import write_clean_manifest
+
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    with _progress("validating") as progress:
+        result = run_validate(ds, check_images=not no_images, workers=workers, progress=progress)
+    if result.problems:
+        table = Table(title=f"{len(result.problems)} problem(s) in {len(result.bad_rows)} of {result.n_rows} rows")
+        for col in ("row", "file", "field", "reason"):
+            table.add_column(col, overflow="fold")
+        for p in result.problems:
+            table.add_row("-" if p.row is None else str(p.row), p.file or "", p.field, p.reason)
+        console.print(table)
+    shapes = ", ".join(f"{s} x{n}" for s, n in result.shapes.most_common(5))
+    console.print(f"dataset {ds.name!r}: {result.n_rows} rows" +
+                  (f" ({result.n_dropped} unlabeled dropped)" if result.n_dropped else "") +
+                  (f"; image shapes {shapes}; dtypes {dict(result.dtypes)}" if result.images_checked else "; images not checked"))
+    if report is not None:
+        from cellclass.atomic import atomic_path
+
+        with atomic_path(report) as tmp:
+            result.to_frame().to_csv(tmp, index=False)
+        console.print(f"problems written to {report}")
+    if write_clean is not None:
+        path = write_clean_manifest(ds, result, write_clean)
+        console.print(f"clean manifest ({result.n_rows - len(result.bad_rows)} rows) written to {path}")
+    if result.ok:
+        console.print("[green]no problem found[/green]")
+    else:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    spec: SpecArg,
+    preset: PresetOpt = None,
+    image_col: ImageColOpt = None,
+    task: TaskOpt = None,
+    group: GroupOpt = None,
+    delimiter: DelimiterOpt = None,
+    drop_unlabeled: DropUnlabeledOpt = False,
+    where: WhereOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for tables, plots and sample grids.")] = None,
+    max_images: Annotated[int, typer.Option(min=1, help="Images sampled for intensity statistics.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Class counts, label co-occurrence, channel intensities, sample grids and the confound table."""
+    from cellclass.data.inspect import inspect_dataset
+
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    with _progress("reading images") as progress:
+        result = inspect_dataset(ds, out, max_images=max_images, seed=seed, progress=progress)
+    _print_inspection(result)
+    if out is not None:
+        console.print(f"tables, plots and sample grids written to {out}")
+
+
+def _print_inspection(result: Any) -> None:
+    console.print(f"[bold]{result.dataset}[/bold]: {result.n_rows} rows, "
+                  f"{result.images_found} images found")
+    if result.metadata_only:
+        console.print("[yellow]no image file was found: metadata-only inspection "
+                      "(labels and groups analysed, no pixel statistics)[/yellow]")
+    for task, counts in result.class_counts.items():
+        n_classes = len([c for c in counts if not c.startswith("<")])
+        table = Table(title=f"task {task}: {n_classes} classes")
+        table.add_column("class")
+        table.add_column("count", justify="right")
+        for cls, n in list(counts.items())[:40]:
+            table.add_row(cls, str(n))
+        if len(counts) > 40:
+            table.add_row(f"... {len(counts) - 40} more", "")
+        console.print(table)
+    if result.channel_stats is not None and len(result.channel_stats):
+        table = Table(title=f"channel intensities ({result.images_checked} images sampled)")
+        for col in result.channel_stats.columns:
+            table.add_column(str(col), justify="right")
+        for row in result.channel_stats.itertuples(index=False):
+            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        console.print(table)
+    if result.confounds:
+        table = Table(title="confounds: how far each group alone predicts each task")
+        for col in ("task", "group", "groups", "Cramér's V", "Theil's U", "verdict"):
+            table.add_column(col)
+        for c in result.confounds:
+            style = {"determined": "red", "nearly": "yellow", "associated": "yellow"}.get(c.level, "")
+            verdict = {"determined": "FULLY DETERMINED", "nearly": "nearly determined",
+                       "associated": "associated"}.get(c.level, "ok")
+            table.add_row(c.task, c.group, str(c.n_groups), f"{c.cramers_v:.2f}", f"{c.theils_u:.2f}",
+                          f"[{style}]{verdict}[/{style}]" if style else verdict)
+        console.print(table)
+    for message in result.warnings:
+        console.print(f"[bold red]warning:[/bold red] {message}")
+
+
