@@ -39,7 +39,8 @@ class TrainConfig:
         schedule: ``onecycle``, ``cosine`` or ``none``.
         warmup_fraction: Fraction of steps spent warming up (one-cycle).
         label_smoothing: Cross-entropy label smoothing for single-label tasks.
-        class_weights: Weight cross-entropy by inverse class frequency.
+        class_weights: Weight cross-entropy by inverse class frequency (on by default:
+            macro F1 weighs rare classes as much as common ones).
         multilabel_loss: ``bce``, ``focal`` or ``softf1``.
         pos_weight: Weight BCE positives by negatives/positives per class.
         task_weights: Loss weight per task (1 when absent).
@@ -78,7 +79,7 @@ class TrainConfig:
     image_size: int = 64
     fit: str = "pad"
     channels: list[int] = field(default_factory=list)
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.05
@@ -86,7 +87,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2
     label_smoothing: float = 0.1
-    class_weights: bool = False
+    class_weights: bool = True
     multilabel_loss: str = "bce"
     pos_weight: bool = False
     task_weights: dict[str, float] = field(default_factory=dict)
