@@ -33,3 +33,11 @@ class MissingDependencyError(CellclassError):
 
 class SplitError(CellclassError):
     """A train/validation/test split or a k-fold cannot be made as asked."""
+
+
+class CacheError(CellclassError):
+    """A prepared image cache cannot be built, found or read as asked."""
+
+
+class FetchError(CellclassError):
+    """A dataset cannot be retrieved from its remote store as asked."""

@@ -72,6 +72,13 @@ class TrainConfig:
         pretrained: ``False``, ``True`` (hub, needs network) or a path to local weights.
         drop_rate: Dropout before the heads.
         pixels: Side the scikit-learn baselines downsample to.
+        cache: Build the prepared image cache (``cellclass prepare``) when no valid one
+            exists; a valid cache is used whenever present, whatever this says.
+        cache_dir: Folder of prepared caches (default: ``$CELLCLASS_CACHE_DIR``, else
+            ``.cellclass-cache/`` beside the manifest).
+        loader_workers: Processes streaming training batches (``None``: none for images
+            in memory, about a quarter of the cores for a cache).
+        loader_memory_mb: Bound on the memory of the batches the loader workers queue.
     """
 
     model: str = "lenet5"
@@ -116,6 +123,10 @@ class TrainConfig:
     pretrained: bool | str = False
     drop_rate: float = 0.0
     pixels: int = 32
+    cache: bool = False
+    cache_dir: str | None = None
+    loader_workers: int | None = None
+    loader_memory_mb: int = 512
 
     def __post_init__(self) -> None:
         self._coerce_numbers()
@@ -136,6 +147,10 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "image_size", "devices"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid; valid: an integer >= 1")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise ConfigError(f"loader_workers = {self.loader_workers!r} is invalid; valid: an integer >= 0 or null")
+        if self.loader_memory_mb < 1:
+            raise ConfigError(f"loader_memory_mb = {self.loader_memory_mb!r} is invalid; valid: an integer >= 1")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise ConfigError("val_fraction and test_fraction must each lie in [0, 1)")
 

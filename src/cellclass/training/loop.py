@@ -72,7 +72,7 @@ class PreparedData:
 def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapping[str, Any] | None = None,
                  progress: ProgressFn | None = None) -> PreparedData:
     """Load labels, split and images (fitted to size, intensities unchanged)."""
-    from cellclass.data.loading import load_images
+    from cellclass.data.cache import images_for_training
     from cellclass.data.splits import Split, choose_split_method, make_split
 
     frame = spec.load_manifest()
@@ -91,10 +91,13 @@ def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapp
             predefined=frame[spec.split_column].to_numpy() if method == "predefined" else None,
         )
     ids = [spec.image_id(r) for r in frame.to_dict("records")]
-    images = load_images(
+    # A valid prepared cache is read in place (bounded memory); otherwise images are decoded
+    # into memory, or cached first when config.cache asks for it.
+    images = images_for_training(
         spec, frame, size=config.image_size, mode=config.fit, channels=config.channels or None,
-        workers=config.workers,
-        progress=(lambda d, t: progress("loading images", d, t)) if progress else None,
+        workers=config.workers, build=config.cache, cache_dir=config.cache_dir,
+        progress=(lambda d, t: progress("preparing cache" if config.cache else "loading images", d, t))
+        if progress else None,
     )
     return PreparedData(spec, frame, encoders, targets, groups, split, warning, images, ids)
 
@@ -163,7 +166,10 @@ def train(
 
     norm = Normalizer(mode=config.normalize, low=config.norm_low, high=config.norm_high)
     train_groups = None if data.groups is None else data.groups[split.train]
-    norm.fit(data.images[split.train], groups=train_groups, seed=config.seed)
+    from cellclass.data.cache import iter_images
+
+    # One training image at a time: a cache larger than memory is never read whole.
+    norm.fit(iter_images(data.images, split.train), groups=train_groups, seed=config.seed)
     from cellclass.data.loading import NormalizedView
 
     x = NormalizedView(data.images, norm, data.groups)
@@ -321,6 +327,12 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
         seed=config.seed + 7919 * fabric.global_rank,
     ) if config.augment else None
 
+    from cellclass.data.loader import BatchLoader, default_workers
+
+    workers = config.loader_workers if config.loader_workers is not None else default_workers(x, world)
+    loader = BatchLoader(x, batch_size=per_rank, augment=augment, workers=workers,
+                         max_memory_mb=config.loader_memory_mb, channels_last=config.channels_last)
+
     monitor, mode = config.monitor, ("min" if "loss" in config.monitor else "max")
     best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 0
     if resume:
@@ -345,12 +357,11 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
         model.train()
         perm = torch.randperm(len(train_idx), generator=order)
         shard = perm[fabric.global_rank :: world][:shard_len]
+        batches = loader.epoch([train_idx[shard[s * per_rank : (s + 1) * per_rank].numpy()] for s in range(steps)])
         running, seen = 0.0, 0
         for step in range(steps):
             idx = shard[step * per_rank : (step + 1) * per_rank]
-            xb = torch.from_numpy(x[train_idx[idx.numpy()]])
-            if augment is not None:
-                xb = augment(xb)
+            xb = next(batches)  # read, normalized and augmented by the loader (see data/loader.py)
             xb = fabric.to_device(xb.contiguous(memory_format=fmt))
             yb = {t: fabric.to_device(v[idx]) for t, v in y_train.items()}
             loss = total_loss(model(xb), yb)
@@ -399,6 +410,7 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
         if config.patience and bad_epochs >= config.patience:
             log.info("early stop at epoch %d: %s did not improve for %d epochs", epoch, monitor, bad_epochs)
             break
+    loader.close()
     return best_epoch
 
 
