@@ -72,6 +72,8 @@ StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="Fabric stra
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="32-true, bf16-mixed, 16-mixed or auto.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of split, weights and augmentation.")]
 PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="Path to local weights (or 'hub').")]
+CacheOpt = Annotated[bool | None, typer.Option("--cache", help="Build the prepared image cache when no valid one exists "
+                                                               "(a valid one is always used; see `cellclass prepare`).")]
 
 
 @app.command()
@@ -100,6 +102,7 @@ def train(
     seed: SeedOpt = None,
     pretrained: PretrainedOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
+    cache: CacheOpt = None,
 ) -> None:
     """Train a model, select its best epoch on validation, evaluate it on test, write the run folder."""
     from cellclass.training.loop import train as run_train
@@ -113,7 +116,7 @@ def train(
         cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size,
                            batch_size=batch_size, lr=lr, split_by=split_by, split=split, devices=devices,
                            strategy=strategy, precision=precision, seed=seed,
-                           pretrained=(True if pretrained == "hub" else pretrained))
+                           pretrained=(True if pretrained == "hub" else pretrained), cache=cache)
     with _stage_progress() as progress:
         result = run_train(ds, cfg, out, resume=resume, progress=progress)
     if result:
@@ -213,6 +216,7 @@ def cv(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     seed: SeedOpt = None,
+    cache: CacheOpt = None,
 ) -> None:
     """k-fold cross-validation (stratified group k-fold by default); reports mean and spread.
 
@@ -222,7 +226,7 @@ def cv(
 
     ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
     cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                       lr=lr, split_by=split_by, split=split, seed=seed)
+                       lr=lr, split_by=split_by, split=split, seed=seed, cache=cache)
     with _stage_progress() as progress:
         summary = cross_validate(ds, cfg, out, n_folds=folds, progress=progress)
     table = Table(title=f"{cfg.model}: {folds}-fold cross-validation ({summary['split']['method']}"

@@ -65,13 +65,14 @@ def evaluate_run(run: str | Path, *, spec: DatasetSpec | None = None, out: str |
     data = prepare_data(spec, config, split_override=override, progress=progress) if own else None
     if data is None:
         from cellclass.data.labels import encode_frame
-        from cellclass.data.loading import load_images
+        from cellclass.data.cache import images_for_training
         from cellclass.training.loop import PreparedData
 
         frame = spec.load_manifest()
         targets = encode_frame(spec, frame, predictor.encoders)
-        images = load_images(spec, frame, size=config.image_size, mode=config.fit,
-                             channels=config.channels or None, workers=config.workers)
+        images = images_for_training(spec, frame, size=config.image_size, mode=config.fit,
+                                     channels=config.channels or None, workers=config.workers,
+                                     cache_dir=config.cache_dir)
         n = len(frame)
         split = Split(train=np.array([], dtype=np.int64), val=np.array([], dtype=np.int64),
                       test=np.arange(n), method="external dataset", group=None, seed=0, fractions={})
