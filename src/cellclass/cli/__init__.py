@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from cellclass.cli import cache, data, training  # noqa: F401  (register their commands)
+from cellclass.cli import cache, data, serve, training  # noqa: F401  (register their commands)
 from cellclass.cli.app import app, err_console
 from cellclass.errors import CellclassError
 

@@ -55,6 +55,7 @@ __all__ = [
     "expand_pattern",
     "read_channel_set",
     "read_image",
+    "read_image_bytes",
     "write_png",
     "write_tiff",
 ]
@@ -118,6 +119,36 @@ def read_image(path: ImagePath) -> np.ndarray:
         )
     data = _read_bytes(name)
     array = decode(data, name)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def read_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """Decode an image held in memory (an upload) as :func:`read_image` decodes a file.
+
+    Args:
+        data: The file's bytes.
+        name: The file's name; only its extension (which picks the decoder) and the
+            error messages use it, nothing is opened.
+
+    Returns:
+        ndarray of shape ``(C, H, W)`` in the file's own dtype, as :func:`read_image`.
+
+    Raises:
+        ImageReadError: If the extension is not supported, or the bytes are empty,
+            truncated or undecodable.
+    """
+    ext = os.path.splitext(name)[1].lower()
+    decode = _DECODERS.get(ext)
+    if decode is None:
+        raise ImageReadError(
+            f"unsupported image extension {ext or '(none)'!r} for '{name}'; "
+            f"valid: {_VALID_EXTENSIONS}"
+        )
+    if not data:
+        raise ImageReadError(f"cannot decode image '{name}': file is empty (0 bytes)")
+    array = decode(bytes(data), name)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     return array

@@ -41,6 +41,9 @@ class Predictor:
         tta: Average over the 8 D4 transforms.
         batch_size: Inference batch size.
         identity: Model identity reported with predictions (name, run, checkpoint).
+        backend: Optional inference backend used instead of the torch model: a callable
+            mapping normalized ``(N, C, S, S)`` float32 inputs to logits per task, e.g.
+            :class:`cellclass.serving.onnx_model.OnnxBackend`. None runs ``model``.
     """
 
     model: Any
@@ -55,6 +58,7 @@ class Predictor:
     tta: bool = False
     batch_size: int = 64
     identity: dict[str, Any] = field(default_factory=dict)
+    backend: Any = None
 
     @property
     def in_chans(self) -> int:
@@ -126,6 +130,8 @@ class Predictor:
         tta = self.tta if tta is None else tta
         if self.kind == "baseline":
             return {k: np.asarray(v, dtype=np.float64) for k, v in self.model.predict_proba(x).items()}
+        if self.backend is not None:
+            return self._predict_with_backend(x, tta)
         import torch
 
         from cellclass.data.augment import dihedral
@@ -144,6 +150,24 @@ class Predictor:
                         acc[task] = acc.get(task, 0) + p
                 for task in self.encoders:
                     outputs[task].append((acc[task] / len(views)).numpy())
+        return {t: np.concatenate(v).astype(np.float64) for t, v in outputs.items()}
+
+    def _predict_with_backend(self, x: np.ndarray, tta: bool) -> dict[str, np.ndarray]:
+        """As the torch path, with :attr:`backend` computing the logits (TTA views in one batch)."""
+        views = range(8) if tta else range(1)
+        outputs: dict[str, list[np.ndarray]] = {t: [] for t in self.encoders}
+        for start in range(0, len(x), self.batch_size):
+            batch = x[start : start + self.batch_size]
+            stacked = np.concatenate([_dihedral_numpy(batch, k) for k in views])
+            logits = self.backend(np.ascontiguousarray(stacked, dtype=np.float32))
+            for task, encoder in self.encoders.items():
+                value = np.asarray(logits[task], dtype=np.float64)
+                if encoder.type == "multilabel":
+                    p = 1.0 / (1.0 + np.exp(-value))
+                else:
+                    e = np.exp(value - value.max(axis=1, keepdims=True))
+                    p = e / e.sum(axis=1, keepdims=True)
+                outputs[task].append(p.reshape(len(views), len(batch), -1).mean(axis=0))
         return {t: np.concatenate(v).astype(np.float64) for t, v in outputs.items()}
 
     def _activate(self, task: str, logits: Any) -> Any:
@@ -169,10 +193,14 @@ class Predictor:
                        *, tta: bool | None = None) -> list[dict[str, Any]]:
         """Predict raw images: one dict per image with per-task probabilities and labels."""
         x = self.normalize(self.prepare(images), groups)
-        probabilities = self.predict_normalized(x, tta=tta)
+        return self.describe(self.predict_normalized(x, tta=tta))
+
+    def describe(self, probabilities: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Per-image results (label and named probabilities per task) of probability arrays."""
         labels = self.decide(probabilities)
+        n = len(next(iter(probabilities.values()))) if probabilities else 0
         results = []
-        for i in range(len(images)):
+        for i in range(n):
             results.append({
                 task: {
                     "label": labels[task][i],
@@ -182,3 +210,10 @@ class Predictor:
                 for task in self.encoders
             })
         return results
+
+
+def _dihedral_numpy(x: np.ndarray, k: int) -> np.ndarray:
+    """:func:`cellclass.data.augment.dihedral` for numpy ``(..., H, W)`` arrays."""
+    if k >= 4:
+        x = np.flip(x, axis=-1)
+    return np.rot90(x, k % 4, axes=(-2, -1)) if k % 4 else x

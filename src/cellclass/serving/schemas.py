@@ -1,0 +1,137 @@
+"""Request and response schemas of the HTTP API (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorResponse(BaseModel):
+    """Every error: what was wrong, the value received, what is valid."""
+
+    detail: str = Field(examples=["task 'particle_type' got unknown label 'Xray'; valid: Fe, X-ray"])
+
+
+class ModelIdentity(BaseModel):
+    """Which model answered."""
+
+    name: str | None = Field(description="Architecture name, e.g. lenet5 or resnet18.")
+    run: str = Field(description="Run folder (or checkpoint) name.")
+    epoch: int | None = Field(default=None, description="Epoch of the served checkpoint.")
+    checkpoint_sha256: str = Field(description="SHA-256 of the checkpoint file.")
+    backend: str = Field(description="torch or onnxruntime.")
+    tta: bool = Field(description="Whether predictions average the 8 D4 transforms.")
+
+
+class TaskInfo(BaseModel):
+    """One label task of the model."""
+
+    name: str
+    type: str = Field(description="single, multilabel or binary.")
+    classes: list[str]
+    thresholds: list[float] | None = Field(default=None, description="Tuned per-class thresholds (multi-label).")
+
+
+class Limits(BaseModel):
+    """Upload limits."""
+
+    max_upload_bytes: int
+    max_pixels: int = Field(description="Largest image in pixel values (height x width x channels).")
+    max_images: int = Field(description="Most images per request.")
+    accepted_extensions: list[str]
+
+
+class ModelInfo(BaseModel):
+    """What the served model expects and returns."""
+
+    model: ModelIdentity
+    tasks: list[TaskInfo]
+    channels: list[str] = Field(description="Channel names, in order.")
+    in_chans: int = Field(description="Channels per image the model reads (after channel selection).")
+    channel_indices: list[int] = Field(description="Channels kept from each upload (all when empty).")
+    image_size: int = Field(description="Side of the square model input; uploads of any size are fitted to it.")
+    fit: str = Field(description="How uploads are made square: pad, resize or crop.")
+    dataset_id: str = Field(description="Identifier of the task/class definition contributions are checked against.")
+    open_predict: bool = Field(description="Whether /v1/predict needs no key.")
+    limits: Limits
+
+
+class TaskPrediction(BaseModel):
+    """One task's decision for one image."""
+
+    label: str | list[str] = Field(description="Class name (a list for multi-label tasks, tuned thresholds).")
+    probabilities: dict[str, float]
+
+
+class ImagePrediction(BaseModel):
+    """Predictions for one uploaded image."""
+
+    filename: str
+    tasks: dict[str, TaskPrediction]
+
+
+class PredictResponse(BaseModel):
+    """Predictions for every uploaded image, in upload order."""
+
+    model: ModelIdentity
+    predictions: list[ImagePrediction]
+
+
+class Contribution(BaseModel):
+    """A contributed labelled image."""
+
+    id: str
+    status: str = Field(description="pending, accepted or rejected.")
+    labels: dict[str, str | list[str]]
+    metadata: dict[str, Any]
+    filename: str = Field(description="The uploaded file's name.")
+    sha256: str = Field(description="Content address of the stored file.")
+    size_bytes: int
+    shape: list[int] = Field(description="Decoded (C, H, W).")
+    dtype: str
+    contributor: str = Field(description="Id of the key that contributed it.")
+    dataset_id: str
+    created_at: str
+    reviewed_at: str | None = None
+    reviewed_by: str | None = None
+    review_note: str | None = None
+    duplicate: bool = Field(default=False, description="True when this exact contribution already existed.")
+
+
+class ContributionList(BaseModel):
+    """A page of contributions, oldest first."""
+
+    total: int
+    limit: int
+    offset: int
+    items: list[Contribution]
+
+
+class Review(BaseModel):
+    """A curator's optional note on an accept or reject."""
+
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class KeyInfo(BaseModel):
+    """The calling key's public record."""
+
+    key_id: str
+    role: str
+    name: str
+
+
+class Health(BaseModel):
+    """Liveness."""
+
+    status: str
+
+
+class Ready(BaseModel):
+    """Readiness: model loaded, database answering, batcher running."""
+
+    status: str
+    model: ModelIdentity | None = None
+    database: bool
+    batching: dict[str, float] = Field(default_factory=dict)
