@@ -191,3 +191,32 @@ def test_load_spec_resolves_every_source(tmp_path: Path) -> None:
         load_spec(empty)
     with pytest.raises(SpecError, match="unknown preset 'cellpainting'; valid: bps, hpa"):
         load_spec(empty, preset_name="cellpainting")
+
+
+def test_where_filters_rows_and_keeps_row_numbers(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, [{"f": f"{i}.tif", "dose": d, "kind": k}
+                                for i, (d, k) in enumerate([("0", "Fe"), ("0.82", "Fe"), ("1.0", "X-ray")])])
+    spec = spec_from_manifest(path, image_col="f", tasks=["kind"])
+    spec.where = ["dose > 0"]
+    frame = spec.load_manifest()
+    assert frame["_row"].tolist() == [2, 3]
+    spec.where = ["kind == X-ray", "dose >= 1"]
+    assert spec.load_manifest()["_row"].tolist() == [3]
+    spec.where = ["kind != 'Fe'"]
+    assert spec.load_manifest()["_row"].tolist() == [3]
+
+
+@pytest.mark.parametrize(
+    ("expression", "match"),
+    [
+        ("dose 0", r"row filter 'dose 0' is invalid; valid: 'COLUMN OP VALUE'"),
+        ("colour == red", r"names no column 'colour'"),
+        ("kind > Fe", r"compares column 'kind', which is not numeric, with >"),
+    ],
+)
+def test_where_errors(tmp_path: Path, expression: str, match: str) -> None:
+    path = _manifest(tmp_path, [{"f": "a.tif", "dose": "0", "kind": "Fe"}])
+    spec = spec_from_manifest(path, image_col="f", tasks=["kind"])
+    spec.where = [expression]
+    with pytest.raises(SpecError, match=match):
+        spec.load_manifest()
