@@ -1,0 +1,44 @@
+"""Fixtures of the serving tests: one tiny trained run, real `cellclass serve` processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from serve_helpers import Server, run_cellclass
+
+
+@pytest.fixture(scope="session")
+def served_run(bps_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LeNet-5 trained for one epoch on the simulated BPS set (particle type, 32 x 32)."""
+    run = tmp_path_factory.mktemp("served") / "run"
+    result = run_cellclass("train", bps_dir, "--preset", "bps", "--task", "particle_type", "--model", "lenet5",
+                           "--epochs", "1", "--image-size", "32", "--out", run)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
+def bps_images(bps_dir: Path) -> list[tuple[str, bytes, str]]:
+    """``(file name, TIFF bytes, particle type)`` of every simulated BPS image."""
+    meta = pd.read_csv(bps_dir / "meta.csv", dtype=str)
+    return [(row.filename, (bps_dir / row.filename).read_bytes(), row.particle_type) for row in meta.itertuples()]
+
+
+@pytest.fixture(scope="session")
+def server(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the API tests: 1 MiB uploads, 4 images per request (so limits are cheap to hit)."""
+    state = tmp_path_factory.mktemp("state")
+    srv = Server(served_run, state, state.parent / "server.log", "--max-upload-mb", "1",
+                 env={"CELLCLASS_MAX_IMAGES": "4"}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def keys(server: Server) -> dict[str, str]:
+    """One key per role (two contribute keys) in the shared server's state."""
+    return {"predict": server.key("predict"), "contribute": server.key("contribute", "lab A"),
+            "contribute_b": server.key("contribute", "lab B"), "curate": server.key("curate", "curator")}
