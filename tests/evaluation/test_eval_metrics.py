@@ -255,3 +255,17 @@ def test_bootstrap_ci_errors(kwargs, match) -> None:
     args = {"metric_fn": "accuracy", "y_true": np.zeros(5), "pred": np.zeros(5)} | kwargs
     with pytest.raises(EvaluationError, match=match):
         bootstrap_ci(**args)
+
+
+def test_bootstrap_ci_refuses_when_every_resample_is_undefined() -> None:
+    calls = iter(range(10**6))
+
+    def defined_once(yt, p):
+        return 1.0 if next(calls) == 0 else None
+
+    with pytest.raises(EvaluationError, match="undefined on all 20 bootstrap resamples"):
+        bootstrap_ci(defined_once, np.zeros(4), np.zeros(4), n_boot=20)
+
+
+def test_float_labels_with_integer_values_are_accepted() -> None:
+    assert single_label_metrics(Y.astype(float), P, CLASSES) == single_label_metrics(Y, P, CLASSES)

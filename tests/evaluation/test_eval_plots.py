@@ -109,12 +109,12 @@ def test_comparison_with_and_without_ci(tmp_path: Path) -> None:
 def test_plots_from_threads(tmp_path: Path, single_task) -> None:
     y, p, classes = single_task
     cm = single_label_metrics(y, p, classes)["confusion_matrix"]
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def work(i: int) -> None:
         try:
             plot_confusion_matrix(cm, classes, tmp_path / f"cm_{i}.png")
-        except BaseException as exc:  # surfaced below
+        except Exception as exc:  # noqa: BLE001 - collected and asserted empty below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
@@ -137,6 +137,7 @@ def test_plots_from_threads(tmp_path: Path, single_task) -> None:
         (lambda d: plot_per_class_f1({"a": {"recall": 1.0}}, d / "x.png"), "need an 'f1' value"),
         (lambda d: plot_roc_pr([0, 1], [[0.5, 0.5], [0.2, 0.8]], ["a", "b"], d / "x.png", task_type="ranking"), "valid task types"),
         (lambda d: plot_roc_pr([0, 1], [[0.5, 0.5], [0.2, 0.8]], ["a"], d / "x.png"), "one name per column"),
+        (lambda d: plot_roc_pr([0, 1], [[0.5, 0.5], [0.2, 0.8]], ["a", "b"], d / "x.png", top_n=-1), "top_n must be"),
         (lambda d: plot_calibration(np.zeros((2, 3)), np.full((2, 2), 0.5), d / "x.png"), r"shape \(2, 2\)"),
         (lambda d: plot_comparison(pd.DataFrame({"accuracy": [0.5]}), "macro_f1", d / "x.png"), "available columns are"),
         (lambda d: plot_comparison(pd.DataFrame({"accuracy": []}), "accuracy", d / "x.png"), "table is empty"),

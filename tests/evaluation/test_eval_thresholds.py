@@ -36,11 +36,13 @@ def test_f1_threshold_beats_every_grid_value_on_noisy_data() -> None:
     y = (rng.random((400, 3)) < [0.1, 0.3, 0.5]).astype(int)
     p = np.clip(0.35 * y + rng.uniform(0, 0.6, y.shape), 0, 1)
     t = tune_thresholds(y, p)
+
+    def f1_at(k: int, th: float) -> float:
+        pred = p[:, k] >= th
+        return 2 * np.sum(pred & (y[:, k] == 1)) / (pred.sum() + y[:, k].sum())
+
     for k in range(3):
-        def f1_at(th: float) -> float:
-            pred = p[:, k] >= th
-            return 2 * np.sum(pred & (y[:, k] == 1)) / (pred.sum() + y[:, k].sum())
-        assert f1_at(t[k]) >= max(f1_at(g) for g in np.linspace(0.01, 0.99, 99)) - 1e-12
+        assert f1_at(k, t[k]) >= max(f1_at(k, g) for g in np.linspace(0.01, 0.99, 99)) - 1e-12
 
 
 def test_prevalence_matches_positive_rate() -> None:

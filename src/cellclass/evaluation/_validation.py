@@ -72,12 +72,13 @@ def as_labels(y_true: ArrayLike, n_samples: int, n_classes: int) -> NDArray[np.i
             f"y_true has {arr.shape[0]} samples but proba has {n_samples} rows; "
             "both must describe the same samples."
         )
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.mod(arr, 1) == 0):
-            raise LabelError(
-                f"y_true must hold integer class indices; received dtype {arr.dtype} "
-                f"(first values {arr[:3].tolist()}). Encode class names with the task's classes."
-            )
+    integral = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)
+    whole_floats = np.issubdtype(arr.dtype, np.floating) and bool(np.all(np.mod(arr, 1) == 0))
+    if not (integral or whole_floats):
+        raise LabelError(
+            f"y_true must hold integer class indices; received dtype {arr.dtype} "
+            f"(first values {arr[:3].tolist()}). Encode class names with the task's classes."
+        )
     labels = arr.astype(np.int64)
     bad = (labels < 0) | (labels >= n_classes)
     if np.any(bad):

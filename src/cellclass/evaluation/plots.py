@@ -22,9 +22,19 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike, NDArray
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    roc_curve,
+)
 
-from cellclass.evaluation._validation import EvaluationError, as_indicator, as_labels, as_proba
+from cellclass.evaluation._validation import (
+    EvaluationError,
+    as_indicator,
+    as_labels,
+    as_proba,
+)
 from cellclass.evaluation.metrics import TASK_TYPES, calibration_bins
 
 __all__ = [
@@ -274,16 +284,20 @@ def plot_roc_pr(
         The path written.
 
     Raises:
-        EvaluationError: If ``task_type`` is unknown or shapes disagree.
+        EvaluationError: If ``task_type`` is unknown, shapes disagree or ``top_n`` < 0.
     """
     y, p, names = _one_vs_rest(y_true, proba, classes, task_type)
     support = y.sum(axis=0)
     ranked = [int(k) for k in np.argsort(-support, kind="stable") if support[k] > 0]
+    if top_n < 0:
+        raise EvaluationError(f"top_n must be a non-negative integer; received {top_n}.")
     highlighted = set(ranked[:top_n])
     colours = iter(_palette(len(highlighted)))
     fig = _new_figure(12, 5.2)
     ax_roc, ax_pr = fig.subplots(1, 2)
-    for k in ranked[::-1]:  # least frequent first, so highlighted lines are drawn on top
+    # Grey lines first so the highlighted ones lie on top, most frequent class first in the legend.
+    order = [k for k in ranked if k not in highlighted] + ranked[:top_n]
+    for k in order:
         lit = k in highlighted
         style: dict[str, Any] = {"color": next(colours), "lw": 1.6} if lit else {"color": "0.75", "lw": 0.8}
         precision, recall, _ = precision_recall_curve(y[:, k], p[:, k])
