@@ -91,7 +91,7 @@ def evaluate_run(run: str | Path, *, spec: DatasetSpec | None = None, out: str |
     result = {
         "dataset": spec.name,
         "run": str(run),
-        "split": data.split.describe() if own else {"method": "external dataset: every row evaluated",
+        "split": data.describe_split() if own else {"method": "external dataset: every row evaluated",
                                                      "n_rows": int(len(idx))},
         "evaluation": {"on": "test" if own and len(data.split.test) else "all rows" if not own else "val",
                        "n_images": int(len(idx)), "checkpoint": predictor.identity.get("checkpoint"),

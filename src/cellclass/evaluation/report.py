@@ -107,9 +107,7 @@ def write_evaluation(out: Path, predictor: Any, data: Any, x: np.ndarray, *, thr
     for task in tasks:
         tasks[task]["val"] = {k: v for k, v in val_tasks[task].items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    split_info = split.describe()
-    if data.split_warning:
-        split_info["warning"] = data.split_warning
+    split_info = data.describe_split()
     result = {
         "dataset": data.spec.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -186,9 +184,9 @@ def write_report(out: Path, result: Mapping[str, Any], plots: list[Path]) -> Pat
     header = "".join(f"<th>{h}</th>" for h in ("task", "accuracy", "balanced acc.", "macro F1", "micro F1",
                                                "ROC-AUC", "mAP", "Hamming loss", "Jaccard"))
     split = result["split"]
-    how = "".join(f"<li><b>{esc(str(k))}</b>: {esc(json.dumps(v, default=_json_default))}</li>"
-                  for k, v in {**result["evaluation"], "split": split}.items())
+    how = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in result["evaluation"].items())
     warning = f'<p class="warn">{esc(split["warning"])}</p>' if split.get("warning") else ""
+    split_html = _split_html(split)
     images = "".join(
         f'<figure><img src="{esc(p.relative_to(out).as_posix())}" alt="{esc(p.stem)}">'
         f"<figcaption>{esc(p.stem)}</figcaption></figure>" for p in plots)
@@ -199,11 +197,38 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f
 .warn{{background:#fff3cd;padding:8px;border:1px solid #e0c36a}}figure{{display:inline-block;margin:8px}}
 img{{max-width:540px;border:1px solid #ddd}}</style></head><body>
 <h1>{esc(str(result.get('model', 'model')))} on {esc(result['dataset'])}</h1>
-<h2>How these numbers were obtained</h2>{warning}<ul>{how}</ul>
+<h2>How these numbers were obtained</h2>{warning}<ul>{how}</ul>{split_html}
 <h2>Test metrics</h2><table><tr>{header}</tr>{''.join(rows)}</table>
 <h2>Plots</h2>{images}
 </body></html>"""
     return atomic_write_text(out / "report.html", page)
+
+
+def _split_html(split: Mapping[str, Any]) -> str:
+    """The split as a sentence and a table of sizes, groups and class counts per side."""
+    esc = html.escape
+    sides = ("train", "val", "test")
+    group = split.get("group_column")
+    head = (f"<p><b>split</b>: {esc(str(split.get('method')))}"
+            + (f" by <b>{esc(str(group))}</b>" if group else "")
+            + f", seed {esc(str(split.get('seed')))}"
+            + ("" if split.get("groups_overlap") is None else
+               f"; groups shared between sides: {'yes' if split['groups_overlap'] else 'none'}") + "</p>")
+    sizes = split.get("sizes") or {}
+    rows = ["<tr><th>images</th>" + "".join(f"<td>{sizes.get(s, '')}</td>" for s in sides) + "</tr>"]
+    if split.get("groups"):
+        rows.append(f"<tr><th>{esc(str(group))}s</th>"
+                    + "".join(f"<td>{split['groups'].get(s, '')}</td>" for s in sides) + "</tr>")
+    counts = split.get("class_counts") or {}
+    for task, per_side in counts.items():
+        if not isinstance(per_side, Mapping) or "train" not in per_side:
+            continue
+        classes = list(dict.fromkeys(c for s in sides for c in per_side.get(s, {})))
+        for cls in classes[:60]:
+            cells = "".join(f"<td>{per_side.get(s, {}).get(cls, 0)}</td>" for s in sides)
+            rows.append(f"<tr><th>{esc(task)}: {esc(str(cls))}</th>{cells}</tr>")
+    header = "<tr><th></th>" + "".join(f"<th>{s}</th>" for s in sides) + "</tr>"
+    return head + f"<table>{header}{''.join(rows)}</table>"
 
 
 def _fmt(value: Any) -> str:

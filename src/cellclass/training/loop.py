@@ -68,6 +68,13 @@ class PreparedData:
     images: np.ndarray
     ids: list[str]
 
+    def describe_split(self) -> dict[str, Any]:
+        """How the split was made and the class counts per side, by class name, per task."""
+        info = self.split.describe(labels=self.targets, classes={t: e.classes for t, e in self.encoders.items()})
+        if self.split_warning:
+            info["warning"] = self.split_warning
+        return info
+
 
 def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapping[str, Any] | None = None,
                  progress: ProgressFn | None = None) -> PreparedData:
@@ -245,7 +252,7 @@ def _write_run_header(out: Path, spec: DatasetSpec, config: TrainConfig, data: P
     resolved = {
         "train": config.to_dict(),
         "dataset": {**spec.to_dict(), "base_dir": str(spec.base_dir)},
-        "split": {**split.describe(), **({"warning": data.split_warning} if data.split_warning else {})},
+        "split": data.describe_split(),
     }
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     save_encoders(out / "encoders.json", data.encoders)
