@@ -41,3 +41,11 @@ class CacheError(CellclassError):
 
 class FetchError(CellclassError):
     """A dataset cannot be retrieved from its remote store as asked."""
+
+
+class TrackingError(CellclassError):
+    """An experiment tracker name, URI or store cannot be used as asked."""
+
+
+class SweepError(CellclassError):
+    """A sweep file, its metric or parameters, or its study cannot be used as asked."""
