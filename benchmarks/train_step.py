@@ -1,0 +1,268 @@
+"""Training-throughput benchmark: the cellclass pipeline against a bare PyTorch loop.
+
+For LeNet-5 and ResNet18 at 64 and 128 px (batch 64, one channel, simulated BPS nuclei
+of 200 x 200 uint16), measures training images per second two ways, interleaved round by
+round so both see the same machine load:
+
+- **cellclass**: the prepared cache read by ``prepare_data``, normalization fitted on the
+  training split, the streaming :class:`~cellclass.data.loader.BatchLoader` (worker
+  processes as configured by default, batch augmentation: random resized crop, D4,
+  intensity jitter), and the Fabric step of ``training/loop.py`` (its optimizer,
+  one-cycle schedule, class-weighted loss, channels-last), all with the defaults of
+  :class:`~cellclass.training.config.TrainConfig` but ``precision = 32-true``;
+- **bare**: the same network, already-normalized tensors in memory, random batches by
+  indexing, ``loss.backward()`` and ``AdamW.step()``: no augmentation, no loader, no
+  Fabric.
+
+``ratio`` (the target: >= 0.9) is the worst cellclass/bare ratio over the four
+configurations. It also measures, for ResNet18 at 128 px (64 with ``--quick``), eager fp32 (contiguous and
+channels-last) against channels-last + bf16 autocast, and (without ``--quick``) whether
+accuracy holds under bf16: two short ``train`` runs, fp32 and bf16-mixed, same seed.
+
+    python benchmarks/train_step.py            # about 5 minutes on 2 cores
+    python benchmarks/train_step.py --quick    # a few steps each, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from _common import machine
+from cellclass.data.augment import AugmentConfig, BatchAugment
+from cellclass.data.cache import CachedImages, CacheSettings, iter_images, prepare_cache
+from cellclass.data.loader import BatchLoader, default_workers
+from cellclass.data.loading import NormalizedView
+from cellclass.data.normalize import Normalizer
+from cellclass.data.presets import bps
+from cellclass.data.simulate import simulate_bps
+from cellclass.models import create_model
+from cellclass.training.config import TrainConfig
+from cellclass.training.losses import build_loss, multitask_loss
+from cellclass.training.loop import _fabric, _optimizer, _scheduler, prepare_data
+
+TASK = "particle_type"
+BATCH = 64
+
+
+class Pipeline:
+    """The cellclass training path, step by step as ``_fit_network`` runs it."""
+
+    def __init__(self, spec: Any, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        data = prepare_data(spec, cfg)
+        if not isinstance(data.images, CachedImages):
+            raise RuntimeError("the benchmark expects the prepared cache to be used")
+        self.train_idx = data.split.train
+        norm = Normalizer(mode=cfg.normalize, low=cfg.norm_low, high=cfg.norm_high)
+        norm.fit(iter_images(data.images, self.train_idx), seed=cfg.seed)
+        self.x = NormalizedView(data.images, norm, data.groups)
+        self.fabric = _fabric(cfg)
+        torch.manual_seed(cfg.seed)
+        enc = data.encoders[TASK]
+        model = create_model(cfg.model, in_chans=1, heads={TASK: enc.n_outputs}, image_size=cfg.image_size,
+                             task_types={TASK: enc.type})
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = _optimizer(model, cfg)
+        self.scheduler = _scheduler(optimizer, cfg, 100_000)
+        self.model, self.optimizer = self.fabric.setup(model, optimizer)
+        self.loss = multitask_loss({TASK: build_loss(enc, cfg, data.targets[TASK][self.train_idx])}, {})
+        self.y = {TASK: torch.from_numpy(data.targets[TASK][self.train_idx])}
+        augment = BatchAugment(AugmentConfig(dihedral=True, crop_scale=tuple(cfg.crop_scale),
+                                             intensity_scale=cfg.intensity_scale,
+                                             intensity_shift=cfg.intensity_shift), seed=cfg.seed)
+        self.workers = default_workers(self.x) if cfg.loader_workers is None else cfg.loader_workers
+        self.loader = BatchLoader(self.x, batch_size=BATCH, augment=augment, workers=self.workers,
+                                  max_memory_mb=cfg.loader_memory_mb, channels_last=cfg.channels_last)
+        self.order = torch.Generator().manual_seed(cfg.seed)
+        self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def steps(self, n: int) -> float:
+        """Run ``n`` training steps; return images per second."""
+        self.model.train()
+        start, done = time.perf_counter(), 0
+        per_epoch = len(self.train_idx) // BATCH
+        while done < n:
+            k = min(n - done, per_epoch)
+            perm = torch.randperm(len(self.train_idx), generator=self.order)
+            batches = self.loader.epoch([self.train_idx[perm[s * BATCH : (s + 1) * BATCH].numpy()] for s in range(k)])
+            for s in range(k):
+                idx = perm[s * BATCH : (s + 1) * BATCH]
+                xb = self.fabric.to_device(next(batches).contiguous(memory_format=self.fmt))
+                yb = {t: self.fabric.to_device(v[idx]) for t, v in self.y.items()}
+                loss = self.loss(self.model(xb), yb)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.fabric.backward(loss)
+                self.optimizer.step()
+                self.scheduler.step()
+                float(loss.detach())
+            done += k
+        return n * BATCH / (time.perf_counter() - start)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training rows, normalized, in memory, and their labels (for the bare loop)."""
+        return torch.from_numpy(self.x[self.train_idx]), self.y[TASK]
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class Bare:
+    """A plain PyTorch loop over in-memory tensors."""
+
+    def __init__(self, model_name: str, size: int, x: torch.Tensor, y: torch.Tensor, *, channels_last: bool,
+                 bf16: bool = False) -> None:
+        torch.manual_seed(0)
+        self.model = create_model(model_name, in_chans=1, heads={TASK: 2}, image_size=size,
+                                  task_types={TASK: "single"})
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.fmt)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.x, self.y, self.bf16 = x, y, bf16
+        self.gen = torch.Generator().manual_seed(0)
+
+    def steps(self, n: int) -> float:
+        self.model.train()
+        start = time.perf_counter()
+        for _ in range(n):
+            idx = torch.randint(len(self.x), (BATCH,), generator=self.gen)
+            xb = self.x[idx].contiguous(memory_format=self.fmt)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss = F.cross_entropy(self.model(xb)[TASK], self.y[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            float(loss.detach())
+        return n * BATCH / (time.perf_counter() - start)
+
+
+def compare(spec: Any, model_name: str, size: int, n_steps: int, rounds: int, warmup: int) -> dict[str, Any]:
+    cfg = TrainConfig(model=model_name, image_size=size, batch_size=BATCH, tasks=[TASK], precision="32-true")
+    pipe = Pipeline(spec, cfg)
+    x, y = pipe.tensors()
+    bare = Bare(model_name, size, x, y, channels_last=cfg.channels_last)
+    pipe.steps(warmup)
+    bare.steps(warmup)  # warm-up: workers started, kernels chosen
+    ours, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(bare.steps(n_steps))
+        ours.append(pipe.steps(n_steps))
+    pipe.close()
+    a, b = statistics.median(ours), statistics.median(theirs)
+    print(f"{model_name:8s} {size:3d}px: cellclass {a:8.1f} img/s, bare {b:8.1f} img/s, ratio {a / b:.3f} "
+          f"(loader workers {pipe.workers}, rounds {[round(v, 1) for v in ours]} vs {[round(v, 1) for v in theirs]})",
+          flush=True)
+    return {"cellclass_img_s": a, "bare_img_s": b, "ratio": a / b, "loader_workers": pipe.workers,
+            "steps": n_steps, "rounds": rounds}
+
+
+def precision_speedups(spec: Any, size: int, n_steps: int, rounds: int) -> dict[str, Any]:
+    """ResNet18: fp32 contiguous, fp32 channels-last, bf16 autocast + channels-last."""
+    cfg = TrainConfig(model="resnet18", image_size=size, batch_size=BATCH, tasks=[TASK], precision="32-true")
+    pipe = Pipeline(spec, cfg)
+    x, y = pipe.tensors()
+    pipe.close()
+    variants = {
+        "fp32_contiguous": Bare("resnet18", size, x, y, channels_last=False),
+        "fp32_channels_last": Bare("resnet18", size, x, y, channels_last=True),
+        "bf16_channels_last": Bare("resnet18", size, x, y, channels_last=True, bf16=True),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for v in variants.values():
+        v.steps(1)
+    for _ in range(rounds):
+        for k, v in variants.items():
+            rates[k].append(v.steps(n_steps))
+    bf16_pipe = Pipeline(spec, cfg.override({"precision": "bf16-mixed"}))
+    bf16_pipe.steps(1)
+    pipeline_bf16 = statistics.median(bf16_pipe.steps(n_steps) for _ in range(rounds))
+    bf16_pipe.close()
+    out: dict[str, Any] = {"image_size": size, **{k: statistics.median(v) for k, v in rates.items()}}
+    out["cellclass_bf16_mixed"] = pipeline_bf16
+    out["speedup_bf16_cl_vs_fp32"] = out["bf16_channels_last"] / out["fp32_contiguous"]
+    out["speedup_fp32_cl_vs_fp32"] = out["fp32_channels_last"] / out["fp32_contiguous"]
+    print(f"ResNet18 {size}px bare: fp32 {out['fp32_contiguous']:.1f}, fp32 channels-last "
+          f"{out['fp32_channels_last']:.1f}, bf16 + channels-last {out['bf16_channels_last']:.1f} img/s "
+          f"({out['speedup_bf16_cl_vs_fp32']:.2f}x); cellclass bf16-mixed {pipeline_bf16:.1f} img/s", flush=True)
+    return out
+
+
+def bf16_accuracy(spec: Any, work: Path) -> dict[str, Any]:
+    """Two short ResNet18 runs on the same split and seed, fp32 and bf16-mixed: test metrics."""
+    from cellclass.training.loop import train
+
+    out = {}
+    for precision in ("32-true", "bf16-mixed"):
+        cfg = TrainConfig(model="resnet18", image_size=64, epochs=6, tasks=[TASK], precision=precision, tta=False)
+        start = time.perf_counter()
+        result = train(spec, cfg, work / f"run-{precision}")
+        m = result["tasks"][TASK]
+        out[precision] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "roc_auc": m.get("roc_auc"),
+                          "seconds": round(time.perf_counter() - start, 1)}
+        print(f"ResNet18 64px {precision}: test accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, "
+              f"ROC-AUC {m.get('roc_auc', float('nan')):.3f} ({out[precision]['seconds']} s)", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps each (under a minute)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--workdir", type=Path, help="folder for the simulated data (default: a temporary one)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="cellclass-bench-"))
+    plan = {  # (model, size): steps per round
+        ("lenet5", 64): 20 if quick else 150,
+        ("lenet5", 128): 8 if quick else 60,
+        ("resnet18", 64): 2 if quick else 12,
+        ("resnet18", 128): 1 if quick else 6,
+    }
+    rounds = 1 if quick else 3
+    try:
+        data = work / "bps"
+        if not (data / "meta.csv").is_file():
+            simulate_bps(data, n_images=340 if quick else 1360, image_size=200, workers=2)
+        spec = bps(data)
+        for size in (64, 128):
+            prepare_cache(spec, CacheSettings(size), workers=2)
+        info = machine()
+        print(f"machine: {info}", flush=True)
+        warmup = 1 if quick else 2
+        results = {f"{m}_{s}px": compare(spec, m, s, n, rounds, warmup) for (m, s), n in plan.items()}
+        # --quick measures the precision speed-up at 64 px to stay under a minute.
+        precision = precision_speedups(spec, 64 if quick else 128, 2 if quick else 4, rounds)
+        accuracy = None if quick else bf16_accuracy(spec, work)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    ratio = min(r["ratio"] for r in results.values())
+    print(f"ratio (worst cellclass over bare): {ratio:.3f} (target >= 0.9); bf16 + channels-last over eager fp32 "
+          f"for ResNet18 {precision['image_size']}px: {precision['speedup_bf16_cl_vs_fp32']:.2f}x")
+
+    def rounded(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        return round(value, 3) if isinstance(value, float) else value
+
+    print(json.dumps({"benchmark": "train_step", "quick": quick, "ratio": round(ratio, 3), "target": ">= 0.9",
+                      "machine": info, "results": rounded(results), "resnet18_precision": rounded(precision),
+                      "bf16_accuracy": rounded(accuracy)}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
