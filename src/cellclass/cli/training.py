@@ -74,6 +74,21 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of split, weig
 PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="Path to local weights (or 'hub').")]
 CacheOpt = Annotated[bool | None, typer.Option("--cache", help="Build the prepared image cache when no valid one exists "
                                                                "(a valid one is always used; see `cellclass prepare`).")]
+TrackerOpt = Annotated[str, typer.Option("--tracker", help="Experiment tracker: mlflow (a local store "
+                                         "RUNS/mlflow.db beside the run folder unless --tracking-uri), "
+                                         "wandb (pip install 'cellclass[wandb]') or none.")]
+TrackingUriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow server or database URL "
+                                                    "(http://host:5000, sqlite:///x.db); W&B: server URL.")]
+ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment / W&B project "
+                                                   "(default: cellclass).")]
+
+
+def _run_tracker(name: str, uri: str | None, experiment: str | None, out: Path, job_type: str) -> Any:
+    """The tracker of one run folder ``out`` (its default local store sits beside it)."""
+    from cellclass.tracking import make_tracker
+
+    return make_tracker(name, uri, experiment, run_name=out.name, root=out.parent, job_type=job_type,
+                        record=None if name == "none" else out / "tracking.json")
 
 
 @app.command()
@@ -103,6 +118,9 @@ def train(
     pretrained: PretrainedOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
     cache: CacheOpt = None,
+    tracker: TrackerOpt = "mlflow",
+    tracking_uri: TrackingUriOpt = None,
+    experiment: ExperimentOpt = None,
 ) -> None:
     """Train a model, select its best epoch on validation, evaluate it on test, write the run folder."""
     from cellclass.training.loop import train as run_train
@@ -117,8 +135,9 @@ def train(
                            batch_size=batch_size, lr=lr, split_by=split_by, split=split, devices=devices,
                            strategy=strategy, precision=precision, seed=seed,
                            pretrained=(True if pretrained == "hub" else pretrained), cache=cache)
-    with _stage_progress() as progress:
-        result = run_train(ds, cfg, out, resume=resume, progress=progress)
+    with _run_tracker(tracker, tracking_uri, experiment, out, "train") as run_tracker, \
+            _stage_progress() as progress:
+        result = run_train(ds, cfg, out, resume=resume, progress=progress, tracker=run_tracker)
     if result:
         _print_metrics(result, out)
 
@@ -217,6 +236,9 @@ def cv(
     set_: SetOpt = None,
     seed: SeedOpt = None,
     cache: CacheOpt = None,
+    tracker: TrackerOpt = "mlflow",
+    tracking_uri: TrackingUriOpt = None,
+    experiment: ExperimentOpt = None,
 ) -> None:
     """k-fold cross-validation (stratified group k-fold by default); reports mean and spread.
 
@@ -227,8 +249,14 @@ def cv(
     ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
     cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
                        lr=lr, split_by=split_by, split=split, seed=seed, cache=cache)
-    with _stage_progress() as progress:
-        summary = cross_validate(ds, cfg, out, n_folds=folds, progress=progress)
+    from cellclass.tracking.runs import FoldLogger, cv_progress
+
+    with _run_tracker(tracker, tracking_uri, experiment, out, "cv") as run_tracker:
+        run_tracker.log_params({**cfg.to_dict(), "folds": folds, "dataset": ds.name})
+        fold_logger = FoldLogger(run_tracker, out, folds)
+        with _stage_progress() as progress:
+            summary = cross_validate(ds, cfg, out, n_folds=folds, progress=cv_progress(fold_logger, progress))
+        fold_logger.finish(summary)
     table = Table(title=f"{cfg.model}: {folds}-fold cross-validation ({summary['split']['method']}"
                         + (f" by {summary['split']['group']})" if summary["split"]["group"] else ")"))
     for col in ("task", "metric", "mean", "std", "min", "max"):
@@ -284,8 +312,9 @@ def demo(
     """The main job on built-in data (no download): simulate, validate, inspect, train, compare.
 
     Simulates BPS nuclei, validates and inspects them, trains the MLP baseline and LeNet-5
-    on irradiated nuclei split by plate, compares the two, and trains the sham-vs-sham
-    control that measures plate recognition.
+    on irradiated nuclei split by plate, compares the two, trains the sham-vs-sham
+    control that measures plate recognition, and ends with a small sweep of LeNet-5's
+    learning rate and batch size (4 trials, tracked in ``OUT/sweep/mlflow.db``).
     """
     from cellclass.data.inspect import inspect_dataset
     from cellclass.data.presets import bps
@@ -327,7 +356,11 @@ def demo(
                   "above chance here would measure plate effects, not radiation.")
     sham = dataclasses.replace(ds, where=["dose_Gy == 0"])
     _demo_run(sham, out / "runs" / "sham_control_lenet5", "lenet5", epochs, seed)
-    console.print(f"\nresults in {out}: inspect/, runs/*/report.html, compare/compare.json")
+    console.rule("7. a small hyperparameter sweep: LeNet-5 over learning rate and batch size (Optuna, MLflow)")
+    from cellclass.cli.sweep import demo_sweep
+
+    demo_sweep(irradiated, out / "sweep", seed)
+    console.print(f"\nresults in {out}: inspect/, runs/*/report.html, compare/compare.json, sweep/report.html")
 
 
 def _demo_run(spec: Any, run: Path, model: str, epochs: int, seed: int) -> Path:

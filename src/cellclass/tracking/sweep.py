@@ -630,7 +630,13 @@ def _single_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker
 
     spec = job.spec.select_tasks(cfg.tasks)
     if (folder / "metrics.json").is_file():
+        # Finished before an interruption that came before the study was told: make sure
+        # the tracked run has the figures and files the loop gives it at the very end.
         log.info("%s already holds the finished run: reading it", folder)
+        result = json.loads((folder / "metrics.json").read_text())
+        tracker.log_metrics({f"test/{t}/{k}": v for t, m in result.get("tasks", {}).items() for k, v in m.items()},
+                            step=int(result.get("best_epoch") or 0))
+        tracker.log_artifacts(folder)
     else:
         resume = (folder / "checkpoints" / "last.ckpt").is_file()
         train(spec, cfg, folder, resume=resume, tracker=tracker, data=cache.get(spec, cfg), progress=progress)
@@ -848,6 +854,8 @@ def quiet_training() -> Iterator[None]:
     if logging.getLogger("cellclass").getEffectiveLevel() <= logging.DEBUG:
         yield
         return
+    with contextlib.suppress(ImportError):
+        import lightning_fabric  # noqa: F401  (it sets its loggers' levels when first imported)
     names = ("cellclass.data", "cellclass.training", "cellclass.evaluation", "cellclass.models",
              "lightning.fabric", "lightning_fabric")
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
