@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 CELLCLASS = Path(sys.executable).with_name("cellclass")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
@@ -20,7 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
 
 def run_cellclass(*args: object, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     """Run the installed console script as a user would."""
-    return subprocess.run([str(CELLCLASS), *map(str, args)], capture_output=True, text=True, env=ENV,
+    return subprocess.run([str(CELLCLASS), *map(str, args)], capture_output=True, text=True, env=ENV, check=False,
                           timeout=timeout)
 
 
@@ -124,3 +126,54 @@ def make_key(state_dir: Path, role: str, name: str = "") -> str:
         return KeyStore(db).create(role, name)[0]
     finally:
         db.close()
+
+
+# A multi-label + binary dataset definition for store tests (BPS has one single-label task).
+MULTI_TASKS = [{"name": "loc", "type": "multilabel", "classes": ["Nucleoli", "Golgi apparatus", "Rods & rings"]},
+               {"name": "bin", "type": "binary", "classes": ["0", "1"]}]
+MULTI_DEFINITION = {"name": "toy", "image_column": "image", "channels": ["a", "b"], "groups": ["plate"],
+                    "tasks": MULTI_TASKS}
+
+
+def upload_of(seed: int, name: str = "x.npy") -> Any:
+    """A checked upload of a random 2 x 8 x 8 uint8 NPY image."""
+    from cellclass.serving.uploads import decode_upload
+
+    rng = np.random.default_rng(seed)
+    return decode_upload(npy_bytes(rng.integers(0, 255, (2, 8, 8), dtype=np.uint8)), name, max_bytes=10**6,
+                         max_pixels=10**6)
+
+
+def exercise_store(store: Any, tmp_path: Path) -> None:
+    """Add, deduplicate, review, list and export multi-label contributions; check the export reads back."""
+    from cellclass.data.spec import DatasetSpec
+    from cellclass.serving.errors import NotFoundError, UploadError
+
+    dataset = store.register_dataset(MULTI_DEFINITION)
+    assert store.register_dataset(MULTI_DEFINITION) == dataset
+    upload = upload_of(0)
+    labels = {"loc": ["Nucleoli", "Rods & rings"], "bin": "1"}
+    first, created = store.add(upload, labels, {"plate": "P1"}, contributor="k1", dataset=dataset, model={"name": "m"})
+    again, created_again = store.add(upload, labels, {"plate": "P1"}, contributor="k1", dataset=dataset, model={})
+    assert created and not created_again and again["id"] == first["id"]
+    other, _ = store.add(upload, {"loc": [], "bin": "0"}, {"plate": "P2"}, contributor="k2", dataset=dataset, model={})
+    assert other["id"] != first["id"] and other["sha256"] == first["sha256"]  # one file, two rows
+    store.review(first["id"], "accepted", reviewer="cur")
+    store.review(other["id"], "accepted", reviewer="cur", note="empty is fine")
+    with pytest.raises(UploadError, match="review status 'maybe' is invalid; valid: accepted, rejected"):
+        store.review(first["id"], "maybe", reviewer="cur")
+    with pytest.raises(NotFoundError, match="no contribution with id 'nope'"):
+        store.review("nope", "accepted", reviewer="cur")
+    items, total = store.list(status="accepted")
+    assert total == 2 and [i["id"] for i in items] == [first["id"], other["id"]]
+    assert store.list(contributor="k2")[1] == 1
+    assert store.image(first) == upload.data
+    result = store.export(tmp_path / "export")
+    assert (result.n_rows, result.n_images) == (2, 1)
+    spec = DatasetSpec.from_yaml(result.spec)
+    assert spec.groups == ["plate"] and spec.image.channels == ["a", "b"]
+    frame = spec.load_manifest()
+    # An empty multi-label set is an empty cell: read back as no label, encoded as no class.
+    assert spec.labels(frame, "loc") == [["Nucleoli", "Rods & rings"], None]
+    assert spec.labels(frame, "bin") == ["1", "0"]
+    assert spec.read_image(frame.iloc[0].to_dict()).shape == (2, 8, 8)

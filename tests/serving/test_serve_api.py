@@ -168,7 +168,7 @@ def test_bad_uploads_are_refused_with_clear_errors(server: Server, keys: dict[st
 
 
 def test_request_limits(server: Server, keys: dict[str, str], bps_images) -> None:
-    name, tif, _ = bps_images[0]
+    tif = bps_images[0][1]
     with server.client(keys["predict"]) as c:
         response = c.post("/v1/predict", files=[("image", (f"{i}.tif", tif)) for i in range(5)])
         assert response.status_code == 413 and "got 5 images in one request; the limit is 4" in response.json()["detail"]

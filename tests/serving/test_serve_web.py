@@ -1,0 +1,69 @@
+"""The web page end to end in a real headless Chromium (Debian's) against a real server.
+
+Screenshots go to ``test-artifacts/`` at the repository root (git-ignored).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from serve_helpers import Server
+
+CHROMIUM = Path("/usr/bin/chromium")
+# The flags this machine's Chromium needs: no sandbox as root, no GPU, and no background
+# connections (refused on a closed network).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+def test_web_page_predicts_shows_saliency_and_contributes(server: Server, keys: dict[str, str], bps_images,
+                                                          tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (`apt-get install chromium`; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the Python package) is not installed")
+    artifacts = request.config.rootpath / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    name, tif, particle = bps_images[30]
+    image = tmp_path / name
+    image.write_bytes(tif)
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.goto(server.url + "/")
+            page.wait_for_selector("#labels select", timeout=30_000)  # the model description arrived
+            assert "lenet5" in page.text_content("#model-summary")
+
+            page.set_input_files("#image-input", str(image))
+            page.click("#predict-button")  # no key yet: the server asks for one
+            page.wait_for_selector("#predict-status.error", timeout=30_000)
+            assert "error 401" in page.text_content("#predict-status")
+
+            page.fill("#api-key", keys["contribute"])
+            page.click("#predict-button")
+            page.wait_for_selector("#overlay[data-loaded='true']", timeout=30_000)
+            label = page.text_content("#predictions .label")
+            assert label in ("Fe", "X-ray")
+            assert "predicted by lenet5" in page.text_content("#predict-status")
+            assert "Grad-CAM (features.4)" in page.text_content("#overlay-caption")
+            width = page.evaluate("document.getElementById('overlay').naturalWidth")
+            assert width > 256
+            page.screenshot(path=str(artifacts / "serving-web-predict.png"), full_page=True)
+
+            page.select_option("#label-particle_type", particle)
+            page.click("#contribute-button")
+            page.wait_for_selector("#contribute-status.ok", timeout=30_000)
+            status = page.text_content("#contribute-status")
+            assert "is pending" in status
+            page.screenshot(path=str(artifacts / "serving-web-contribute.png"), full_page=True)
+        finally:
+            browser.close()
+
+    contribution_id = status.split("contribution ")[1].split(" ")[0]
+    with server.client(keys["curate"]) as c:
+        record = c.get(f"/v1/contributions/{contribution_id}").json()
+    assert record["labels"] == {"particle_type": particle} and record["filename"] == name
+    assert (artifacts / "serving-web-predict.png").stat().st_size > 10_000
