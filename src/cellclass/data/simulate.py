@@ -26,6 +26,7 @@ the CSV manifest is written last: a folder with a manifest is a complete dataset
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import os
@@ -133,7 +134,7 @@ _BACKGROUND_E = 180.0
 _NUCLEUS_E = 1400.0
 _FOCUS_PEAK_E = 4000.0
 _READ_NOISE_E = 4.0
-_STREAMS = {"bps_image": 0, "hpa_image": 1, "plate": 2}
+_STREAMS = {"bps_image": 0, "hpa_image": 1, "plate": 2, "bps_size": 3}
 
 
 def expected_foci(particle_type: str, dose_Gy: float, hr_post_exposure: float) -> float:
@@ -260,12 +261,19 @@ def _render_bps(
         normal_angle = rng.uniform(0.0, np.pi, n_tracks)
         distance = rng.uniform(-0.7, 0.7, n_tracks)
         half_chord = np.sqrt(1.0 - distance**2)
-        along = rng.uniform(-1.0, 1.0, n_induced) * half_chord[track] * 0.95
+        # Stratified positions along each track: DSBs of one ion track sit about evenly
+        # spaced, not in random clumps that would merge into one blob.
+        per_track = np.bincount(track, minlength=n_tracks)
+        rank = np.empty(n_induced)
+        for k in range(n_tracks):
+            rank[track == k] = np.arange(per_track[k])
+        slot = (rank + 0.5 + rng.uniform(-0.25, 0.25, n_induced)) / per_track[track]
+        along = (2.0 * slot - 1.0) * half_chord[track] * 0.9
         across = distance[track] + rng.normal(0.0, 0.5 / semi_b, n_induced)
         nx, ny = np.cos(normal_angle[track]), np.sin(normal_angle[track])
         iu, iv = across * nx - along * ny, across * ny + along * nx
-        sigma_induced = np.full(n_induced, sigma_px * 1.2)
-        amp_scale_induced = 1.3
+        sigma_induced = np.full(n_induced, sigma_px * 1.1)
+        amp_scale_induced = 1.1
     else:
         radius = np.sqrt(rng.random(n_induced))
         angle = rng.uniform(0.0, 2 * np.pi, n_induced)
@@ -311,8 +319,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _tiff_bytes(image: np.ndarray) -> bytes:
     """Encode a 2-D uint16 image as a plain, uncompressed, single-page TIFF."""
-    import io
-
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, image, photometric="minisblack", metadata=None)
     return buffer.getvalue()
@@ -325,6 +331,12 @@ def _check_output(out_dir: Path, manifest: str, overwrite: bool) -> None:
             "or choose an empty folder"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_seed(seed: int) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise SimulationError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def _check_workers(workers: int) -> int:
@@ -397,7 +409,9 @@ def _bps_layout(n_images: int) -> list[tuple[str, int]]:
         for j in range(count):
             well, k = wells[j % len(wells)], j // len(wells)
             field, cell = divmod(k, _BPS_CELLS_PER_FIELD)
-            names.append(f"{cond.plate}_{cond.barcode}-{well}_{field + 1:03d}_{cell + 1:03d}_proj.tif")
+            names.append(
+                f"{cond.plate}_{cond.barcode}-{well}_{field + 1:03d}_{cell + 1:03d}_proj.tif"
+            )
         layout.extend((name, index) for name in sorted(names))
     return layout
 
@@ -448,7 +462,8 @@ def simulate_bps(
         out_dir: Folder to write; created if missing.
         n_images: Number of images, at least one per condition (17); split as evenly as
             possible over the conditions.
-        seed: Seed of every random draw; the same seed gives byte-identical files.
+        seed: Non-negative seed of every random draw; the same seed gives byte-identical
+            files.
         image_size: ``(height, width)`` or one int for square images.
         size_jitter: Relative spread of image sides: each image's height and width are
             drawn uniformly within ``±size_jitter`` of ``image_size`` (real crops vary).
@@ -478,13 +493,14 @@ def simulate_bps(
     height, width = _image_size(image_size)
     if not 0.0 <= size_jitter < 1.0:
         raise SimulationError(f"size_jitter must be in [0, 1), got {size_jitter!r}")
+    seed = _check_seed(seed)
     workers = _check_workers(workers)
     folder = Path(out_dir)
     _check_output(folder, "meta.csv", overwrite)
 
     layout = _bps_layout(int(n_images))
     if size_jitter > 0:
-        size_rng = np.random.default_rng([seed, _STREAMS["bps_image"], -1])
+        size_rng = np.random.default_rng([seed, _STREAMS["bps_size"]])
         scale = size_rng.uniform(1.0 - size_jitter, 1.0 + size_jitter, (len(layout), 2))
         heights = np.maximum(16, np.rint(height * scale[:, 0])).astype(int)
         widths = np.maximum(16, np.rint(width * scale[:, 1])).astype(int)
@@ -645,7 +661,8 @@ def _render_hpa(
         if total <= 0 or count <= 0:
             return np.zeros((height, width))
         idx = rng.choice(flat.size, size=count, p=flat / total)
-        py, px = idx // width + rng.uniform(-0.5, 0.5, count), idx % width + rng.uniform(-0.5, 0.5, count)
+        jitter = rng.uniform(-0.5, 0.5, (2, count))
+        py, px = idx // width + jitter[0], idx % width + jitter[1]
         sig = np.full(count, sigma * spot_scale) * rng.uniform(0.8, 1.2, count)
         out = _gaussian_spots(height, width, py, px, sig, rng.uniform(0.6, 1.0, count))
         if elong > 1.0:
@@ -733,7 +750,8 @@ def simulate_hpa(
     Args:
         out_dir: Folder to write; created if missing.
         n_images: Number of images (sets of four PNGs).
-        seed: Seed of every random draw; the same seed gives byte-identical files.
+        seed: Non-negative seed of every random draw; the same seed gives byte-identical
+            files.
         image_size: Side of the square images, or ``(height, width)``.
         workers: Processes to render with. The output does not depend on it.
         progress: Optional ``progress(done, total)`` callback.
@@ -751,6 +769,7 @@ def simulate_hpa(
     height, width = _image_size(image_size)
     if min(height, width) < 32:
         raise SimulationError(f"image_size must be at least 32 pixels a side, got {image_size!r}")
+    seed = _check_seed(seed)
     workers = _check_workers(workers)
     folder = Path(out_dir)
     _check_output(folder, "train.csv", overwrite)
