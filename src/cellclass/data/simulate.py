@@ -39,6 +39,8 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from cellclass.atomic import atomic_write_bytes
+from cellclass.data.presets import HPA_CHANNELS, HPA_CLASSES
 from cellclass.errors import CellclassError
 
 logger = logging.getLogger(__name__)
@@ -305,18 +307,6 @@ def _render_bps(
 # --------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` through a temporary file in the same folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _tiff_bytes(image: np.ndarray) -> bytes:
     """Encode a 2-D uint16 image as a plain, uncompressed, single-page TIFF."""
     buffer = io.BytesIO()
@@ -430,7 +420,7 @@ def _bps_worker(
             plates[cond.plate] = _plate_params(seed, cond.plate)
         rng = np.random.default_rng([seed, _STREAMS["bps_image"], index])
         image = _render_bps(rng, height, width, cond, plates[cond.plate])
-        _atomic_write(folder / name, _tiff_bytes(image))
+        atomic_write_bytes(folder / name, _tiff_bytes(image))
     return len(jobs)
 
 
@@ -522,7 +512,7 @@ def simulate_bps(
         cond = BPS_CONDITIONS[cond_index]
         lines.append(f"{name},{cond.dose_Gy!r},{cond.particle_type},{cond.hr_post_exposure}")
     manifest = folder / "meta.csv"
-    _atomic_write(manifest, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(manifest, ("\n".join(lines) + "\n").encode())
     logger.info("wrote %s", manifest)
     return manifest
 
@@ -530,41 +520,6 @@ def simulate_bps(
 # --------------------------------------------------------------------------------------
 # HPA
 # --------------------------------------------------------------------------------------
-
-HPA_CLASSES: list[str] = [
-    "Nucleoplasm",
-    "Nuclear membrane",
-    "Nucleoli",
-    "Nucleoli fibrillar center",
-    "Nuclear speckles",
-    "Nuclear bodies",
-    "Endoplasmic reticulum",
-    "Golgi apparatus",
-    "Peroxisomes",
-    "Endosomes",
-    "Lysosomes",
-    "Intermediate filaments",
-    "Actin filaments",
-    "Focal adhesion sites",
-    "Microtubules",
-    "Microtubule ends",
-    "Cytokinetic bridge",
-    "Mitotic spindle",
-    "Microtubule organizing center",
-    "Centrosome",
-    "Lipid droplets",
-    "Plasma membrane",
-    "Cell junctions",
-    "Mitochondria",
-    "Aggresome",
-    "Cytosol",
-    "Cytoplasmic bodies",
-    "Rods & rings",
-]
-"""The 28 Human Protein Atlas localisation classes, in the index order of ``Target``."""
-
-HPA_CHANNELS: list[str] = ["red", "green", "blue", "yellow"]
-"""Channel suffixes of the four PNGs of one HPA image."""
 
 # Rendered classes with frequency weights roughly like the real training set.
 _HPA_WEIGHTS: dict[int, float] = {
@@ -723,7 +678,7 @@ def _hpa_worker(
     for index, image_id, labels, height, width in jobs:
         rng = np.random.default_rng([seed, _STREAMS["hpa_image"], index, 1])
         for channel, image in _render_hpa(rng, height, width, labels).items():
-            _atomic_write(folder / f"{image_id}_{channel}.png", imagecodecs.png_encode(image))
+            atomic_write_bytes(folder / f"{image_id}_{channel}.png", imagecodecs.png_encode(image))
     return len(jobs)
 
 
@@ -789,6 +744,6 @@ def simulate_hpa(
     rows = sorted((image_id, " ".join(map(str, labels))) for _, image_id, labels, _, _ in jobs)
     text = "Id,Target\n" + "".join(f"{image_id},{target}\n" for image_id, target in rows)
     manifest = folder / "train.csv"
-    _atomic_write(manifest, text.encode())
+    atomic_write_bytes(manifest, text.encode())
     logger.info("wrote %s", manifest)
     return manifest
