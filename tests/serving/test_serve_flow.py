@@ -38,11 +38,12 @@ def test_accepted_contributions_export_and_train(server: Server, keys: dict[str,
     manifest = pd.read_csv(out / "manifest.csv", dtype=str)
     assert len(manifest) == accepted["total"]
     assert set(ids[:-2]) <= set(manifest["contribution_id"]) and ids[-1] not in set(manifest["contribution_id"])
-    assert {"filename", "particle_type", "plate", "contributor", "metadata"} <= set(manifest.columns)
+    assert {"filename", "particle_type", "contributor", "metadata"} <= set(manifest.columns)
     assert all((out / f).is_file() for f in manifest["filename"])
     by_id = manifest.set_index("contribution_id")
-    for contribution_id, (_, _, particle) in zip(ids[:-2], chosen[:-2], strict=True):
+    for contribution_id, (name, _, particle) in zip(ids[:-2], chosen[:-2], strict=True):
         assert by_id.loc[contribution_id, "particle_type"] == particle
+        assert json.loads(by_id.loc[contribution_id, "metadata"])["plate"] == name.split("_")[0]
     spec = yaml.safe_load((out / "dataset.yaml").read_text())
     assert spec["tasks"][0]["name"] == "particle_type" and spec["tasks"][0]["classes"] == ["Fe", "X-ray"]
     assert spec["image"]["column"] == "filename"
