@@ -141,7 +141,7 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executor, self.infer, x)
-        except Exception as exc:  # handed to every waiting request, which reports it
+        except Exception as exc:  # noqa: BLE001 (handed to every waiting request, which reports it)
             for item in live:
                 if not item.future.done():
                     item.future.set_exception(exc)

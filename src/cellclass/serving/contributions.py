@@ -222,7 +222,7 @@ class ContributionStore:
         try:
             if not self.db.query("SELECT id FROM contributions WHERE sha256 = ?", (sha256,)):
                 self.files.delete(sha256, extension)
-        except Exception as exc:  # the original error matters more; an orphan file is harmless
+        except Exception as exc:  # noqa: BLE001 (the original error matters more; an orphan file is harmless)
             log.warning("could not remove unreferenced file %s%s: %s", sha256, extension, exc)
 
     def review(self, contribution_id: str, status: str, *, reviewer: str, note: str | None = None) -> dict[str, Any]:

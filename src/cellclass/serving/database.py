@@ -190,7 +190,7 @@ class Database:
         """Whether the database answers a trivial query."""
         try:
             self.query("SELECT 1 AS ok")
-        except Exception as exc:  # any driver error means "not ready"
+        except Exception as exc:  # noqa: BLE001 (any driver error means "not ready")
             log.warning("database %s does not answer: %s", _redact(self.url), exc)
             return False
         return True

@@ -90,7 +90,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, opset: int = 
             with atomic_path(out) as tmp:
                 _export(wrapper, sample, tmp, tasks, opset, method)
                 _set_metadata(tmp, {METADATA_CHECKPOINT: file_sha256(checkpoint), METADATA_TASKS: ",".join(tasks)})
-        except Exception as exc:  # exporters raise many types; the next method may succeed
+        except Exception as exc:  # noqa: BLE001 (exporters raise many types; the next method may succeed)
             errors.append(f"{method}: {type(exc).__name__}: {str(exc)[:300]}")
             log.warning("ONNX export with the %s exporter failed: %s", method, exc)
             continue

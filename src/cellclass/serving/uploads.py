@@ -125,7 +125,7 @@ def declared_values(data: bytes, extension: str, name: str) -> int:
                 total += math.prod(page.shape)
     except PayloadTooLargeError:
         raise
-    except Exception as exc:  # tifffile raises many types on a corrupt header
+    except Exception as exc:  # noqa: BLE001 (tifffile raises many types on a corrupt header)
         raise UploadError(f"cannot read the TIFF header of {name!r}: {exc}") from None
     return total
 
