@@ -173,8 +173,7 @@ def test_a_killed_prepare_process_leaves_no_half_valid_cache(data: Path) -> None
 
 def test_cached_images_index_like_an_array_and_pickle_by_path(data: Path) -> None:
     images = prepare_cache(bps(data), CacheSettings(32)).images
-    full = np.asarray(images)
-    images.release_bytes = 1  # release the mapped pages after every read
+    full = np.asarray(CachedImages(images.path, release=False))
     np.testing.assert_array_equal(images[3], full[3])
     np.testing.assert_array_equal(images[2:7], full[2:7])
     np.testing.assert_array_equal(images[np.array([9, 1, 4])], full[[9, 1, 4]])

@@ -28,9 +28,11 @@ records how many rows are safely written (data synced before the count), so a ki
 ``prepare`` resumes where it stopped; one build per slot runs at a time (a file lock).
 
 **Memory.** Builds write with ``pwrite`` in chunks; reads go through a memory map whose
-pages are released every few tens of megabytes (``madvise(MADV_DONTNEED)``), so neither
-grows a process's resident memory with the dataset's size: training on a cache larger
-than RAM works (``benchmarks/scale.py``).
+pages are released right after each read (``madvise(MADV_DONTNEED)``), so neither grows a
+process's resident memory with the dataset's size: training on a cache larger than RAM
+works (``benchmarks/scale.py``). Releasing after every read matters: the kernel maps
+whole page-cache folios (up to 2 MB on recent kernels) around each row touched, so a few
+thousand random rows would otherwise map gigabytes.
 
 Where: ``cache_dir`` argument, else ``$CELLCLASS_CACHE_DIR``, else a ``.cellclass-cache/``
 folder beside the manifest (beside the image folder for ``folder`` layouts).
@@ -89,7 +91,6 @@ HASH_MODES = ("stat", "content")
 
 FORMAT_VERSION = 1
 _CHUNK_BYTES = 32 * 2**20
-_RELEASE_BYTES = 64 * 2**20
 
 ProgressFn = Callable[[int, int], None]
 
@@ -141,23 +142,24 @@ class CachedImages:
     """A read-only ``(N, C, S, S)`` array in a ``.npy`` file, read without holding it.
 
     Indexing (an int, a slice, an int array or a boolean mask over rows) returns a new
-    in-memory array, as indexing a ``numpy.memmap`` would. Pages touched through the
-    memory map are released every ``release_mb`` megabytes read, so the process's
-    resident memory stays bounded whatever the file's size; the data stay in the
-    operating system's page cache for the next epoch. Pickling keeps only the path, so
-    data-loader workers reopen the file themselves.
+    in-memory array, as indexing a ``numpy.memmap`` would. The pages a read maps are
+    released as soon as it is copied out, so the process's resident memory stays bounded
+    (by one read's rows times the page-cache folio size) whatever the file's size; the
+    data stay in the operating system's page cache for the next epoch. Pickling keeps
+    only the path, so data-loader workers reopen the file themselves.
 
     Args:
         path: ``.npy`` file written by :func:`prepare_cache`.
-        release_mb: Megabytes read between two releases of the mapped pages.
+        release: Release the mapped pages after every read (``False`` keeps them mapped,
+            as a plain memory map does, and lets resident memory grow with what was read).
 
     Raises:
         CacheError: When the file is not a readable 4-D ``.npy`` array.
     """
 
-    def __init__(self, path: str | os.PathLike[str], release_mb: float = _RELEASE_BYTES / 2**20) -> None:
+    def __init__(self, path: str | os.PathLike[str], release: bool = True) -> None:
         self.path = Path(path)
-        self.release_bytes = int(release_mb * 2**20)
+        self.release_each_read = bool(release)
         try:
             header = np.load(self.path, mmap_mode="r")
         except (OSError, ValueError) as exc:
@@ -171,7 +173,6 @@ class CachedImages:
         self._mmap: mmap.mmap | None = None
         self._array: np.ndarray | None = None
         self._pid = -1
-        self._since_release = 0
 
     @property
     def ndim(self) -> int:
@@ -190,12 +191,12 @@ class CachedImages:
         return f"CachedImages({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "release_bytes": self.release_bytes, "shape": self.shape,
+        return {"path": self.path, "release_each_read": self.release_each_read, "shape": self.shape,
                 "dtype": self.dtype, "offset": self.offset}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._mmap, self._array, self._pid, self._since_release = None, None, -1, 0
+        self._mmap, self._array, self._pid = None, None, -1
 
     def _view(self) -> np.ndarray:
         if self._array is None or self._pid != os.getpid():
@@ -216,8 +217,7 @@ class CachedImages:
             out = view[rows.astype(np.int64, copy=False)]
         else:
             out = np.array(view[index])
-        self._since_release += out.nbytes
-        if self._since_release >= self.release_bytes:
+        if self.release_each_read:
             self.release()
         return out
 
@@ -227,7 +227,6 @@ class CachedImages:
 
     def release(self) -> None:
         """Drop this process's mapped pages (the page cache keeps the data)."""
-        self._since_release = 0
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._mmap.madvise(mmap.MADV_DONTNEED)
 
