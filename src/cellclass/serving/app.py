@@ -10,10 +10,11 @@ Errors are :class:`~cellclass.serving.errors.ServiceError` subclasses answered a
 # which name dependencies local to create_app.
 import contextlib
 import copy
+import functools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,6 +71,8 @@ class Service:
         keys: API keys.
         contributions: The contribution store.
         batcher: The micro-batcher of prediction requests.
+        threads: Inference threads; also how many requests decode and prepare images at
+            once (CPU-bound work beyond the cores only thrashes).
     """
 
     settings: ServeSettings
@@ -81,6 +84,8 @@ class Service:
     keys: KeyStore
     contributions: ContributionStore
     batcher: MicroBatcher
+    threads: int = 1
+    _cpu_limiter: Any = None
     _saliency_model: Any = None
     _saliency_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -119,7 +124,19 @@ class Service:
                                max_wait_ms=settings.max_wait_ms)
         log.info("serving %s (%s, %s backend, %d thread(s)); state in %s", identity["name"], run_name,
                  identity["backend"], threads, settings.state_dir)
-        return cls(settings, predictor, identity, definition, ident, db, KeyStore(db), contributions, batcher)
+        return cls(settings, predictor, identity, definition, ident, db, KeyStore(db), contributions, batcher, threads)
+
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU-bound work (decoding, preparation, Grad-CAM) in a thread, at most ``threads`` at once.
+
+        Waiting requests queue in the event loop instead of crowding the thread pool, which
+        keeps the tail latency down under load.
+        """
+        import anyio
+
+        if self._cpu_limiter is None:
+            self._cpu_limiter = anyio.CapacityLimiter(max(1, self.threads))
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._cpu_limiter)
 
     # -- work done in threads -------------------------------------------------------------
     def decode(self, data: bytes, filename: str | None) -> Upload:
@@ -163,9 +180,9 @@ class Service:
                    "X-Cellclass-Probability": f"{result.probability:.6f}", "X-Cellclass-Layer": result.layer}
         return overlay_png(x, result.cam), headers
 
-    def contribute(self, data: bytes, filename: str | None, labels_text: str | None, metadata_text: str | None,
-                   key: ApiKey) -> tuple[dict[str, Any], bool]:
-        """Validate and store one contribution (see :class:`ContributionStore`)."""
+    def check_contribution(self, data: bytes, filename: str | None, labels_text: str | None,
+                           metadata_text: str | None) -> tuple[Upload, dict[str, Any], dict[str, Any] | None]:
+        """Validate one contribution: ``(upload, labels, metadata)`` ready for :meth:`ContributionStore.add`."""
         labels = validate_labels(parse_json_field(labels_text, "labels", max_bytes=self.settings.max_metadata_bytes,
                                                   required=True), self.definition["tasks"])
         metadata = parse_json_field(metadata_text, "metadata", max_bytes=self.settings.max_metadata_bytes,
@@ -175,8 +192,7 @@ class Service:
                               '{"plate": "P7", "microscope": "widefield"}')
         upload = self.decode(data, filename)
         self.prepare([upload.image])  # the model must be able to read it
-        return self.contributions.add(upload, labels, metadata, contributor=key.key_id, dataset=self.dataset_id,
-                                      model=self.identity)
+        return upload, labels, metadata
 
     def close(self) -> None:
         """Release the database connections."""
@@ -384,7 +400,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             uploads = [service.decode(data, name) for data, name in blobs]
             return uploads, service.prepare([u.image for u in uploads])
 
-        uploads, x = await run_in_threadpool(decode_and_prepare)
+        uploads, x = await service.run_cpu(decode_and_prepare)
         probabilities = await service.batcher.submit(x)
         results = service.predictor.describe(probabilities)
         return {"model": service.identity,
@@ -406,7 +422,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         def work() -> tuple[bytes, dict[str, str]]:
             return service.saliency_png(service.decode(data, image.filename), task, class_name)
 
-        png, headers = await run_in_threadpool(work)
+        png, headers = await service.run_cpu(work)
         return Response(png, media_type="image/png", headers=headers)
 
     # -- contributions --------------------------------------------------------------------
@@ -424,7 +440,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """Contribute a labelled image; it waits as ``pending`` until a curator accepts or rejects it."""
         service = service_of(request)
         data = await read_upload(service, image)
-        record, created = await run_in_threadpool(service.contribute, data, image.filename, labels, metadata, key)
+        upload, checked, extra = await service.run_cpu(service.check_contribution, data, image.filename, labels,
+                                                       metadata)
+        record, created = await run_in_threadpool(functools.partial(
+            service.contributions.add, upload, checked, extra, contributor=key.key_id, dataset=service.dataset_id,
+            model=service.identity))
         if not created:
             response.status_code = 200
         return {**record, "duplicate": not created}
