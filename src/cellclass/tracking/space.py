@@ -58,6 +58,11 @@ EPOCH_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1", "map",
 # Keys of a W&B sweep file that only W&B's agent uses.
 _WANDB_ONLY = {"program", "command", "project", "entity", "name", "description", "controller", "job",
                "image_uri", "run_cap_per_agent", "settings", "apiVersion"}
+# Names W&B training scripts commonly give TrainConfig fields; a seed file using them runs
+# unchanged.
+ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs",
+           "batch": "batch_size", "dropout": "drop_rate", "img_size": "image_size", "input_size": "image_size",
+           "optim": "optimizer", "wd": "weight_decay", "architecture": "model", "arch": "model"}
 # Set by the sweep itself or meaningless per trial.
 _NOT_SWEEPABLE = {"monitor": "the sweep's metric sets it", "devices": "a trial is one process; use --n-jobs"}
 
@@ -212,7 +217,11 @@ class SweepSpace:
         raw = data.get("parameters")
         if not isinstance(raw, Mapping) or not raw:
             raise SweepError(f"{source}: parameters must be a non-empty mapping of TrainConfig fields; got {raw!r}")
-        params = [_parameter(str(name), spec, source) for name, spec in raw.items()]
+        params = [_parameter(_alias(str(name), source), spec, source) for name, spec in raw.items()]
+        names = [p.name for p in params]
+        if len(set(names)) != len(names):
+            raise SweepError(f"{source}: parameters name a setting twice ({', '.join(map(str, raw))}); "
+                             "valid: each TrainConfig field once")
         searched = tuple(p for p in params if not p.is_constant)
         constants = {p.name: p.values[0] for p in params if p.is_constant}
         run_cap = data.get("run_cap")
@@ -351,6 +360,13 @@ def _pruner(pruner: Any, early: Any, source: str) -> dict[str, Any]:
         raise SweepError(f"{source}: pruner {kind} has unknown option(s) {unknown}; valid: "
                          f"{', '.join(options) or 'none'}")
     return {"type": kind, **{k: int(_number(pruner[k], f"pruner {k}")) for k in options if k in pruner}}
+
+
+def _alias(name: str, source: str) -> str:
+    if name in ALIASES and name not in _field_types():
+        log.info("%s: parameter %r is read as the setting %r", source, name, ALIASES[name])
+        return ALIASES[name]
+    return name
 
 
 def _parameter(name: str, spec: Any, source: str) -> Parameter:

@@ -336,12 +336,8 @@ class StudyLock:
 # -- workers ---------------------------------------------------------------------------
 def work(job: SweepJob, worker: int = 0, *, progress: ProgressFn | None = None, barrier: Any = None) -> int:
     """Claim and run trials until the study holds its target; return the trials run here."""
-    import optuna
-
     storage = open_storage(job.storage)
-    with _quiet_optuna():
-        study = optuna.load_study(study_name=job.study, storage=storage, sampler=SweepSampler(job.space, job.seed,
-                                  job.n_trials), pruner=make_pruner(job.space))
+    study = load_study(job, storage)
     lock = StudyLock(job.storage, job.study)
     cache = DataCache()
     if barrier is not None:  # start together, so that every worker takes a share
@@ -357,6 +353,15 @@ def work(job: SweepJob, worker: int = 0, *, progress: ProgressFn | None = None, 
         ran += 1
     log.debug("worker %d ran %d trial(s)", worker, ran)
     return ran
+
+
+def load_study(job: SweepJob, storage: Any) -> Any:
+    """The job's study with the sweep's sampler and pruner."""
+    import optuna
+
+    with _quiet_optuna():
+        return optuna.load_study(study_name=job.study, storage=storage,
+                                 sampler=SweepSampler(job.space, job.seed, job.n_trials), pruner=make_pruner(job.space))
 
 
 def live_trials(trials: list[Any]) -> list[Any]:
@@ -629,17 +634,13 @@ def _single_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker
     from cellclass.training.loop import train
 
     spec = job.spec.select_tasks(cfg.tasks)
-    if (folder / "metrics.json").is_file():
-        # Finished before an interruption that came before the study was told: make sure
-        # the tracked run has the figures and files the loop gives it at the very end.
-        log.info("%s already holds the finished run: reading it", folder)
-        result = json.loads((folder / "metrics.json").read_text())
-        tracker.log_metrics({f"test/{t}/{k}": v for t, m in result.get("tasks", {}).items() for k, v in m.items()},
-                            step=int(result.get("best_epoch") or 0))
-        tracker.log_artifacts(folder)
-    else:
-        resume = (folder / "checkpoints" / "last.ckpt").is_file()
-        train(spec, cfg, folder, resume=resume, tracker=tracker, data=cache.get(spec, cfg), progress=progress)
+    # A trial run again after an interruption continues its folder from the last checkpoint;
+    # when every epoch was done, that re-runs only the final evaluation (report, test figures,
+    # tracked artifacts), which the interruption may have cut short.
+    resume = (folder / "checkpoints" / "last.ckpt").is_file()
+    if resume:
+        log.info("continuing %s from its last checkpoint", folder)
+    train(spec, cfg, folder, resume=resume, tracker=tracker, data=cache.get(spec, cfg), progress=progress)
     value, epoch = best_epoch_value(folder, job.space.metric)
     result = json.loads((folder / "metrics.json").read_text())
     return value, {"best_epoch": epoch, "epochs_run": result.get("epochs_run"),
@@ -653,7 +654,7 @@ def _cv_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker, ca
     n = int(job.folds or 0)
     folder.mkdir(parents=True, exist_ok=True)
     for fold in folder.glob("fold_*"):  # an interrupted fold starts again; finished ones are kept
-        if fold.is_dir() and not (fold / "metrics.json").is_file():
+        if fold.is_dir() and not (fold / "report.html").is_file():  # written last
             shutil.rmtree(fold)
     spec = job.spec.select_tasks(cfg.tasks)
     tracker.log_params({**cfg.to_dict(), "folds": n, "dataset": spec.name})
