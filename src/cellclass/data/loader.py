@@ -84,10 +84,36 @@ class _EpochItems(Sampler):
         return len(self.items)
 
 
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
 def _init_worker(_: int) -> None:
     # Workers share the cores with the training process: one thread each, or the
     # oversubscription costs more than the workers save.
     torch.set_num_threads(1)
+    _return_large_buffers_to_the_os()
+
+
+def _return_large_buffers_to_the_os() -> None:
+    """Serve every allocation above 1 MB with its own ``mmap`` (glibc only).
+
+    glibc raises its mmap threshold after each large ``free``, so the batch-sized buffers
+    of augmentation (whose sizes vary batch to batch) end up on the heap, which fragments
+    and keeps growing: a worker streaming 77k images of 200 x 200 grew from 0.4 to 1.5 GB.
+    A fixed threshold returns each buffer to the system when freed (measured: flat).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
 
 
 class BatchLoader:
