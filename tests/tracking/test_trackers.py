@@ -49,7 +49,7 @@ def test_names_and_params_are_valid_for_mlflow() -> None:
 
 def test_artifacts_leave_out_training_state_and_stores(tmp_path: Path) -> None:
     for name in ("config.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "plots/a.png", "mlflow.db",
-                 "tracking.json", "mlartifacts/x", ".hidden", "trials/0000/metrics.json"):
+                 "study.db.lock", "tracking.json", "mlartifacts/x", ".hidden", "trials/0000/metrics.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     kept = {f"{rel}/{p.name}".lstrip("/") for p, rel in artifact_files(tmp_path, exclude=["trials"])}
@@ -169,14 +169,37 @@ def test_fold_logger_tells_each_fold_once(tmp_path: Path) -> None:
     assert again.metrics == []
 
 
-def test_cli_train_tracks_in_mlflow_beside_the_run_folder(cli, bps_dir: Path, tmp_path: Path, mlflow_store) -> None:
+@pytest.fixture
+def invoke():
+    """Run a ``cellclass`` command in this process (the imports are already paid for), keeping
+    the logging set-up the command changes."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from cellclass.cli import app
+
+    ours = logging.getLogger("cellclass")
+    saved = (ours.handlers[:], ours.level, ours.propagate)
+
+    def run(*args: object):  # noqa: ANN202
+        try:
+            return CliRunner().invoke(app, [str(a) for a in args])
+        finally:
+            ours.handlers[:], ours.level, ours.propagate = saved[0][:], saved[1], saved[2]
+
+    return run
+
+
+def test_cli_train_tracks_in_mlflow_beside_the_run_folder(invoke, bps_dir: Path, tmp_path: Path,
+                                                           mlflow_store) -> None:
     from mlflow.tracking import MlflowClient
 
     uri = mlflow_store(tmp_path / "runs")
     run = tmp_path / "runs" / "lenet"
-    result = cli("train", bps_dir, "--preset", "bps", "--task", "particle_type", "--model", "mlp", *FAST,
-                 "--experiment", "cli-tests", "--out", run)
-    assert result.returncode == 0, result.stderr
+    result = invoke("train", bps_dir, "--preset", "bps", "--task", "particle_type", "--model", "mlp", *FAST,
+                    "--experiment", "cli-tests", "--out", run)
+    assert result.exit_code == 0, result.output
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("cli-tests")
     (tracked,) = client.search_runs([experiment.experiment_id])
@@ -184,6 +207,13 @@ def test_cli_train_tracks_in_mlflow_beside_the_run_folder(cli, bps_dir: Path, tm
     assert tracked.info.status == "FINISHED" and tracked.data.params["image_size"] == "32"
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "val/macro_f1")] == [1]
     assert "report.html" in {a.path for a in client.list_artifacts(tracked.info.run_id)}
+    # --tracker none: the run folder and nothing else.
+    quiet = tmp_path / "quiet" / "mlp"
+    result = invoke("train", bps_dir, "--preset", "bps", "--task", "particle_type", "--model", "mlp", *FAST,
+                    "--tracker", "none", "--out", quiet)
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in quiet.parent.iterdir()] == ["mlp"] and (quiet / "metrics.json").is_file()
+    assert not (quiet / "tracking.json").exists()
 
 
 def test_cli_refuses_an_unknown_tracker(cli, bps_dir: Path, tmp_path: Path) -> None:

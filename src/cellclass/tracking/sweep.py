@@ -177,9 +177,10 @@ def run_sweep(
         summary = write_sweep_report(optuna_study, out, space, job.base, n_trials=target,
                                      storage=_masked(storage), folds=folds)
         best = summary.get("best")
+        totals = {f"trials/{k.lower()}": v for k, v in summary["counts"].items()}
         if best is not None:
-            sweep_tracker.log_metrics({f"best/{space.metric}": best["value"], "best/trial": best["trial"]}, step=0)
-        sweep_tracker.log_metrics({f"trials/{k.lower()}": v for k, v in summary["counts"].items()}, step=0)
+            totals.update({f"best/{space.metric}": best["value"], "best/trial": best["trial"]})
+        sweep_tracker.log_metrics(totals, step=0)
         sweep_tracker.log_artifacts(out, exclude=("trials",))
     if failed:
         raise SweepError(f"worker process(es) {', '.join(f'{k} (exit code {c})' for k, c in failed)} failed; "
@@ -269,7 +270,8 @@ def _difference(stored: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     parts = []
     for key in ("space", "folds"):
         if stored.get(key) != now.get(key):
-            parts.append(f"{key}: {json.dumps(stored.get(key))[:200]} in the study, {json.dumps(now.get(key))[:200]} now")
+            parts.append(f"{key}: {json.dumps(stored.get(key))[:200]} in the study, "
+                         f"{json.dumps(now.get(key))[:200]} now")
     old, new = stored.get("base", {}), now.get("base", {})
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):

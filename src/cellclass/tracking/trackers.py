@@ -49,7 +49,8 @@ RECORD_NAME = "tracking.json"
 
 # Not worth copying into a tracker's artifact store: training state that best.ckpt
 # supersedes, tracker stores themselves, temporary files.
-_SKIP_FILES = {"last.ckpt", "mlflow.db", "mlflow.db-journal", "study.db", "study.db-journal", RECORD_NAME}
+_SKIP_FILES = {"last.ckpt", RECORD_NAME, "tracked.json"}
+_SKIP_SUFFIXES = (".tmp", ".lock", ".db", ".db-journal", ".db-wal", ".db-shm")
 _SKIP_DIRS = {"mlartifacts", "mlruns", "wandb", "__pycache__"}
 
 _KEY_BAD = re.compile(r"[^/\w.\- ]")
@@ -129,7 +130,7 @@ def artifact_files(folder: str | os.PathLike[str], exclude: Iterable[str] = ()) 
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")
                              and not (rel == "" and d in skip_top))
         for name in sorted(filenames):
-            if (name in _SKIP_FILES or name.startswith(".") or name.endswith(".tmp")
+            if (name in _SKIP_FILES or name.startswith(".") or name.endswith(_SKIP_SUFFIXES)
                     or (rel == "" and name in skip_top)):
                 continue
             found.append((here / name, rel))
