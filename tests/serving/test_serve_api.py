@@ -175,6 +175,14 @@ def test_request_limits(server: Server, keys: dict[str, str], bps_images) -> Non
         big = b"II*\x00" + b"\0" * (6 * 1024 * 1024)  # over 4 x 1 MiB + 1 MiB: refused before parsing
         response = c.post("/v1/predict", files={"image": ("huge.tif", big)})
         assert response.status_code == 413 and "over the limit of 5,242,880 bytes" in response.json()["detail"]
+
+        def chunks():  # no Content-Length: the body is counted as it arrives
+            yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.tif"\r\n\r\n'
+            for _ in range(7):
+                yield b"\0" * (1024 * 1024)
+
+        response = c.post("/v1/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+        assert response.status_code == 413 and "over the limit of 5,242,880 bytes" in response.json()["detail"]
         assert c.get("/healthz").status_code == 200
 
 

@@ -156,7 +156,7 @@ class OnnxBackend:
         path: ``.onnx`` file made by :func:`export_onnx`.
         tasks: Task names the predictor expects; every one must be an output.
         threads: Intra-op threads (default: the available cores). Inter-op parallelism
-            is off: a sequential graph gains nothing from it and it would oversubscribe.
+            is off (a sequential graph gains nothing from it) and idle threads do not spin.
 
     Raises:
         ExportError: When the file is missing or lacks an output for a task.
@@ -182,6 +182,9 @@ class OnnxBackend:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Idle pool threads would otherwise spin after every run, taking the cores that
+        # request handling (and torch, for Grad-CAM) needs on a small machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.threads = options.intra_op_num_threads
         outputs = [o.name for o in self.session.get_outputs()]
