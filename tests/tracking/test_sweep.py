@@ -280,3 +280,36 @@ def test_database_row_lock_runs(tmp_path: Path) -> None:
             pass
     with sqlite3.connect(tmp_path / "shared.db") as db:
         assert db.execute("SELECT name FROM cellclass_sweep_locks").fetchall() == [("study",)]
+
+
+def test_pruning_reports_every_epoch_and_never_stops_the_last() -> None:
+    import optuna
+
+    from cellclass.tracking.sweep import PruningTracker, make_pruner
+    from cellclass.tracking.trackers import NoTracker
+
+    class Trial:
+        def __init__(self) -> None:
+            self.reported: list[tuple[float, int]] = []
+
+        def report(self, value: float, step: int) -> None:
+            self.reported.append((value, step))
+
+        def should_prune(self) -> bool:
+            return True
+
+    trial = Trial()
+    tracker = PruningTracker(NoTracker(), trial, "val/macro_f1", last_step=3)
+    tracker.log_metrics({"val/macro_f1": 0.5, "train_loss": 1.0}, step=3)  # the last epoch: kept
+    tracker.log_metrics({"test/t/accuracy": 0.9}, step=2)  # not the sweep metric: not reported
+    with pytest.raises(optuna.TrialPruned, match=r"pruned at step 2: val/macro_f1 = 0.4000"):
+        tracker.log_metrics({"val/macro_f1": 0.4}, step=2)
+    assert trial.reported == [(0.5, 3), (0.4, 2)]
+
+    def pruner(extra: dict[str, Any]) -> Any:
+        return make_pruner(SweepSpace.from_dict({"method": "random", "metric": "val_loss",
+                                                 "parameters": {"lr": [0.1, 0.2]}, **extra}))
+
+    assert isinstance(pruner({}), optuna.pruners.MedianPruner)
+    assert isinstance(pruner({"pruner": "none"}), optuna.pruners.NopPruner)
+    assert isinstance(pruner({"early_terminate": {"type": "hyperband", "min_iter": 2}}), optuna.pruners.HyperbandPruner)

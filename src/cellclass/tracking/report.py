@@ -262,7 +262,9 @@ def _html(summary: Mapping[str, Any], table: pd.DataFrame, space: SweepSpace, ba
     parts.append("<h2>Trials</h2>")
     if len(table):
         shown = table.drop(columns=[c for c in ("worker_host", "tracked_run") if c in table.columns])
-        parts.append(shown.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
+        shown = shown.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
+                          else f"{v:.4g}" if isinstance(v, float) else v)
+        parts.append(shown.to_html(index=False))
     parts.append("<p class='note'>Base configuration (before each trial's parameters):</p><pre>"
                  + e(json.dumps(dict(base), indent=1, default=str)) + "</pre></body></html>")
     return "\n".join(parts)
