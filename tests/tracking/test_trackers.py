@@ -13,7 +13,12 @@ from cellclass.data.presets import bps
 from cellclass.errors import MissingDependencyError, TrackingError
 from cellclass.tracking import MLflowTracker, NoTracker, make_tracker
 from cellclass.tracking.runs import FoldLogger
-from cellclass.tracking.trackers import artifact_files, default_tracking_uri, flatten, metric_key
+from cellclass.tracking.trackers import (
+    artifact_files,
+    default_tracking_uri,
+    flatten,
+    metric_key,
+)
 from cellclass.training.config import TrainConfig
 from cellclass.training.loop import train
 
@@ -140,10 +145,10 @@ class Recorder(NoTracker):
     def run_id(self) -> str | None:
         return "recorder"
 
-    def log_metrics(self, metrics, step):  # noqa: ANN001, ANN201
+    def log_metrics(self, metrics, step):
         self.metrics += [(k, v, step) for k, v in metrics.items()]
 
-    def log_artifacts(self, folder, exclude=()):  # noqa: ANN001, ANN201
+    def log_artifacts(self, folder, exclude=()):
         self.artifacts.append(folder)
 
 
@@ -182,7 +187,7 @@ def invoke():
     ours = logging.getLogger("cellclass")
     saved = (ours.handlers[:], ours.level, ours.propagate)
 
-    def run(*args: object):  # noqa: ANN202
+    def run(*args: object):
         try:
             return CliRunner().invoke(app, [str(a) for a in args])
         finally:

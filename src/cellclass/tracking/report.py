@@ -224,10 +224,10 @@ def _html(summary: Mapping[str, Any], table: pd.DataFrame, space: SweepSpace, ba
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>sweep {e(str(summary['study']))}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:72em}"
-        "table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .5em;"
-        "text-align:right}th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em}"
-        ".note{color:#555}</style></head><body>",
+        ("<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:72em}"
+         "table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .5em;"
+         "text-align:right}th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em}"
+         ".note{color:#555}</style></head><body>"),
         f"<h1>Sweep {e(str(summary['study']))}</h1>",
         f"<p>{e(space.method)} search, {e(space.goal)} <b>{e(space.metric)}</b>"
         + (f" (mean over {summary['folds']} cross-validation folds)" if summary.get("folds") else

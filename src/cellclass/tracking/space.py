@@ -120,13 +120,17 @@ class Parameter:
         if self.kind == "int":
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         if self.step:
-            n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+            n = math.floor((self.high - self.low) / self.step + 1e-9)
             return [round(self.low + i * self.step, 12) for i in range(n + 1)]
         return None
 
     def distribution(self) -> Any:
         """The Optuna distribution of the parameter."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
 
         if self.kind == "categorical":
             return CategoricalDistribution([self.encode(v) for v in self.values])

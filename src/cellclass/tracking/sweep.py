@@ -42,9 +42,11 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+from optuna.exceptions import StorageInternalError
 from optuna.samplers import BaseSampler
+from sqlalchemy.exc import SQLAlchemyError
 
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import CellclassError, SweepError
@@ -286,9 +288,10 @@ def _jsonable(value: Any) -> Any:
 def _masked(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
 
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy understands: show it as given
+    except (ArgumentError, ValueError):  # not a URL SQLAlchemy understands: show it as given
         return url
 
 
@@ -307,7 +310,7 @@ class StudyLock:
         self._engine: Any = None
         self._stack: contextlib.ExitStack | None = None
 
-    def __enter__(self) -> StudyLock:
+    def __enter__(self) -> Self:
         self._stack = contextlib.ExitStack()
         if self._db is not None:
             self._stack.enter_context(file_lock(self._db.with_name(self._db.name + ".lock")))
@@ -315,9 +318,9 @@ class StudyLock:
             self._stack.enter_context(self._row_lock())
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        assert self._stack is not None
-        self._stack.close()
+    def __exit__(self, *exc: object) -> None:
+        if self._stack is not None:
+            self._stack.close()
 
     @contextlib.contextmanager
     def _row_lock(self) -> Iterator[None]:
@@ -400,7 +403,7 @@ def recover(study: Any, storage: Any, study_id: int) -> list[int]:
     """Fail the RUNNING trials of dead workers and queue each again; return their numbers.
 
     Dead workers of this machine are found by process id at once; those of other machines
-    by Optuna's heartbeat after :data:`GRACE_S` seconds.
+    by Optuna's heartbeat after :data:`GRACE_S` seconds. Call under :class:`StudyLock`.
     """
     import optuna
     from optuna.trial import TrialState
@@ -413,8 +416,11 @@ def recover(study: Any, storage: Any, study_id: int) -> list[int]:
     recovered = []
     for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         who = t.user_attrs.get("worker")
-        if not isinstance(who, dict) or not _is_dead(who, me):
+        # A claim names its worker before it releases the study lock, which the caller holds:
+        # a running trial with no worker is a claim cut short by its process's death.
+        if isinstance(who, dict) and not _is_dead(who, me):
             continue
+        who = who if isinstance(who, dict) else {}
         try:
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 continue
@@ -480,14 +486,14 @@ class _Heartbeat:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self._storage.record_heartbeat(self._trial_id)
-            except Exception as exc:  # a database hiccup must not kill the trial
+            except (StorageInternalError, SQLAlchemyError, OSError) as exc:  # a hiccup must not end the trial
                 log.debug("heartbeat failed: %s", exc)
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 

@@ -31,7 +31,8 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from cellclass.atomic import atomic_write_text
 from cellclass.errors import MissingDependencyError, TrackingError
@@ -166,10 +167,11 @@ class Tracker:
     def close(self, status: str = "finished") -> None:
         """End the run as ``finished``, ``failed`` or ``killed``."""
 
-    def __enter__(self) -> Tracker:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close("finished")
         elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
@@ -350,7 +352,10 @@ class MLflowTracker(Tracker):
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+        from mlflow.utils.validation import (
+            MAX_PARAM_VAL_LENGTH,
+            MAX_PARAMS_TAGS_PER_BATCH,
+        )
 
         run_id = self.start()
         existing = self._client.get_run(run_id).data.params
