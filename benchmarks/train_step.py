@@ -15,7 +15,9 @@ round so both see the same machine load:
   Fabric.
 
 ``ratio`` (the target: >= 0.9) is the worst cellclass/bare ratio over the four
-configurations. It also measures, for ResNet18 at 128 px (64 with ``--quick``), eager fp32 (contiguous and
+configurations. The same pipeline with augmentation off is measured too
+(``ratio_no_augment``): the difference is the augmentation's own CPU time, which a
+2-core machine has no spare core to hide. It also measures, for ResNet18 at 128 px (64 with ``--quick``), eager fp32 (contiguous and
 channels-last) against channels-last + bf16 autocast, and (without ``--quick``) whether
 accuracy holds under bf16: two short ``train`` runs, fp32 and bf16-mixed, same seed.
 
@@ -151,21 +153,24 @@ class Bare:
 def compare(spec: Any, model_name: str, size: int, n_steps: int, rounds: int, warmup: int) -> dict[str, Any]:
     cfg = TrainConfig(model=model_name, image_size=size, batch_size=BATCH, tasks=[TASK], precision="32-true")
     pipe = Pipeline(spec, cfg)
+    plain = Pipeline(spec, cfg.override({"augment": False}))
     x, y = pipe.tensors()
     bare = Bare(model_name, size, x, y, channels_last=cfg.channels_last)
-    pipe.steps(warmup)
-    bare.steps(warmup)  # warm-up: workers started, kernels chosen
-    ours, theirs = [], []
+    for side in (pipe, plain, bare):
+        side.steps(warmup)  # warm-up: workers started, kernels chosen
+    ours, unaugmented, theirs = [], [], []
     for _ in range(rounds):
         theirs.append(bare.steps(n_steps))
         ours.append(pipe.steps(n_steps))
+        unaugmented.append(plain.steps(n_steps))
     pipe.close()
-    a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"{model_name:8s} {size:3d}px: cellclass {a:8.1f} img/s, bare {b:8.1f} img/s, ratio {a / b:.3f} "
-          f"(loader workers {pipe.workers}, rounds {[round(v, 1) for v in ours]} vs {[round(v, 1) for v in theirs]})",
-          flush=True)
-    return {"cellclass_img_s": a, "bare_img_s": b, "ratio": a / b, "loader_workers": pipe.workers,
-            "steps": n_steps, "rounds": rounds}
+    plain.close()
+    a, b, c = statistics.median(ours), statistics.median(theirs), statistics.median(unaugmented)
+    print(f"{model_name:8s} {size:3d}px: cellclass {a:8.1f} img/s, bare {b:8.1f} img/s, ratio {a / b:.3f}; "
+          f"without augmentation {c:8.1f} img/s, ratio {c / b:.3f} (loader workers {pipe.workers}, rounds "
+          f"{[round(v, 1) for v in ours]} vs {[round(v, 1) for v in theirs]})", flush=True)
+    return {"cellclass_img_s": a, "bare_img_s": b, "ratio": a / b, "cellclass_no_augment_img_s": c,
+            "ratio_no_augment": c / b, "loader_workers": pipe.workers, "steps": n_steps, "rounds": rounds}
 
 
 def precision_speedups(spec: Any, size: int, n_steps: int, rounds: int) -> dict[str, Any]:

@@ -88,10 +88,19 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 1 << 20
 
 
+_WORKER_NICENESS = 10
+
+
 def _init_worker(_: int) -> None:
     # Workers share the cores with the training process: one thread each, or the
-    # oversubscription costs more than the workers save.
+    # oversubscription costs more than the workers save. A lower priority lets the
+    # training threads run unpreempted (a descheduled thread stalls the others at the
+    # next barrier) while the workers fill the time they leave idle.
     torch.set_num_threads(1)
+    try:
+        os.nice(_WORKER_NICENESS)
+    except OSError:  # not permitted here: run at the same priority
+        pass
     _return_large_buffers_to_the_os()
 
 
