@@ -43,8 +43,8 @@ _SEED_BOUND = 2**62
 def default_workers(images: Any, devices: int = 1) -> int:
     """Worker processes to use when none are configured.
 
-    None for an in-memory array (reading it costs nothing; workers would only add
-    start-up time); for a cache, about a quarter of the cores per training process, at
+    None (0) for an in-memory array: reading it costs nothing, workers would only add
+    start-up time. For a cache, about a quarter of the cores per training process, at
     least one and at most four.
     """
     if isinstance(getattr(images, "images", images), np.ndarray):
