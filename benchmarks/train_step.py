@@ -1,8 +1,8 @@
 """Training-throughput benchmark: the cellclass pipeline against a bare PyTorch loop.
 
 For LeNet-5 and ResNet18 at 64 and 128 px (batch 64, one channel, simulated BPS nuclei
-of 200 x 200 uint16), measures training images per second two ways, interleaved round by
-round so both see the same machine load:
+of 200 x 200 uint16), measures training images per second two ways, in short interleaved
+rounds so both see the same machine load (the ratio is the median of the per-round ratios):
 
 - **cellclass**: the prepared cache read by ``prepare_data``, normalization fitted on the
   training split, the streaming :class:`~cellclass.data.loader.BatchLoader` (worker
@@ -158,49 +158,67 @@ def compare(spec: Any, model_name: str, size: int, n_steps: int, rounds: int, wa
     bare = Bare(model_name, size, x, y, channels_last=cfg.channels_last)
     for side in (pipe, plain, bare):
         side.steps(warmup)  # warm-up: workers started, kernels chosen
-    ours, unaugmented, theirs = [], [], []
-    for _ in range(rounds):
-        theirs.append(bare.steps(n_steps))
-        ours.append(pipe.steps(n_steps))
-        unaugmented.append(plain.steps(n_steps))
+    # Short rounds, alternating the order, each compared with the bare run next to it:
+    # on a shared machine the load drifts by tens of percent within a minute.
+    sides = {"bare": bare, "cellclass": pipe, "no_augment": plain}
+    rates: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(rounds):
+        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            rates[name].append(sides[name].steps(n_steps))
     pipe.close()
     plain.close()
-    a, b, c = statistics.median(ours), statistics.median(theirs), statistics.median(unaugmented)
-    print(f"{model_name:8s} {size:3d}px: cellclass {a:8.1f} img/s, bare {b:8.1f} img/s, ratio {a / b:.3f}; "
-          f"without augmentation {c:8.1f} img/s, ratio {c / b:.3f} (loader workers {pipe.workers}, rounds "
-          f"{[round(v, 1) for v in ours]} vs {[round(v, 1) for v in theirs]})", flush=True)
-    return {"cellclass_img_s": a, "bare_img_s": b, "ratio": a / b, "cellclass_no_augment_img_s": c,
-            "ratio_no_augment": c / b, "loader_workers": pipe.workers, "steps": n_steps, "rounds": rounds}
+    ratio = statistics.median(o / t for o, t in zip(rates["cellclass"], rates["bare"], strict=True))
+    ratio_plain = statistics.median(o / t for o, t in zip(rates["no_augment"], rates["bare"], strict=True))
+    a, b, c = (statistics.median(rates[k]) for k in ("cellclass", "bare", "no_augment"))
+    print(f"{model_name:8s} {size:3d}px: cellclass {a:8.1f} img/s, bare {b:8.1f} img/s, ratio {ratio:.3f}; "
+          f"without augmentation {c:8.1f} img/s, ratio {ratio_plain:.3f} (loader workers {pipe.workers}; "
+          f"per-round ratios {[round(o / t, 2) for o, t in zip(rates['cellclass'], rates['bare'], strict=True)]})",
+          flush=True)
+    return {"cellclass_img_s": a, "bare_img_s": b, "ratio": ratio, "cellclass_no_augment_img_s": c,
+            "ratio_no_augment": ratio_plain, "loader_workers": pipe.workers, "steps": n_steps, "rounds": rounds}
 
 
 def precision_speedups(spec: Any, size: int, n_steps: int, rounds: int) -> dict[str, Any]:
-    """ResNet18: fp32 contiguous, fp32 channels-last, bf16 autocast + channels-last."""
+    """ResNet18: eager fp32 (contiguous, channels-last) against bf16 autocast + channels-last.
+
+    Bare loops and the cellclass pipeline (``precision`` 32-true and bf16-mixed, both
+    channels-last, the default) in the same interleaved rounds; speed-ups are medians of
+    per-round ratios.
+    """
     cfg = TrainConfig(model="resnet18", image_size=size, batch_size=BATCH, tasks=[TASK], precision="32-true")
-    pipe = Pipeline(spec, cfg)
-    x, y = pipe.tensors()
-    pipe.close()
+    fp32_pipe = Pipeline(spec, cfg)
+    bf16_pipe = Pipeline(spec, cfg.override({"precision": "bf16-mixed"}))
+    x, y = fp32_pipe.tensors()
     variants = {
         "fp32_contiguous": Bare("resnet18", size, x, y, channels_last=False),
         "fp32_channels_last": Bare("resnet18", size, x, y, channels_last=True),
         "bf16_channels_last": Bare("resnet18", size, x, y, channels_last=True, bf16=True),
+        "cellclass_fp32": fp32_pipe,
+        "cellclass_bf16_mixed": bf16_pipe,
     }
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for v in variants.values():
         v.steps(1)
-    for _ in range(rounds):
-        for k, v in variants.items():
-            rates[k].append(v.steps(n_steps))
-    bf16_pipe = Pipeline(spec, cfg.override({"precision": "bf16-mixed"}))
-    bf16_pipe.steps(1)
-    pipeline_bf16 = statistics.median(bf16_pipe.steps(n_steps) for _ in range(rounds))
+    for r in range(rounds):
+        for k in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            rates[k].append(variants[k].steps(n_steps))
+    fp32_pipe.close()
     bf16_pipe.close()
+
+    def speedup(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+
     out: dict[str, Any] = {"image_size": size, **{k: statistics.median(v) for k, v in rates.items()}}
-    out["cellclass_bf16_mixed"] = pipeline_bf16
-    out["speedup_bf16_cl_vs_fp32"] = out["bf16_channels_last"] / out["fp32_contiguous"]
-    out["speedup_fp32_cl_vs_fp32"] = out["fp32_channels_last"] / out["fp32_contiguous"]
+    out["speedup_bf16_cl_vs_fp32"] = speedup("bf16_channels_last", "fp32_contiguous")
+    out["speedup_fp32_cl_vs_fp32"] = speedup("fp32_channels_last", "fp32_contiguous")
+    out["speedup_bf16_cl_vs_fp32_cl"] = speedup("bf16_channels_last", "fp32_channels_last")
+    out["speedup_cellclass_bf16_vs_fp32"] = speedup("cellclass_bf16_mixed", "cellclass_fp32")
     print(f"ResNet18 {size}px bare: fp32 {out['fp32_contiguous']:.1f}, fp32 channels-last "
-          f"{out['fp32_channels_last']:.1f}, bf16 + channels-last {out['bf16_channels_last']:.1f} img/s "
-          f"({out['speedup_bf16_cl_vs_fp32']:.2f}x); cellclass bf16-mixed {pipeline_bf16:.1f} img/s", flush=True)
+          f"{out['fp32_channels_last']:.1f} ({out['speedup_fp32_cl_vs_fp32']:.2f}x), bf16 + channels-last "
+          f"{out['bf16_channels_last']:.1f} img/s ({out['speedup_bf16_cl_vs_fp32']:.2f}x over fp32, "
+          f"{out['speedup_bf16_cl_vs_fp32_cl']:.2f}x over fp32 channels-last); cellclass fp32 "
+          f"{out['cellclass_fp32']:.1f}, bf16-mixed {out['cellclass_bf16_mixed']:.1f} img/s "
+          f"({out['speedup_cellclass_bf16_vs_fp32']:.2f}x)", flush=True)
     return out
 
 
@@ -232,12 +250,12 @@ def main() -> None:
     quick = args.quick
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cellclass-bench-"))
     plan = {  # (model, size): steps per round
-        ("lenet5", 64): 20 if quick else 150,
-        ("lenet5", 128): 8 if quick else 60,
-        ("resnet18", 64): 2 if quick else 12,
-        ("resnet18", 128): 1 if quick else 6,
+        ("lenet5", 64): 20 if quick else 50,
+        ("lenet5", 128): 8 if quick else 20,
+        ("resnet18", 64): 2 if quick else 4,
+        ("resnet18", 128): 1 if quick else 2,
     }
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 9
     try:
         data = work / "bps"
         if not (data / "meta.csv").is_file():
@@ -250,7 +268,7 @@ def main() -> None:
         warmup = 1 if quick else 2
         results = {f"{m}_{s}px": compare(spec, m, s, n, rounds, warmup) for (m, s), n in plan.items()}
         # --quick measures the precision speed-up at 64 px to stay under a minute.
-        precision = precision_speedups(spec, 64 if quick else 128, 2 if quick else 4, rounds)
+        precision = precision_speedups(spec, 64 if quick else 128, 2, 1 if quick else 5)
         accuracy = None if quick else bf16_accuracy(spec, work)
     finally:
         if args.workdir is None:
