@@ -129,8 +129,8 @@ class Service:
     async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU-bound work (decoding, preparation, Grad-CAM) in a thread, at most ``threads`` at once.
 
-        Waiting requests queue in the event loop instead of crowding the thread pool, which
-        keeps the tail latency down under load.
+        Waiting requests queue (first come, first served) in the event loop instead of
+        running as up to 40 threads of the default pool on a machine with a few cores.
         """
         import anyio
 
