@@ -20,16 +20,19 @@ from cellclass.training.losses import (
 
 
 def test_class_and_positive_weights() -> None:
-    w = class_weights(np.array([0, 0, 0, 1, -1]), 3)
-    assert w[1] > w[0] and np.isfinite(float(w[2]))  # an unseen class keeps a finite weight
+    w = class_weights(np.array([0, 0, 0, 0, 1, -1]), 3)
+    assert float(w[1] / w[0]) == pytest.approx(4.0)
+    assert float(w[2]) == pytest.approx(float(w[:2].mean()))  # an unseen class gets the mean weight
     assert float(w.mean()) == pytest.approx(1.0)
+    root = class_weights(np.array([0, 0, 0, 0, 1, -1]), 2, power=0.5)
+    assert float(root[1] / root[0]) == pytest.approx(2.0)
     pw = positive_weights(np.array([[1, 0], [0, 0], [0, 0], [1, 1]]))
     assert pw.tolist() == pytest.approx([1.0, 3.0])
 
 
 def test_single_label_cross_entropy_ignores_empty_labels() -> None:
     enc = TaskEncoder("t", "single", ["a", "b", "c"])
-    loss = build_loss(enc, TrainConfig(label_smoothing=0.0, class_weights=False), np.array([0, 1, 2]))
+    loss = build_loss(enc, TrainConfig(label_smoothing=0.0, class_weights="none"), np.array([0, 1, 2]))
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [5.0, 5.0, 5.0]])
     expected = F.cross_entropy(logits[:2], torch.tensor([0, 1]))
     assert loss(logits, torch.tensor([0, 1, -1])) == pytest.approx(float(expected))

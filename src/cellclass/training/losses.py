@@ -39,10 +39,17 @@ def soft_f1_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) 
     return 1 - f1.mean()
 
 
-def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights normalised to mean 1; unseen classes get weight 1."""
+def class_weights(targets: np.ndarray, n_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Inverse-frequency weights ``(1 / count) ** power`` normalised to mean 1.
+
+    ``power=1`` is plain inverse frequency, ``power=0.5`` its square root. A class absent
+    from the training targets gets the mean weight.
+    """
     counts = np.bincount(targets[targets >= 0], minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 1.0)
+    seen = counts > 0
+    weights = np.ones(n_classes)
+    weights[seen] = (counts[seen].sum() / counts[seen]) ** power
+    weights[~seen] = weights[seen].mean() if seen.any() else 1.0
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
@@ -62,7 +69,9 @@ def build_loss(encoder: TaskEncoder, config: TrainConfig, train_targets: np.ndar
         if config.multilabel_loss == "softf1":
             return lambda logits, y: soft_f1_loss(logits, y.float())
         return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=_to(pw, logits))
-    weight = class_weights(train_targets, encoder.n_outputs) if config.class_weights else None
+    powers = {"inverse": 1.0, "sqrt": 0.5}
+    weight = (class_weights(train_targets, encoder.n_outputs, powers[config.class_weights])
+              if config.class_weights in powers else None)
 
     def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if (y < 0).all():
