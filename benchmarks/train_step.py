@@ -175,7 +175,8 @@ def compare(spec: Any, model_name: str, size: int, n_steps: int, rounds: int, wa
           f"per-round ratios {[round(o / t, 2) for o, t in zip(rates['cellclass'], rates['bare'], strict=True)]})",
           flush=True)
     return {"cellclass_img_s": a, "bare_img_s": b, "ratio": ratio, "cellclass_no_augment_img_s": c,
-            "ratio_no_augment": ratio_plain, "loader_workers": pipe.workers, "steps": n_steps, "rounds": rounds}
+            "ratio_no_augment": ratio_plain, "loader_workers": pipe.workers, "steps": n_steps, "rounds": rounds,
+            "round_ratios": [round(o / t, 3) for o, t in zip(rates["cellclass"], rates["bare"], strict=True)]}
 
 
 def precision_speedups(spec: Any, size: int, n_steps: int, rounds: int) -> dict[str, Any]:
