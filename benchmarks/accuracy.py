@@ -64,10 +64,10 @@ def hpa_thresholds(out: Path, quick: bool) -> dict:
         n = "200" if quick else "1200"
         subprocess.run([str(CLI), "simulate", "hpa", str(data), "--n-images", n], check=True, capture_output=True)
     extra = ["--split", "random"] + (["--epochs", "2"] if quick else [])
-    metrics = train(out / "hpa_sim" / "resnet18", [data, "--preset", "hpa"], "resnet18", extra)
+    metrics = train(out / "hpa_sim" / "lenet5", [data, "--preset", "hpa"], "lenet5", extra)
     m = metrics["tasks"]["localization"]
     tuned, fixed = m["macro_f1"], m["fixed_threshold_0.5"]["macro_f1"]
-    print(f"\nhpa_sim (multi-label, {metrics['evaluation']['n_images']} test images, random split)")
+    print(f"\nhpa_sim (LeNet-5, multi-label, {metrics['evaluation']['n_images']} test images, random split)")
     print(f"  macro F1 with thresholds tuned on validation: {tuned:.3f}; with a fixed 0.5: {fixed:.3f}")
     return {"tuned_macro_f1": round(tuned, 4), "fixed_0.5_macro_f1": round(fixed, 4),
             "tuned_over_fixed": round(tuned / fixed, 3) if fixed else None}
