@@ -17,7 +17,7 @@ def test_two_process_ddp_matches_single_process(cli, tmp_path: Path) -> None:
     simulate_bps(data, n_images=272, seed=1)
     common = ["train", data, "--preset", "bps", "--task", "particle_type", "--where", "dose_Gy > 0",
               "--model", "lenet5", "--epochs", "3", "--image-size", "32", "--batch-size", "32",
-              "--set", "tta=false"]
+              "--set", "tta=false", "--set", "augment=false"]
     single = cli(*common, "--out", tmp_path / "one")
     assert single.returncode == 0, single.stderr
     ddp = cli(*common, "--devices", "2", "--strategy", "ddp", "--out", tmp_path / "two")
@@ -26,9 +26,10 @@ def test_two_process_ddp_matches_single_process(cli, tmp_path: Path) -> None:
     one = pd.read_csv(tmp_path / "one" / "metrics.csv")
     two = pd.read_csv(tmp_path / "two" / "metrics.csv")
     assert one["epoch"].tolist() == two["epoch"].tolist() == [1, 2, 3]
-    # Same global batch and schedule; only augmentation draws and sample order differ.
-    assert abs(one["val_loss"].iloc[-1] - two["val_loss"].iloc[-1]) < 0.05
+    # Without augmentation the two ranks' batches together are exactly the single process's
+    # batch and gradients are averaged, so the runs agree up to floating-point summation order.
+    assert abs(one["val_loss"].iloc[-1] - two["val_loss"].iloc[-1]) < 1e-3
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["tasks"]["particle_type"]
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["tasks"]["particle_type"]
-    assert abs(m1["roc_auc"] - m2["roc_auc"]) < 0.05
-    assert abs(m1["accuracy"] - m2["accuracy"]) < 0.1
+    assert abs(m1["roc_auc"] - m2["roc_auc"]) < 0.01
+    assert abs(m1["accuracy"] - m2["accuracy"]) < 0.02
