@@ -87,12 +87,16 @@ def test_prefetch_depth_follows_the_memory_bound() -> None:
     assert BatchLoader(view, batch_size=4, workers=2, max_memory_mb=10_000).prefetch == 8
 
 
-def test_streams_from_a_prepared_cache(bps_dir: Path, tmp_path: Path) -> None:
+def test_streams_from_a_prepared_cache(bps_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "bps"
     shutil.copytree(bps_dir, data)
     images = prepare_cache(bps(data), CacheSettings(32)).images
     view = _view(images)
-    assert default_workers(view) >= 1 and default_workers(_view(_images())) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert default_workers(view) == 4 and default_workers(view, devices=2) == 2
+    assert default_workers(_view(_images())) == 0  # in memory: never
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert default_workers(view) == 0  # a worker would preempt the training threads
     batches = _batches(68, 16)
     with BatchLoader(view, batch_size=16, workers=1) as loader:
         out = _collect(loader, batches)

@@ -3,7 +3,7 @@
 Microscopy images have no preferred orientation, so the eight symmetries of the square
 (the dihedral group D4: four rotations, each optionally mirrored) are free, exact
 augmentations. Random resized crops and zooms resample every sample of a batch at once
-(``affine_grid`` + ``grid_sample``); intensity jitter scales and shifts each channel of
+(bilinear, separable: the values of ``affine_grid`` + ``grid_sample``, faster); intensity jitter scales and shifts each channel of
 each sample. Randomness comes from a ``torch.Generator`` only, so a seed reproduces a run.
 
 Every function takes a whole batch and draws an independent transform per sample.
@@ -311,7 +311,20 @@ def _resample(
     *,
     padding_mode: str,
 ) -> torch.Tensor:
-    """Sample every image at ``(sx * u + tx, sy * v + ty)`` of its normalized grid."""
+    """Sample every image at ``(sx * u + tx, sy * v + ty)`` of its normalized grid.
+
+    Bilinear, ``align_corners=False``, as ``affine_grid`` + ``grid_sample``. The map is
+    axis-aligned, so the sampling separates into one pass over rows and one over columns
+    (two gathers and a linear interpolation each): the same values as ``grid_sample`` up
+    to float32 rounding of the coordinates, three times faster on a CPU, which matters
+    when a small network trains faster than its batches are augmented. ``reflection``
+    padding goes through ``grid_sample``.
+    """
+    if padding_mode in ("border", "zeros"):
+        n, c, h, w = x.shape
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        rows = _interpolate_axis(work, 2, _taps(sy, ty, h, n, padding_mode, work))
+        return _interpolate_axis(rows, 3, _taps(sx, tx, w, n, padding_mode, work)).to(x.dtype)
     n = x.shape[0]
     theta = torch.zeros(n, 2, 3, dtype=torch.float64)
     theta[:, 0, 0] = sx
@@ -323,6 +336,46 @@ def _resample(
     grid = F.affine_grid(theta, list(work.shape), align_corners=False)
     out = F.grid_sample(work, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
     return out.to(x.dtype)
+
+
+def _taps(scale: torch.Tensor | float, shift: torch.Tensor, size: int, n: int, padding_mode: str,
+          like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Source indices, weights and validity of the two taps of every output position on one axis."""
+    scale = torch.as_tensor(scale, dtype=torch.float64).expand(n)
+    shift = torch.as_tensor(shift, dtype=torch.float64).expand(n)
+    base = (2 * torch.arange(size, dtype=torch.float64) + 1) / size - 1
+    # grid_sample's unnormalization (align_corners=False) of affine_grid's coordinates.
+    px = ((scale[:, None] * base[None, :] + shift[:, None] + 1) * size - 1) / 2
+    snapped = px.round()
+    px = torch.where((px - snapped).abs() < 1e-9, snapped, px)  # exact pixels stay exact
+    if padding_mode == "border":
+        px = px.clamp(0, size - 1)
+    low = torch.floor(px)
+    weight = (px - low).to(like.dtype)
+    i0 = low.long()
+    i1 = i0 + 1
+    valid = None
+    if padding_mode == "zeros":
+        valid = (((i0 >= 0) & (i0 < size)).to(like.dtype), ((i1 >= 0) & (i1 < size)).to(like.dtype))
+    device = like.device
+    taps = (i0.clamp(0, size - 1).to(device), i1.clamp(0, size - 1).to(device), weight.to(device))
+    return taps + ((valid[0].to(device), valid[1].to(device)) if valid is not None else ())
+
+
+def _interpolate_axis(t: torch.Tensor, dim: int, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Linear interpolation of ``t`` along ``dim`` (2: rows, 3: columns) at per-sample taps."""
+    n, c, h, w = t.shape
+
+    def spread(v: torch.Tensor) -> torch.Tensor:
+        return (v[:, None, :, None] if dim == 2 else v[:, None, None, :]).expand(n, c, h, w)
+
+    i0, i1, weight = taps[:3]
+    v0 = torch.gather(t, dim, spread(i0))
+    v1 = torch.gather(t, dim, spread(i1))
+    if len(taps) == 5:  # zeros padding: taps outside the image read 0
+        v0 = v0 * spread(taps[3])
+        v1 = v1 * spread(taps[4])
+    return torch.lerp(v0, v1, spread(weight))
 
 
 def _check_batch(x: torch.Tensor) -> None:

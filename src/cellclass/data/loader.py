@@ -44,12 +44,14 @@ def default_workers(images: Any, devices: int = 1) -> int:
     """Worker processes to use when none are configured.
 
     None (0) for an in-memory array: reading it costs nothing, workers would only add
-    start-up time. For a cache, about a quarter of the cores per training process, at
-    least one and at most four.
+    start-up time. For a cache, a quarter of the cores per training process, at most
+    four: none below four cores, where a worker could only run by preempting the
+    training threads (measured on 2 cores: LeNet-5 trained at 0.51-0.59 of a bare loop
+    with one worker, 0.74 with batches made in-line).
     """
     if isinstance(getattr(images, "images", images), np.ndarray):
         return 0
-    return max(1, min(4, (os.cpu_count() or 1) // (4 * max(1, devices))))
+    return max(0, min(4, (os.cpu_count() or 1) // (4 * max(1, devices))))
 
 
 class _Batches(Dataset):
