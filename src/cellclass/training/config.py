@@ -78,8 +78,8 @@ class TrainConfig:
             exists; a valid cache is used whenever present, whatever this says.
         cache_dir: Folder of prepared caches (default: ``$CELLCLASS_CACHE_DIR``, else
             ``.cellclass-cache/`` beside the manifest).
-        loader_workers: Processes streaming training batches (``None``: none for images
-            in memory, about a quarter of the cores for a cache).
+        loader_workers: Processes streaming training batches (``None``: a quarter of the
+            cores for a cache; none for images in memory or below four cores).
         loader_memory_mb: Bound on the memory of the batches the loader workers queue.
     """
 
