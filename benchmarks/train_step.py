@@ -83,7 +83,8 @@ class Pipeline:
         self.y = {TASK: torch.from_numpy(data.targets[TASK][self.train_idx])}
         augment = BatchAugment(AugmentConfig(dihedral=True, crop_scale=tuple(cfg.crop_scale),
                                              intensity_scale=cfg.intensity_scale,
-                                             intensity_shift=cfg.intensity_shift), seed=cfg.seed)
+                                             intensity_shift=cfg.intensity_shift), seed=cfg.seed) \
+            if cfg.augment else None
         self.workers = default_workers(self.x) if cfg.loader_workers is None else cfg.loader_workers
         self.loader = BatchLoader(self.x, batch_size=BATCH, augment=augment, workers=self.workers,
                                   max_memory_mb=cfg.loader_memory_mb, channels_last=cfg.channels_last)
@@ -232,6 +233,8 @@ def bf16_accuracy(spec: Any, work: Path) -> dict[str, Any]:
     from cellclass.training.loop import train
 
     out = {}
+    for old in work.glob("run-*"):
+        shutil.rmtree(old)  # a reused --workdir: train again, do not resume
     for precision in ("32-true", "bf16-mixed"):
         cfg = TrainConfig(model="resnet18", image_size=64, epochs=6, tasks=[TASK], precision=precision, tta=False,
                           split="random")

@@ -63,12 +63,26 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
     allowed = torch.tensor(list(range(8)) if h == w else list(SHAPE_PRESERVING))
     draws = torch.randint(len(allowed), (n,), generator=generator, device=_device(generator))
     elements = allowed[draws.cpu()]
-    out = torch.empty_like(x)
-    # One call per element present: at most eight tensor ops, whatever the batch size.
-    for k in elements.unique().tolist():
-        index = torch.nonzero(elements == k).flatten().to(x.device)
-        out[index] = dihedral(x[index], int(k))
-    return out
+    # Every element is a permutation of the H*W pixel positions: one gather applies each
+    # sample's own, whatever the mix of elements in the batch.
+    table = _dihedral_table(h, w, x.device)
+    c = x.shape[1]
+    index = table[elements.to(x.device)][:, None, :].expand(n, c, h * w)
+    return torch.gather(x.reshape(n, c, h * w), 2, index).reshape(x.shape)
+
+
+_DIHEDRAL_TABLES: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _dihedral_table(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """``(8, H*W)`` source positions of each D4 element (from :func:`dihedral` itself)."""
+    key = (h, w, str(device))
+    if key not in _DIHEDRAL_TABLES:
+        grid = torch.arange(h * w).reshape(h, w)
+        rows = [dihedral(grid, k).reshape(-1) if (k in SHAPE_PRESERVING or h == w) else grid.reshape(-1)
+                for k in range(8)]
+        _DIHEDRAL_TABLES[key] = torch.stack(rows).to(device)
+    return _DIHEDRAL_TABLES[key]
 
 
 def random_resized_crop(
