@@ -156,3 +156,40 @@ def test_tta_averages_over_the_transforms() -> None:
     torch.testing.assert_close(tta_d4(corner, x), expected)
     with pytest.raises(ValueError, match="at least one D4 element"):
         tta_d4(corner, x, elements=[])
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "zeros"])
+@pytest.mark.parametrize("shape", [(16, 3, 20, 24), (16, 1, 17, 17)])
+def test_separable_resampling_gives_grid_sample_values(padding_mode: str, shape: tuple[int, ...]) -> None:
+    import torch.nn.functional as F
+
+    from cellclass.data.augment import _resample
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(*shape, generator=gen) * 4 - 1
+    n = shape[0]
+    sx, sy = 0.4 + 0.9 * torch.rand(n, generator=gen, dtype=torch.float64), 0.4 + 0.9 * torch.rand(n, generator=gen, dtype=torch.float64)
+    tx, ty = torch.rand(n, generator=gen, dtype=torch.float64) - 0.5, torch.rand(n, generator=gen, dtype=torch.float64) - 0.5
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    grid = F.affine_grid(theta, list(shape), align_corners=False)
+    expected = F.grid_sample(x.double(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    torch.testing.assert_close(_resample(x, sx, sy, tx, ty, padding_mode=padding_mode), expected.float(),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(12, 12), (10, 14)])
+@pytest.mark.parametrize("jitter", [0.0, 0.2])
+def test_batch_augment_folds_dihedral_and_jitter_into_the_crop(size: tuple[int, int], jitter: float) -> None:
+    # BatchAugment applies crop, D4 and jitter in one resampling; the result must be the
+    # crop, then the D4 element drawn next (every one of the eight), then the jitter.
+    x = torch.rand(64, 2, *size, generator=torch.Generator().manual_seed(5))
+    config = AugmentConfig(crop_scale=(0.5, 1.0), intensity_scale=jitter, intensity_shift=jitter / 2)
+    fused = BatchAugment(config, seed=11)(x)
+    gen = torch.Generator().manual_seed(11)
+    crop = random_resized_crop(x, config.crop_scale, config.crop_ratio, gen)
+    sequential = random_dihedral(crop, gen)
+    if jitter:
+        sequential = intensity_jitter(sequential, config.intensity_scale, config.intensity_shift, gen)
+    torch.testing.assert_close(fused, sequential, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(fused, crop)

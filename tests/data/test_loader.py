@@ -102,6 +102,13 @@ def test_streams_from_a_prepared_cache(bps_dir: Path, tmp_path: Path, monkeypatc
         out = _collect(loader, batches)
     assert [b.shape for b in out] == [(16, 1, 32, 32)] * 4
     np.testing.assert_array_equal(out[2].numpy(), view[batches[2]])
+    # A cache within the memory bound stays mapped; a larger one is released after each read.
+    BatchLoader(view, batch_size=16, max_memory_mb=1)
+    assert images.release_each_read is False
+    BatchLoader(view, batch_size=16, max_memory_mb=images.nbytes / 2**20 / 2)
+    assert images.release_each_read is True
+    np.testing.assert_array_equal(next(BatchLoader(view, batch_size=16).epoch(batches[2:3])).numpy(),
+                                  view[batches[2]])
 
 
 def test_invalid_loader_settings_are_refused() -> None:

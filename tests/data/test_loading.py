@@ -44,3 +44,8 @@ def test_normalized_view_matches_whole_array_normalization() -> None:
     idx = np.array([7, 2, 2, 9])
     np.testing.assert_allclose(view[idx], whole[idx])
     assert view.shape == images.shape and len(view) == 10
+    np.testing.assert_allclose(view[np.array([-1, 0])], whole[[9, 0]])
+    np.testing.assert_allclose(view[3:6], whole[3:6])
+    np.testing.assert_allclose(view[4], whole[4:5])
+    with pytest.raises(IndexError, match="out of range for 10 images"):
+        view[np.array([3, 10])]

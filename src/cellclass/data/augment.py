@@ -3,8 +3,9 @@
 Microscopy images have no preferred orientation, so the eight symmetries of the square
 (the dihedral group D4: four rotations, each optionally mirrored) are free, exact
 augmentations. Random resized crops and zooms resample every sample of a batch at once
-(bilinear, separable: the values of ``affine_grid`` + ``grid_sample``, faster); intensity jitter scales and shifts each channel of
-each sample. Randomness comes from a ``torch.Generator`` only, so a seed reproduces a run.
+(bilinear and separable: the values of ``affine_grid`` + ``grid_sample``, computed by
+copying whole rows); intensity jitter scales and shifts each channel of each sample.
+Randomness comes from a ``torch.Generator`` only, so a seed reproduces a run.
 
 Every function takes a whole batch and draws an independent transform per sample.
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,7 @@ SHAPE_PRESERVING = (0, 2, 4, 6)
 """D4 elements that keep a non-square ``H x W``: identity, half turn and the two mirrors."""
 
 Output = torch.Tensor | Mapping[str, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor | float
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,16 +62,21 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
         generator: Source of randomness; the default generator when ``None``.
     """
     _check_batch(x)
-    n, _, h, w = x.shape
-    allowed = torch.tensor(list(range(8)) if h == w else list(SHAPE_PRESERVING))
-    draws = torch.randint(len(allowed), (n,), generator=generator, device=_device(generator))
-    elements = allowed[draws.cpu()]
+    elements = _draw_elements(x, generator)
+    n, c, h, w = x.shape
     # Every element is a permutation of the H*W pixel positions: one gather applies each
     # sample's own, whatever the mix of elements in the batch.
     table = _dihedral_table(h, w, x.device)
-    c = x.shape[1]
-    index = table[elements.to(x.device)][:, None, :].expand(n, c, h * w)
+    index = table[torch.from_numpy(elements).to(x.device)][:, None, :].expand(n, c, h * w)
     return torch.gather(x.reshape(n, c, h * w), 2, index).reshape(x.shape)
+
+
+def _draw_elements(x: torch.Tensor, generator: torch.Generator | None) -> np.ndarray:
+    """One uniformly drawn D4 element per sample (shape-preserving ones for non-square images)."""
+    n, _, h, w = x.shape
+    allowed = np.arange(8) if h == w else np.array(SHAPE_PRESERVING)
+    draws = torch.randint(len(allowed), (n,), generator=generator, device=_device(generator))
+    return allowed[draws.cpu().numpy()]
 
 
 _DIHEDRAL_TABLES: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -108,18 +116,24 @@ def random_resized_crop(
         ValueError: On an invalid range or batch.
     """
     _check_batch(x)
+    return _resample(x, *_crop_box(x.shape[0], scale, ratio, generator), padding_mode="border")
+
+
+def _crop_box(n: int, scale: tuple[float, float], ratio: tuple[float, float],
+              generator: torch.Generator | None) -> tuple[np.ndarray, ...]:
+    """Draw ``n`` crop boxes as (width, height, x shift, y shift) in ``affine_grid`` units."""
     _check_range("scale", scale, upper=1.0)
     _check_range("ratio", ratio)
-    n = x.shape[0]
-    area = _uniform(n, scale, generator)
-    log_ratio = _uniform(n, (math.log(ratio[0]), math.log(ratio[1])), generator)
-    aspect = torch.exp(log_ratio)
-    width = torch.sqrt(area * aspect).clamp(max=1.0)
-    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    u = torch.rand((4, n), generator=generator, device=_device(generator), dtype=torch.float64).cpu().numpy()
+    area = scale[0] + (scale[1] - scale[0]) * u[0]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[1])
+    width = np.minimum(np.sqrt(area * aspect), 1.0)
+    height = np.minimum(np.sqrt(area / aspect), 1.0)
     # affine_grid's coordinates run from -1 to 1: a box of relative size s can move by 1 - s.
-    tx = (1.0 - width) * _uniform(n, (-1.0, 1.0), generator)
-    ty = (1.0 - height) * _uniform(n, (-1.0, 1.0), generator)
-    return _resample(x, width, height, tx, ty, padding_mode="border")
+    tx = (1.0 - width) * (2 * u[2] - 1)
+    ty = (1.0 - height) * (2 * u[3] - 1)
+    return width, height, tx, ty
 
 
 def zoom(
@@ -140,8 +154,8 @@ def zoom(
     _check_batch(x)
     _check_range("scale", scale)
     n = x.shape[0]
-    factor = _uniform(n, scale, generator)
-    zeros = torch.zeros(n)
+    factor = _uniform(n, scale, generator).numpy()
+    zeros = np.zeros(n)
     return _resample(x, 1.0 / factor, 1.0 / factor, zeros, zeros, padding_mode=padding_mode)
 
 
@@ -163,10 +177,17 @@ def intensity_jitter(
     _check_batch(x)
     if scale < 0 or shift < 0:
         raise ValueError(f"intensity scale and shift must be >= 0; got {scale}, {shift}")
-    n, c = x.shape[:2]
-    a = _uniform((n, c, 1, 1), (1.0 - scale, 1.0 + scale), generator)
-    b = _uniform((n, c, 1, 1), (-shift, shift), generator)
-    return x * a.to(x.device, x.dtype) + b.to(x.device, x.dtype)
+    a, b = (torch.from_numpy(v).to(x.device, x.dtype) for v in _jitter_draws(x.shape[0], x.shape[1], scale, shift,
+                                                                            generator))
+    return torch.addcmul(b, x, a)
+
+
+def _jitter_draws(n: int, c: int, scale: float, shift: float,
+                  generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """Factors and offsets ``(n, c, 1, 1)`` of :func:`intensity_jitter`."""
+    u = torch.rand((2, n, c, 1, 1), generator=generator, device=_device(generator), dtype=torch.float64)
+    u = u.cpu().numpy()
+    return 1.0 - scale + 2 * scale * u[0], shift * (2 * u[1] - 1)
 
 
 @dataclass
@@ -238,11 +259,21 @@ class BatchAugment:
         """Augment a float batch ``(N, C, H, W)``; returns a new tensor of the same shape."""
         _check_batch(x)
         cfg = self.config
+        jitter = cfg.intensity_scale > 0 or cfg.intensity_shift > 0
         if cfg.crop_scale is not None:
-            x = random_resized_crop(x, cfg.crop_scale, cfg.crop_ratio, self.generator)
+            # One resampling pass does it all: the result of random_resized_crop, then
+            # random_dihedral, then intensity_jitter with the same draws, in a fraction of
+            # the time (the D4 element and the jitter are folded into the crop's taps).
+            box = _crop_box(x.shape[0], cfg.crop_scale, cfg.crop_ratio, self.generator)
+            elements = _draw_elements(x, self.generator) if cfg.dihedral else None
+            gain = offset = None
+            if jitter:
+                gain, offset = _jitter_draws(x.shape[0], x.shape[1], cfg.intensity_scale, cfg.intensity_shift,
+                                             self.generator)
+            return _resample(x, *box, padding_mode="border", elements=elements, gain=gain, offset=offset)
         if cfg.dihedral:
             x = random_dihedral(x, self.generator)
-        if cfg.intensity_scale > 0 or cfg.intensity_shift > 0:
+        if jitter:
             x = intensity_jitter(x, cfg.intensity_scale, cfg.intensity_shift, self.generator)
         return x
 
@@ -318,78 +349,138 @@ def _uniform(
 
 def _resample(
     x: torch.Tensor,
-    sx: torch.Tensor | float,
-    sy: torch.Tensor | float,
-    tx: torch.Tensor,
-    ty: torch.Tensor,
+    sx: ArrayLike,
+    sy: ArrayLike,
+    tx: ArrayLike,
+    ty: ArrayLike,
     *,
     padding_mode: str,
+    elements: ArrayLike | None = None,
+    gain: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Sample every image at ``(sx * u + tx, sy * v + ty)`` of its normalized grid.
 
-    Bilinear, ``align_corners=False``, as ``affine_grid`` + ``grid_sample``. The map is
-    axis-aligned, so the sampling separates into one pass over rows and one over columns
-    (two gathers and a linear interpolation each): the same values as ``grid_sample`` up
-    to float32 rounding of the coordinates, three times faster on a CPU, which matters
-    when a small network trains faster than its batches are augmented. ``reflection``
-    padding goes through ``grid_sample``.
+    Bilinear, ``align_corners=False``: the values of ``affine_grid`` + ``grid_sample``. The
+    map is axis-aligned, so the sampling separates into two passes, each of which copies
+    whole rows (``index_select``) and blends the two taps of every output row; a transpose
+    between them turns columns into rows. That is several times faster than ``grid_sample``
+    or per-pixel gathers on a CPU, which matters when a small network trains faster than
+    its batches are augmented. ``elements`` (one D4 element per sample) is applied to the
+    result at no extra cost: mirrors reverse a pass's taps, and the transpose some
+    elements need is the one between the passes; so is an intensity jitter
+    ``out * gain + offset`` (``(N, C, 1, 1)`` each). ``reflection`` padding goes through
+    ``grid_sample`` (no ``elements`` or jitter there).
     """
-    if padding_mode in ("border", "zeros"):
-        n, c, h, w = x.shape
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        rows = _interpolate_axis(work, 2, _taps(sy, ty, h, n, padding_mode, work))
-        return _interpolate_axis(rows, 3, _taps(sx, tx, w, n, padding_mode, work)).to(x.dtype)
-    n = x.shape[0]
-    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = tx
-    theta[:, 1, 1] = sy
-    theta[:, 1, 2] = ty
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    theta = theta.to(work.device, work.dtype)
-    grid = F.affine_grid(theta, list(work.shape), align_corners=False)
-    out = F.grid_sample(work, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    n, c, h, w = work.shape
+    if padding_mode not in ("border", "zeros"):
+        if elements is not None or gain is not None or offset is not None:
+            raise ValueError(f"D4 elements and jitter cannot be folded into {padding_mode!r} resampling")
+        theta = np.zeros((n, 2, 3))
+        theta[:, 0, 0] = sx
+        theta[:, 0, 2] = tx
+        theta[:, 1, 1] = sy
+        theta[:, 1, 2] = ty
+        theta = torch.from_numpy(theta).to(work.device, work.dtype)
+        grid = F.affine_grid(theta, list(work.shape), align_corners=False)
+        return F.grid_sample(work, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False).to(x.dtype)
+    # Two passes over rows with a transpose between give P = B x^T A^T for the taps A
+    # (first pass, over x's rows) and B (second pass, over its columns). Without a D4
+    # element, O = R x C^T for the rows' taps R and the columns' taps C: A = R, B = C and
+    # O = P^T, one more transpose. An element is (transpose, then mirror rows, then mirror
+    # columns) of the crop: mirrors reverse taps; a transposing element wants
+    # O = C' x^T R'^T, which is P itself (its row mirror reverses C, its column mirror R).
+    # The taps are computed in NumPy: on small images, a few dozen tiny torch operations
+    # would cost more than the resampling itself.
+    transposed = np.zeros(n, dtype=bool)
+    flip_first = flip_second = transposed
+    if elements is not None:
+        canon = _CANONICAL[np.asarray(elements, dtype=np.int64)]
+        transposed = canon[:, 0]
+        if transposed.any() and h != w:
+            raise ValueError(f"D4 elements that turn a quarter need square images; got {h} x {w}")
+        flip_first = np.where(transposed, canon[:, 2], canon[:, 1])
+        flip_second = np.where(transposed, canon[:, 1], canon[:, 2])
+    first = _taps(sy, ty, h, n, padding_mode, flip_first)
+    second = _taps(sx, tx, w, n, padding_mode, flip_second)
+    out = _blend_rows(work.contiguous(), first)
+    out = _blend_rows(out.transpose(-1, -2).contiguous(), second, gain)
+    if not transposed.any():
+        out = out.transpose(-1, -2).contiguous()
+    elif not transposed.all():
+        keep = torch.from_numpy(np.flatnonzero(~transposed)).to(out.device)
+        out[keep] = out.index_select(0, keep).transpose(-1, -2)
+    if offset is not None:
+        out.add_(torch.from_numpy(offset).to(out.device, out.dtype))
     return out.to(x.dtype)
 
 
-def _taps(scale: torch.Tensor | float, shift: torch.Tensor, size: int, n: int, padding_mode: str,
-          like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Source indices, weights and validity of the two taps of every output position on one axis."""
-    scale = torch.as_tensor(scale, dtype=torch.float64).expand(n)
-    shift = torch.as_tensor(shift, dtype=torch.float64).expand(n)
-    base = (2 * torch.arange(size, dtype=torch.float64) + 1) / size - 1
+def _taps(scale: ArrayLike, shift: ArrayLike, size: int, n: int, padding_mode: str,
+          reverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two taps of every output position: source indices and weights, ``(2, n, size)`` each.
+
+    ``zeros`` padding gives a tap outside the image the weight 0 (its index clamped
+    inside); ``reverse`` mirrors the output positions of the samples it marks.
+    """
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (n,))
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), (n,))
+    base = (2 * np.arange(size, dtype=np.float64) + 1) / size - 1
+    base = np.where(reverse[:, None], base[::-1], base)
     # grid_sample's unnormalization (align_corners=False) of affine_grid's coordinates.
-    px = ((scale[:, None] * base[None, :] + shift[:, None] + 1) * size - 1) / 2
-    snapped = px.round()
-    px = torch.where((px - snapped).abs() < 1e-9, snapped, px)  # exact pixels stay exact
+    px = ((scale[:, None] * base + shift[:, None] + 1) * size - 1) / 2
+    snapped = np.round(px)
+    px = np.where(np.abs(px - snapped) < 1e-9, snapped, px)  # exact pixels stay exact
     if padding_mode == "border":
-        px = px.clamp(0, size - 1)
-    low = torch.floor(px)
-    weight = (px - low).to(like.dtype)
-    i0 = low.long()
-    i1 = i0 + 1
-    valid = None
+        np.clip(px, 0, size - 1, out=px)
+    low = np.floor(px)
+    index = np.stack([low, low + 1]).astype(np.int64)
+    w1 = px - low
+    weight = np.stack([1 - w1, w1])
     if padding_mode == "zeros":
-        valid = (((i0 >= 0) & (i0 < size)).to(like.dtype), ((i1 >= 0) & (i1 < size)).to(like.dtype))
-    device = like.device
-    taps = (i0.clamp(0, size - 1).to(device), i1.clamp(0, size - 1).to(device), weight.to(device))
-    return taps + ((valid[0].to(device), valid[1].to(device)) if valid is not None else ())
+        weight = np.where((index >= 0) & (index < size), weight, 0.0)
+    return np.clip(index, 0, size - 1), weight
 
 
-def _interpolate_axis(t: torch.Tensor, dim: int, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Linear interpolation of ``t`` along ``dim`` (2: rows, 3: columns) at per-sample taps."""
+def _blend_rows(t: torch.Tensor, taps: tuple[np.ndarray, np.ndarray], gain: np.ndarray | None = None) -> torch.Tensor:
+    """``(n, c, R, w)``: output row ``r`` of sample ``s`` = ``w0 * t[s, :, i0] + w1 * t[s, :, i1]``.
+
+    Both taps of all rows are copied by one ``index_select``; ``gain`` (``(n, c, 1, 1)``)
+    multiplies both weights.
+    """
     n, c, h, w = t.shape
+    index, weight = taps
+    rows = index.shape[-1]
+    offset = (np.arange(n * c, dtype=np.int64) * h).reshape(1, n, c, 1)
+    flat_index = torch.from_numpy((offset + index[:, :, None, :]).reshape(-1)).to(t.device)
+    picked = t.view(n * c * h, w).index_select(0, flat_index).view(2, n, c, rows, w)
+    weight = weight.reshape(2, n, 1, rows, 1)
+    if gain is not None:
+        weight = weight * gain[None]
+    weight = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32 if t.dtype == torch.float32 else np.float64))
+    weight = weight.to(t.device, t.dtype)
+    out = torch.mul(picked[0], weight[0])
+    return out.addcmul_(picked[1], weight[1])
 
-    def spread(v: torch.Tensor) -> torch.Tensor:
-        return (v[:, None, :, None] if dim == 2 else v[:, None, None, :]).expand(n, c, h, w)
 
-    i0, i1, weight = taps[:3]
-    v0 = torch.gather(t, dim, spread(i0))
-    v1 = torch.gather(t, dim, spread(i1))
-    if len(taps) == 5:  # zeros padding: taps outside the image read 0
-        v0 = v0 * spread(taps[3])
-        v1 = v1 * spread(taps[4])
-    return torch.lerp(v0, v1, spread(weight))
+def _canonical_forms() -> np.ndarray:
+    """``(8, 3)`` bool: each D4 element as (transpose, then mirror rows, then mirror columns)."""
+    grid = torch.arange(12.0).reshape(3, 4)[:3, :3]  # distinct values: every element differs
+    forms = []
+    for k in range(8):
+        target = dihedral(grid, k)
+        for t in (False, True):
+            for fr in (False, True):
+                for fc in (False, True):
+                    g = grid.T if t else grid
+                    g = g.flip(-2) if fr else g
+                    g = g.flip(-1) if fc else g
+                    if torch.equal(g, target):
+                        forms.append((t, fr, fc))
+    return np.array(forms, dtype=bool)
+
+
+_CANONICAL = _canonical_forms()
 
 
 def _check_batch(x: torch.Tensor) -> None:

@@ -32,7 +32,9 @@ pages are released right after each read (``madvise(MADV_DONTNEED)``), so neithe
 process's resident memory with the dataset's size: training on a cache larger than RAM
 works (``benchmarks/scale.py``). Releasing after every read matters: the kernel maps
 whole page-cache folios (up to 2 MB on recent kernels) around each row touched, so a few
-thousand random rows would otherwise map gigabytes.
+thousand random rows would otherwise map gigabytes. The training loader keeps a cache
+no larger than its memory bound (``loader_memory_mb``) mapped instead: it cannot map more
+than that, and its reads then skip the page faults.
 
 Where: ``cache_dir`` argument, else ``$CELLCLASS_CACHE_DIR``, else a ``.cellclass-cache/``
 folder beside the manifest (beside the image folder for ``folder`` layouts).

@@ -140,8 +140,12 @@ class NormalizedView:
         return len(self.images)
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        rows = np.arange(len(self.images))[index]
-        rows = np.atleast_1d(rows)
+        if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
+            rows = np.where(index < 0, index + len(self.images), index)  # as arange(n)[index] gives
+            if rows.size and (rows.min() < 0 or rows.max() >= len(self.images)):
+                raise IndexError(f"row index out of range for {len(self.images)} images")
+        else:
+            rows = np.atleast_1d(np.arange(len(self.images))[index])
         order = np.argsort(rows, kind="stable")
         batch = np.asarray(self.images[rows[order]])
         groups = None if self.groups is None else self.groups[rows[order]]

@@ -68,7 +68,8 @@ class TrainConfig:
         strategy: Fabric strategy (``auto``, ``ddp``, ``ddp_spawn``).
         accelerator: ``auto``, ``cpu``, ``gpu``.
         precision: Fabric precision (``32-true``, ``bf16-mixed``, ``16-mixed``) or ``auto``
-            (bf16-mixed on GPU, 32-true on CPU).
+            (bf16-mixed on a GPU and on a CPU with native bfloat16, else 32-true; the one
+            used is recorded under ``runtime`` in the run's config.yaml).
         channels_last: Use channels-last memory format for convolutional networks.
         workers: Image decoding threads.
         pretrained: ``False``, ``True`` (hub, needs network) or a path to local weights.
@@ -80,7 +81,8 @@ class TrainConfig:
             ``.cellclass-cache/`` beside the manifest).
         loader_workers: Processes streaming training batches (``None``: a quarter of the
             cores for a cache; none for images in memory or below four cores).
-        loader_memory_mb: Bound on the memory of the batches the loader workers queue.
+        loader_memory_mb: Bound on the memory of the batches the loader workers queue;
+            a prepared cache larger than this is read without keeping its pages mapped.
     """
 
     model: str = "lenet5"
