@@ -1,28 +1,35 @@
 """Training-throughput benchmark: the cellclass pipeline against a bare PyTorch loop.
 
 For LeNet-5 and ResNet18 at 64 and 128 px (batch 64, one channel, simulated BPS nuclei
-of 200 x 200 uint16), measures training images per second two ways, in short interleaved
-rounds so both see the same machine load (the ratio is the median of the per-round ratios):
+of 200 x 200 uint16), measures training images per second of these loops, in short
+interleaved rounds so all see the same machine load (ratios are medians of per-round
+ratios):
 
 - **cellclass**: the prepared cache read by ``prepare_data``, normalization fitted on the
   training split, the streaming :class:`~cellclass.data.loader.BatchLoader` (worker
   processes as configured by default, batch augmentation: random resized crop, D4,
-  intensity jitter), and the Fabric step of ``training/loop.py`` (its optimizer,
+  intensity jitter), and the Fabric step of ``training/loop.py`` (its fused AdamW,
   one-cycle schedule, class-weighted loss, channels-last), all with the defaults of
-  :class:`~cellclass.training.config.TrainConfig` but ``precision = 32-true``;
+  :class:`~cellclass.training.config.TrainConfig`; once in ``32-true`` precision, once
+  without augmentation, and once at the default precision (``auto``: ``bf16-mixed`` on a
+  CPU with native bfloat16);
 - **bare**: the same network, already-normalized tensors in memory, random batches by
-  indexing, ``loss.backward()`` and ``AdamW.step()``: no augmentation, no loader, no
-  Fabric.
+  indexing, ``loss.backward()`` and the same fused ``AdamW.step()``: no augmentation, no
+  loader, no Fabric; in float32, in bf16 autocast, and in float32 with torch's default
+  (per-tensor) AdamW, the loop a researcher writes first.
 
 ``ratio`` (the target: >= 0.9) is the worst cellclass/bare ratio over the four
-configurations. The same pipeline with augmentation off is measured too
-(``ratio_no_augment``): the difference is the augmentation's own CPU time, which a
-2-core machine has no spare core to hide. It also measures, for ResNet18 at 128 px (64 with ``--quick``), eager fp32 (contiguous and
+configurations, both in float32 with the same optimizer: what the pipeline costs.
+``ratio_no_augment`` shows the augmentation's share (a 2-core machine has no spare core to
+hide it), ``ratio_default_precision`` the same comparison in bf16, and
+``speedup_over_plain_torch`` what the defaults give over the plain float32 loop. It also
+measures, for ResNet18 at 128 px (64 with ``--quick``), eager fp32 (contiguous and
 channels-last) against channels-last + bf16 autocast, and (without ``--quick``) whether
-accuracy holds under bf16: two short ``train`` runs, fp32 and bf16-mixed, same seed.
+accuracy holds under bf16: short ``train`` runs of LeNet-5 and ResNet18, fp32 and
+bf16-mixed, same split and seeds.
 
-    python benchmarks/train_step.py            # about 5 minutes on 2 cores
-    python benchmarks/train_step.py --quick    # a few steps each, under a minute
+    python benchmarks/train_step.py            # about 10 minutes on 2 cores
+    python benchmarks/train_step.py --quick    # a few steps each, about a minute
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from cellclass.data.simulate import simulate_bps
 from cellclass.models import create_model
 from cellclass.training.config import TrainConfig
 from cellclass.training.losses import build_loss, multitask_loss
-from cellclass.training.loop import _fabric, _optimizer, _scheduler, prepare_data
+from cellclass.training.loop import _fabric, _optimizer, _scheduler, prepare_data, resolve_precision
 
 TASK = "particle_type"
 BATCH = 64
@@ -122,16 +129,16 @@ class Pipeline:
 
 
 class Bare:
-    """A plain PyTorch loop over in-memory tensors."""
+    """A plain PyTorch loop over in-memory tensors (``fused``: the AdamW kernel cellclass uses)."""
 
     def __init__(self, model_name: str, size: int, x: torch.Tensor, y: torch.Tensor, *, channels_last: bool,
-                 bf16: bool = False) -> None:
+                 bf16: bool = False, fused: bool = True) -> None:
         torch.manual_seed(0)
         self.model = create_model(model_name, in_chans=1, heads={TASK: 2}, image_size=size,
                                   task_types={TASK: "single"})
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.fmt)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, fused=fused or None)
         self.x, self.y, self.bf16 = x, y, bf16
         self.gen = torch.Generator().manual_seed(0)
 
@@ -153,30 +160,46 @@ class Bare:
 def compare(spec: Any, model_name: str, size: int, n_steps: int, rounds: int, warmup: int) -> dict[str, Any]:
     cfg = TrainConfig(model=model_name, image_size=size, batch_size=BATCH, tasks=[TASK], precision="32-true")
     pipe = Pipeline(spec, cfg)
-    plain = Pipeline(spec, cfg.override({"augment": False}))
     x, y = pipe.tensors()
-    bare = Bare(model_name, size, x, y, channels_last=cfg.channels_last)
-    for side in (pipe, plain, bare):
+    default_precision = resolve_precision(cfg.override({"precision": "auto"}))
+    sides = {
+        "bare": Bare(model_name, size, x, y, channels_last=cfg.channels_last),
+        "cellclass": pipe,
+        "no_augment": Pipeline(spec, cfg.override({"augment": False})),
+        "bare_torch_defaults": Bare(model_name, size, x, y, channels_last=cfg.channels_last, fused=False),
+        "bare_bf16": Bare(model_name, size, x, y, channels_last=cfg.channels_last, bf16=True),
+        "cellclass_default_precision": Pipeline(spec, cfg.override({"precision": default_precision})),
+    }
+    for side in sides.values():
         side.steps(warmup)  # warm-up: workers started, kernels chosen
     # Short rounds, alternating the order, each compared with the bare run next to it:
     # on a shared machine the load drifts by tens of percent within a minute.
-    sides = {"bare": bare, "cellclass": pipe, "no_augment": plain}
     rates: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(rounds):
         for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
             rates[name].append(sides[name].steps(n_steps))
-    pipe.close()
-    plain.close()
-    ratio = statistics.median(o / t for o, t in zip(rates["cellclass"], rates["bare"], strict=True))
-    ratio_plain = statistics.median(o / t for o, t in zip(rates["no_augment"], rates["bare"], strict=True))
-    a, b, c = (statistics.median(rates[k]) for k in ("cellclass", "bare", "no_augment"))
-    print(f"{model_name:8s} {size:3d}px: cellclass {a:8.1f} img/s, bare {b:8.1f} img/s, ratio {ratio:.3f}; "
-          f"without augmentation {c:8.1f} img/s, ratio {ratio_plain:.3f} (loader workers {pipe.workers}; "
-          f"per-round ratios {[round(o / t, 2) for o, t in zip(rates['cellclass'], rates['bare'], strict=True)]})",
-          flush=True)
-    return {"cellclass_img_s": a, "bare_img_s": b, "ratio": ratio, "cellclass_no_augment_img_s": c,
-            "ratio_no_augment": ratio_plain, "loader_workers": pipe.workers, "steps": n_steps, "rounds": rounds,
-            "round_ratios": [round(o / t, 3) for o, t in zip(rates["cellclass"], rates["bare"], strict=True)]}
+    for side in sides.values():
+        if isinstance(side, Pipeline):
+            side.close()
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(o / t for o, t in zip(rates[a], rates[b], strict=True))
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out = {f"{k}_img_s": v for k, v in med.items()}
+    out.update(ratio=ratio("cellclass", "bare"), ratio_no_augment=ratio("no_augment", "bare"),
+               ratio_vs_torch_defaults=ratio("cellclass", "bare_torch_defaults"),
+               ratio_default_precision=ratio("cellclass_default_precision", "bare_bf16"),
+               speedup_over_plain_torch=ratio("cellclass_default_precision", "bare_torch_defaults"),
+               default_precision=default_precision, loader_workers=pipe.workers, steps=n_steps, rounds=rounds,
+               round_ratios=[round(o / t, 3) for o, t in zip(rates["cellclass"], rates["bare"], strict=True)])
+    print(f"{model_name:8s} {size:3d}px fp32: cellclass {med['cellclass']:7.1f} img/s, bare {med['bare']:7.1f}, "
+          f"ratio {out['ratio']:.3f} (per round {out['round_ratios']}); without augmentation ratio "
+          f"{out['ratio_no_augment']:.3f}; vs torch's default AdamW {out['ratio_vs_torch_defaults']:.3f} | "
+          f"{default_precision}: cellclass {med['cellclass_default_precision']:7.1f}, bare {med['bare_bf16']:7.1f}, "
+          f"ratio {out['ratio_default_precision']:.3f}; cellclass defaults over the plain fp32 loop "
+          f"{out['speedup_over_plain_torch']:.2f}x (loader workers {pipe.workers})", flush=True)
+    return out
 
 
 def precision_speedups(spec: Any, size: int, n_steps: int, rounds: int) -> dict[str, Any]:
@@ -224,27 +247,31 @@ def precision_speedups(spec: Any, size: int, n_steps: int, rounds: int) -> dict[
 
 
 def bf16_accuracy(spec: Any, work: Path) -> dict[str, Any]:
-    """Two short ResNet18 runs on the same split and seed, fp32 and bf16-mixed: test metrics.
+    """Short LeNet-5 and ResNet18 runs on the same split and seeds, fp32 and bf16-mixed: test metrics.
 
     The split is random (not by plate): this checks that bf16 numerics learn what fp32
-    learns, so it needs a task six epochs can learn; a plate-grouped split of this small
+    learns, so it needs a task a few epochs can learn; a plate-grouped split of this small
     simulated set stays at chance for both.
     """
     from cellclass.training.loop import train
 
-    out = {}
+    out: dict[str, Any] = {}
     for old in work.glob("run-*"):
         shutil.rmtree(old)  # a reused --workdir: train again, do not resume
-    for precision in ("32-true", "bf16-mixed"):
-        cfg = TrainConfig(model="resnet18", image_size=64, epochs=6, tasks=[TASK], precision=precision, tta=False,
-                          split="random")
-        start = time.perf_counter()
-        result = train(spec, cfg, work / f"run-{precision}")
-        m = result["tasks"][TASK]
-        out[precision] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "roc_auc": m.get("roc_auc"),
-                          "seconds": round(time.perf_counter() - start, 1)}
-        print(f"ResNet18 64px {precision}: test accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, "
-              f"ROC-AUC {m.get('roc_auc', float('nan')):.3f} ({out[precision]['seconds']} s)", flush=True)
+    for model, epochs in (("lenet5", 15), ("resnet18", 6)):
+        for seed in (0, 1):
+            for precision in ("32-true", "bf16-mixed"):
+                cfg = TrainConfig(model=model, image_size=64, epochs=epochs, tasks=[TASK], precision=precision,
+                                  tta=False, split="random", seed=seed)
+                start = time.perf_counter()
+                result = train(spec, cfg, work / f"run-{model}-{seed}-{precision}")
+                m = result["tasks"][TASK]
+                key = f"{model}_seed{seed}_{precision}"
+                out[key] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "roc_auc": m.get("roc_auc"),
+                            "seconds": round(time.perf_counter() - start, 1)}
+                print(f"{model} 64px seed {seed} {precision}: test accuracy {m['accuracy']:.3f}, macro F1 "
+                      f"{m['macro_f1']:.3f}, ROC-AUC {m.get('roc_auc', float('nan')):.3f} "
+                      f"({out[key]['seconds']} s)", flush=True)
     return out
 
 
@@ -264,7 +291,7 @@ def main() -> None:
         ("resnet18", 64): 2 if quick else 4,
         ("resnet18", 128): 1 if quick else 2,
     }
-    rounds = 1 if quick else 9
+    rounds = 1 if quick else 7
     try:
         data = work / "bps"
         if not (data / "meta.csv").is_file():
@@ -283,8 +310,12 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     ratio = min(r["ratio"] for r in results.values())
-    print(f"ratio (worst cellclass over bare): {ratio:.3f} (target >= 0.9); bf16 + channels-last over eager fp32 "
-          f"for ResNet18 {precision['image_size']}px: {precision['speedup_bf16_cl_vs_fp32']:.2f}x")
+    worst = min(results, key=lambda k: results[k]["ratio"])
+    print(f"ratio (worst cellclass over bare, fp32, same optimizer): {ratio:.3f} ({worst}; target >= 0.9); "
+          f"at the default precision: {min(r['ratio_default_precision'] for r in results.values()):.3f}; "
+          f"cellclass defaults over the plain fp32 loop: "
+          f"{min(r['speedup_over_plain_torch'] for r in results.values()):.2f}x at worst; bf16 + channels-last "
+          f"over eager fp32 for bare ResNet18 {precision['image_size']}px: {precision['speedup_bf16_cl_vs_fp32']:.2f}x")
 
     def rounded(value: Any) -> Any:
         if isinstance(value, dict):
