@@ -69,7 +69,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config fi
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set lr=1e-3. Repeatable.")]
 DevicesOpt = Annotated[int | None, typer.Option("--devices", min=1, help="Processes/devices (DDP when > 1).")]
 StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="Fabric strategy: auto, ddp, ddp_spawn.")]
-PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="32-true, bf16-mixed, 16-mixed or auto.")]
+PrecisionOpt = Annotated[str | None, typer.Option(
+    "--precision", help="32-true, bf16-mixed, 16-mixed or auto (the default: bf16-mixed on a GPU or a CPU with "
+    "native bfloat16, else 32-true).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of split, weights and augmentation.")]
 PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="Path to local weights (or 'hub').")]
 CacheOpt = Annotated[bool | None, typer.Option("--cache", help="Build the prepared image cache when no valid one exists "
