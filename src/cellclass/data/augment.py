@@ -457,8 +457,8 @@ def _blend_rows(t: torch.Tensor, taps: tuple[np.ndarray, np.ndarray], gain: np.n
     weight = weight.reshape(2, n, 1, rows, 1)
     if gain is not None:
         weight = weight * gain[None]
-    weight = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32 if t.dtype == torch.float32 else np.float64))
-    weight = weight.to(t.device, t.dtype)
+    dtype = np.float32 if t.dtype == torch.float32 else np.float64
+    weight = torch.from_numpy(np.ascontiguousarray(weight, dtype=dtype)).to(t.device, t.dtype)
     out = torch.mul(picked[0], weight[0])
     return out.addcmul_(picked[1], weight[1])
 
