@@ -6,7 +6,8 @@ interleaved rounds so all see the same machine load (ratios are medians of per-r
 ratios):
 
 - **cellclass**: the prepared cache read by ``prepare_data``, normalization fitted on the
-  training split, the streaming :class:`~cellclass.data.loader.BatchLoader` (worker
+  training split (the images normalized once when they fit in ``loader_memory_mb``, as
+  here, else per batch), the streaming :class:`~cellclass.data.loader.BatchLoader` (worker
   processes as configured by default, batch augmentation: random resized crop, D4,
   intensity jitter), and the Fabric step of ``training/loop.py`` (its fused AdamW,
   one-cycle schedule, class-weighted loss, channels-last), all with the defaults of
@@ -76,6 +77,8 @@ class Pipeline:
         norm = Normalizer(mode=cfg.normalize, low=cfg.norm_low, high=cfg.norm_high)
         norm.fit(iter_images(data.images, self.train_idx), seed=cfg.seed)
         self.x = NormalizedView(data.images, norm, data.groups)
+        if self.x.nbytes <= cfg.loader_memory_mb * 2**20:  # as the loop does
+            self.x = self.x.materialize()
         self.fabric = _fabric(cfg)
         torch.manual_seed(cfg.seed)
         enc = data.encoders[TASK]

@@ -49,3 +49,12 @@ def test_normalized_view_matches_whole_array_normalization() -> None:
     np.testing.assert_allclose(view[4], whole[4:5])
     with pytest.raises(IndexError, match="out of range for 10 images"):
         view[np.array([3, 10])]
+
+
+def test_materialized_view_is_the_normalized_array() -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 60000, size=(11, 2, 4, 4)).astype(np.uint16)
+    view = NormalizedView(images, Normalizer().fit(images))
+    whole = view.materialize(chunk=4)  # chunks that do not divide the rows
+    assert whole.dtype == np.float32 and whole.shape == images.shape and view.nbytes == whole.nbytes
+    np.testing.assert_array_equal(whole, view[np.arange(11)])

@@ -35,3 +35,24 @@ def test_the_run_records_the_precision_it_used(bps_dir: Path, tmp_path: Path, mo
     loop.train(bps(bps_dir), cfg, tmp_path / "run")
     recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert recorded["train"]["precision"] == "auto" and recorded["runtime"]["precision"] == "32-true"
+
+
+def test_images_normalized_once_train_as_per_batch(bps_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Within loader_memory_mb the loop normalizes every image once; with a bound below the
+    # data (68 images of 64 x 64 float32: 1.1 MB) it normalizes each batch as read. Same
+    # seed, same batches: the same training.
+    from cellclass.data.loading import NormalizedView
+
+    materialized = []
+    original = NormalizedView.materialize
+    monkeypatch.setattr(NormalizedView, "materialize", lambda self, *a: materialized.append(1) or original(self, *a))
+    results = {}
+    for bound in (512, 1):
+        cfg = TrainConfig(model="lenet5", image_size=64, epochs=2, tasks=["particle_type"], tta=False,
+                          precision="32-true", loader_memory_mb=bound)
+        run = loop.train(bps(bps_dir), cfg, tmp_path / f"run-{bound}")
+        history = (tmp_path / f"run-{bound}" / "metrics.csv").read_text()
+        results[bound] = (run["tasks"]["particle_type"]["accuracy"], history.splitlines()[-1].split(",")[1:3])
+    assert len(materialized) == 1  # the 512 MB run only
+    assert results[512] == results[1]

@@ -152,3 +152,15 @@ class NormalizedView:
         out = np.empty((len(rows), *batch.shape[1:]), dtype=np.float32)
         out[order] = self.normalizer.transform_batch(batch, groups=groups)
         return out
+
+    @property
+    def nbytes(self) -> int:
+        """Size of every row normalized (float32), in bytes."""
+        return int(np.prod(self.shape)) * 4
+
+    def materialize(self, chunk: int = 256) -> np.ndarray:
+        """Every row normalized, as one in-memory float32 array (read ``chunk`` rows at a time)."""
+        out = np.empty(self.shape, dtype=np.float32)
+        for start in range(0, len(self), chunk):
+            out[start : start + chunk] = self[np.arange(start, min(len(self), start + chunk))]
+        return out

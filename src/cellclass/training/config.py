@@ -81,8 +81,11 @@ class TrainConfig:
             ``.cellclass-cache/`` beside the manifest).
         loader_workers: Processes streaming training batches (``None``: a quarter of the
             cores for a cache; none for images in memory or below four cores).
-        loader_memory_mb: Bound on the memory of the batches the loader workers queue;
-            a prepared cache larger than this is read without keeping its pages mapped.
+        loader_memory_mb: Bound on the memory the training data path holds: the images
+            are normalized once and kept in memory when that takes no more (else each
+            batch is read and normalized on its own), the batches the loader workers
+            queue fit in it, and a prepared cache larger than this is read without
+            keeping its pages mapped.
     """
 
     model: str = "lenet5"

@@ -181,6 +181,10 @@ def train(
     from cellclass.data.loading import NormalizedView
 
     x = NormalizedView(data.images, norm, data.groups)
+    if x.nbytes <= config.loader_memory_mb * 2**20:
+        # Within the loader's memory bound the images are normalized once, not per batch:
+        # a batch is then one gather, as in a plain loop over tensors in memory.
+        x = x.materialize()
 
     heads = {t: e.n_outputs for t, e in data.encoders.items()}
     task_types = {t: e.type for t, e in data.encoders.items()}
