@@ -9,7 +9,8 @@ TIFFs, about 6 GB of pixels; ``--quick``: 5,000), then in this process:
    ``train`` does on its training split;
 3. **stream**: one epoch of shuffled batches of 64 through the
    :class:`~cellclass.data.loader.BatchLoader` (worker processes as the default config
-   picks them, batch augmentation on), with its memory bound set to ``--memory-mb``.
+   picks them, batch augmentation on), with its memory bound set to ``--memory-mb``, under
+   the allocator setting training runs under (:func:`~cellclass.allocator.steady_allocator`).
 
 A thread samples the resident memory (``VmRSS`` from ``/proc``, no psutil) of this process
 and all its children (the loader workers) every 50 ms; ``ratio`` (the target: <= 0.5) is
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellclass.allocator import steady_allocator
 from _common import RssSampler, machine, peak_rss_mb, tree_rss_mb
 from cellclass.data.augment import BatchAugment
 from cellclass.data.cache import CacheSettings, iter_images, prepare_cache
@@ -123,7 +125,7 @@ def main() -> None:
                              max_memory_mb=args.memory_mb, channels_last=True)
         order = np.random.default_rng(0).permutation(n)
         batches = [order[s : s + BATCH] for s in range(0, n - BATCH + 1, BATCH)]
-        with RssSampler() as stream_rss:
+        with steady_allocator(), RssSampler() as stream_rss:  # the allocator setting training runs under
             start = time.perf_counter()
             seen, checksum = 0, 0.0
             for batch in loader.epoch(batches):

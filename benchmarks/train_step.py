@@ -23,7 +23,8 @@ ratios):
 configurations, both in float32 with the same optimizer: what the pipeline costs.
 ``ratio_no_augment`` shows the augmentation's share (a 2-core machine has no spare core to
 hide it), ``ratio_default_precision`` the same comparison in bf16, and
-``speedup_over_plain_torch`` what the defaults give over the plain float32 loop. It also
+``speedup_over_plain_torch`` what the defaults give over the plain float32 loop. Every loop
+runs under :func:`~cellclass.allocator.steady_allocator`, as training does. It also
 measures, for ResNet18 at 128 px (64 with ``--quick``), eager fp32 (contiguous and
 channels-last) against channels-last + bf16 autocast, and (without ``--quick``) whether
 accuracy holds under bf16: short ``train`` runs of LeNet-5 and ResNet18, fp32 and
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import machine
+from cellclass.allocator import steady_allocator
 from cellclass.data.augment import AugmentConfig, BatchAugment
 from cellclass.data.cache import CachedImages, CacheSettings, iter_images, prepare_cache
 from cellclass.data.loader import BatchLoader, default_workers
@@ -305,9 +307,12 @@ def main() -> None:
         info = machine()
         print(f"machine: {info}", flush=True)
         warmup = 1 if quick else 2
-        results = {f"{m}_{s}px": compare(spec, m, s, n, rounds, warmup) for (m, s), n in plan.items()}
-        # --quick measures the precision speed-up at 64 px to stay under a minute.
-        precision = precision_speedups(spec, 64 if quick else 128, 2, 1 if quick else 5)
+        # The allocator setting the training loop runs under; process-wide, so the bare
+        # loops run under it too.
+        with steady_allocator():
+            results = {f"{m}_{s}px": compare(spec, m, s, n, rounds, warmup) for (m, s), n in plan.items()}
+            # --quick measures the precision speed-up at 64 px to stay under a minute.
+            precision = precision_speedups(spec, 64 if quick else 128, 2, 1 if quick else 5)
         accuracy = None if quick else bf16_accuracy(spec, work)
     finally:
         if args.workdir is None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cellclass.allocator import return_large_buffers
 from cellclass.data.augment import AugmentConfig, BatchAugment
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,6 @@ class _EpochItems(Sampler):
         return len(self.items)
 
 
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 1 << 20
-
-
 _WORKER_NICENESS = 10
 
 
@@ -104,28 +101,7 @@ def _init_worker(_: int) -> None:
         os.nice(_WORKER_NICENESS)
     except OSError:  # not permitted here: run at the same priority
         pass
-    _return_large_buffers_to_the_os()
-
-
-def _return_large_buffers_to_the_os() -> None:
-    """Serve every allocation above 1 MB with its own ``mmap`` (glibc only).
-
-    glibc raises its mmap threshold after each large ``free``, so the batch-sized buffers
-    of augmentation (whose sizes vary batch to batch) end up on the heap, which fragments
-    and keeps growing: a worker streaming 77k images of 200 x 200 grew from 0.4 to 1.5 GB.
-    A fixed threshold returns each buffer to the system when freed (measured: flat).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return
+    return_large_buffers()
 
 
 def _bound_mapped_pages(images: Any, max_memory_mb: float) -> None:

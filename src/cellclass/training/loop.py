@@ -221,7 +221,10 @@ def train(
     if fabric is None:
         best_epoch = _fit_baseline(model, x, data, out, common, progress, tracker)
     else:
-        best_epoch = _fit_network(fabric, model, x, data, config, out, common, resume, progress, tracker)
+        from cellclass.allocator import steady_allocator
+
+        with steady_allocator():  # freed buffers stay in the process: no page faults per step
+            best_epoch = _fit_network(fabric, model, x, data, config, out, common, resume, progress, tracker)
     seconds = time.perf_counter() - started
     if not is_main:
         return {}
