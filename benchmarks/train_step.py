@@ -54,14 +54,20 @@ from cellclass.allocator import steady_allocator
 from cellclass.data.augment import AugmentConfig, BatchAugment
 from cellclass.data.cache import CachedImages, CacheSettings, iter_images, prepare_cache
 from cellclass.data.loader import BatchLoader, default_workers
-from cellclass.data.loading import NormalizedView
 from cellclass.data.normalize import Normalizer
 from cellclass.data.presets import bps
 from cellclass.data.simulate import simulate_bps
 from cellclass.models import create_model
 from cellclass.training.config import TrainConfig
 from cellclass.training.losses import build_loss, multitask_loss
-from cellclass.training.loop import _fabric, _optimizer, _scheduler, prepare_data, resolve_precision
+from cellclass.training.loop import (
+    _fabric,
+    _optimizer,
+    _scheduler,
+    normalized_images,
+    prepare_data,
+    resolve_precision,
+)
 
 TASK = "particle_type"
 BATCH = 64
@@ -78,9 +84,7 @@ class Pipeline:
         self.train_idx = data.split.train
         norm = Normalizer(mode=cfg.normalize, low=cfg.norm_low, high=cfg.norm_high)
         norm.fit(iter_images(data.images, self.train_idx), seed=cfg.seed)
-        self.x = NormalizedView(data.images, norm, data.groups)
-        if self.x.nbytes <= cfg.loader_memory_mb * 2**20:  # as the loop does
-            self.x = self.x.materialize()
+        self.x = normalized_images(data, norm, cfg)
         self.fabric = _fabric(cfg)
         torch.manual_seed(cfg.seed)
         enc = data.encoders[TASK]
@@ -162,6 +166,29 @@ class Bare:
         return n * BATCH / (time.perf_counter() - start)
 
 
+def interleaved(sides: dict[str, Any], n_steps: int, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Images/s of every side in short rounds, alternating the order; pipelines closed after.
+
+    Each side is compared with the others of its own round: on a shared machine the load
+    drifts by tens of percent within a minute.
+    """
+    for side in sides.values():
+        side.steps(warmup)  # warm-up: workers started, kernels chosen
+    rates: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(rounds):
+        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            rates[name].append(sides[name].steps(n_steps))
+    for side in sides.values():
+        if isinstance(side, Pipeline):
+            side.close()
+    return rates
+
+
+def median_ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a``'s rate over ``b``'s."""
+    return statistics.median(o / t for o, t in zip(rates[a], rates[b], strict=True))
+
+
 def compare(spec: Any, model_name: str, size: int, n_steps: int, rounds: int, warmup: int) -> dict[str, Any]:
     cfg = TrainConfig(model=model_name, image_size=size, batch_size=BATCH, tasks=[TASK], precision="32-true")
     pipe = Pipeline(spec, cfg)
@@ -175,20 +202,10 @@ def compare(spec: Any, model_name: str, size: int, n_steps: int, rounds: int, wa
         "bare_bf16": Bare(model_name, size, x, y, channels_last=cfg.channels_last, bf16=True),
         "cellclass_default_precision": Pipeline(spec, cfg.override({"precision": default_precision})),
     }
-    for side in sides.values():
-        side.steps(warmup)  # warm-up: workers started, kernels chosen
-    # Short rounds, alternating the order, each compared with the bare run next to it:
-    # on a shared machine the load drifts by tens of percent within a minute.
-    rates: dict[str, list[float]] = {k: [] for k in sides}
-    for r in range(rounds):
-        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-            rates[name].append(sides[name].steps(n_steps))
-    for side in sides.values():
-        if isinstance(side, Pipeline):
-            side.close()
+    rates = interleaved(sides, n_steps, rounds, warmup)
 
     def ratio(a: str, b: str) -> float:
-        return statistics.median(o / t for o, t in zip(rates[a], rates[b], strict=True))
+        return median_ratio(rates, a, b)
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {f"{k}_img_s": v for k, v in med.items()}
@@ -225,17 +242,10 @@ def precision_speedups(spec: Any, size: int, n_steps: int, rounds: int) -> dict[
         "cellclass_fp32": fp32_pipe,
         "cellclass_bf16_mixed": bf16_pipe,
     }
-    rates: dict[str, list[float]] = {k: [] for k in variants}
-    for v in variants.values():
-        v.steps(1)
-    for r in range(rounds):
-        for k in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            rates[k].append(variants[k].steps(n_steps))
-    fp32_pipe.close()
-    bf16_pipe.close()
+    rates = interleaved(variants, n_steps, rounds, warmup=1)
 
     def speedup(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+        return median_ratio(rates, a, b)
 
     out: dict[str, Any] = {"image_size": size, **{k: statistics.median(v) for k, v in rates.items()}}
     out["speedup_bf16_cl_vs_fp32"] = speedup("bf16_channels_last", "fp32_contiguous")

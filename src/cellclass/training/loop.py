@@ -178,13 +178,7 @@ def train(
 
     # One training image at a time: a cache larger than memory is never read whole.
     norm.fit(iter_images(data.images, split.train), groups=train_groups, seed=config.seed)
-    from cellclass.data.loading import NormalizedView
-
-    x = NormalizedView(data.images, norm, data.groups)
-    if x.nbytes <= config.loader_memory_mb * 2**20:
-        # Within the loader's memory bound the images are normalized once, not per batch:
-        # a batch is then one gather, as in a plain loop over tensors in memory.
-        x = x.materialize()
+    x = normalized_images(data, norm, config)
 
     heads = {t: e.n_outputs for t, e in data.encoders.items()}
     task_types = {t: e.type for t, e in data.encoders.items()}
@@ -232,12 +226,25 @@ def train(
 
 
 # -- set-up --------------------------------------------------------------------------
+def normalized_images(data: PreparedData, normalizer: Any, config: TrainConfig) -> Any:
+    """The images as the network reads them: normalized with ``normalizer``.
+
+    Within ``loader_memory_mb`` they are normalized once, into memory (a batch is then one
+    gather, as in a plain loop over tensors in memory); otherwise a
+    :class:`~cellclass.data.loading.NormalizedView` normalizes each read.
+    """
+    from cellclass.data.loading import NormalizedView
+
+    view = NormalizedView(data.images, normalizer, data.groups)
+    return view.materialize() if view.nbytes <= config.loader_memory_mb * 2**20 else view
+
+
 def resolve_precision(config: TrainConfig) -> str:
     """The Fabric precision a network trains in: ``config.precision``, or for ``auto``:
 
     ``bf16-mixed`` on a GPU, and on a CPU with native bfloat16 instructions (``avx512_bf16``
-    or ``amx_bf16``), where bf16 autocast with channels-last trains LeNet-5 1.7-1.9x and
-    ResNet18 1.9-2.3x faster than float32 at the same test accuracy
+    or ``amx_bf16``), where bf16 autocast with channels-last trains LeNet-5 1.2-2.0x and
+    ResNet18 1.5-2.3x faster than float32 at the same test accuracy
     (``benchmarks/train_step.py``, docs/benchmarks.md); ``32-true`` on other CPUs, which
     would only emulate bfloat16.
     """
