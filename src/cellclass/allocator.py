@@ -26,7 +26,7 @@ from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_STEADY_MMAP_BYTES = 32 << 20  # glibc's largest accepted threshold on 64-bit systems
+_STEADY_MMAP_BYTES = 32 << 20  # the highest glibc's own adjustment reaches on 64-bit systems
 _STEADY_TRIM_BYTES = 1 << 30
 _AFTER_TRIM_BYTES = 64 << 20
 

@@ -177,9 +177,9 @@ def intensity_jitter(
     _check_batch(x)
     if scale < 0 or shift < 0:
         raise ValueError(f"intensity scale and shift must be >= 0; got {scale}, {shift}")
-    a, b = (torch.from_numpy(v).to(x.device, x.dtype) for v in _jitter_draws(x.shape[0], x.shape[1], scale, shift,
-                                                                            generator))
-    return torch.addcmul(b, x, a)
+    gain, offset = _jitter_draws(x.shape[0], x.shape[1], scale, shift, generator)
+    gain_t, offset_t = (torch.from_numpy(v).to(x.device, x.dtype) for v in (gain, offset))
+    return torch.addcmul(offset_t, x, gain_t)
 
 
 def _jitter_draws(n: int, c: int, scale: float, shift: float,
