@@ -211,7 +211,8 @@ def test_one_trial_report_untracked_and_the_study_remembers_its_search(bps_dir: 
         run_sweep(bps(bps_dir), BASE, space, tmp_path / "x", n_trials=1, tracker="none", storage="nosuchdb://x")
 
 
-def test_a_dead_workers_trial_is_queued_again_with_its_parameters_and_folder(tmp_path: Path, bps_dir: Path) -> None:
+def _grid_study(tmp_path: Path, bps_dir: Path) -> tuple[SweepJob, Any, Any]:
+    """A new SQLite study of the 4-trial W&B grid: the job, its storage and the loaded study."""
     space = SweepSpace.from_yaml(_write(tmp_path / "grid.yaml", WANDB_GRID))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     open_study(url, "s", space, BASE.to_dict(), None)
@@ -219,6 +220,11 @@ def test_a_dead_workers_trial_is_queued_again_with_its_parameters_and_folder(tmp
                    n_trials=4)
     storage = open_storage(url)
     study = load_study(job, storage)
+    return job, storage, study
+
+
+def test_a_dead_workers_trial_is_queued_again_with_its_parameters_and_folder(tmp_path: Path, bps_dir: Path) -> None:
+    job, storage, study = _grid_study(tmp_path, bps_dir)
     trial, params, first_root = claim(study, storage, job)
     assert first_root == trial.number == 0
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
@@ -319,13 +325,7 @@ def test_pruning_reports_every_epoch_and_never_stops_the_last() -> None:
 
 
 def test_a_claim_cut_short_before_naming_its_worker_is_recovered(tmp_path: Path, bps_dir: Path) -> None:
-    space = SweepSpace.from_yaml(_write(tmp_path / "grid.yaml", WANDB_GRID))
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    open_study(url, "s", space, BASE.to_dict(), None)
-    job = SweepJob(spec=bps(bps_dir), base=BASE.to_dict(), space=space, out=tmp_path, storage=url, study="s",
-                   n_trials=4)
-    storage = open_storage(url)
-    study = load_study(job, storage)
+    job, storage, study = _grid_study(tmp_path, bps_dir)
     study.ask()  # a process died here, inside claim(), before it named itself
     trial, params, first_root = claim(study, storage, job)
     assert first_root == 0 and trial.number == 1 and set(params) == {"batch_size", "epochs", "lr"}
