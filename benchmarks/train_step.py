@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from _common import machine
 from cellclass.allocator import steady_allocator
-from cellclass.data.augment import AugmentConfig, BatchAugment
 from cellclass.data.cache import CachedImages, CacheSettings, iter_images, prepare_cache
 from cellclass.data.loader import BatchLoader, default_workers
 from cellclass.data.normalize import Normalizer
@@ -64,9 +63,11 @@ from cellclass.training.loop import (
     _fabric,
     _optimizer,
     _scheduler,
+    augmenter,
     normalized_images,
     prepare_data,
     resolve_precision,
+    train_step,
 )
 
 TASK = "particle_type"
@@ -97,10 +98,7 @@ class Pipeline:
         self.model, self.optimizer = self.fabric.setup(model, optimizer)
         self.loss = multitask_loss({TASK: build_loss(enc, cfg, data.targets[TASK][self.train_idx])}, {})
         self.y = {TASK: torch.from_numpy(data.targets[TASK][self.train_idx])}
-        augment = BatchAugment(AugmentConfig(dihedral=True, crop_scale=tuple(cfg.crop_scale),
-                                             intensity_scale=cfg.intensity_scale,
-                                             intensity_shift=cfg.intensity_shift), seed=cfg.seed) \
-            if cfg.augment else None
+        augment = augmenter(cfg)
         self.workers = default_workers(self.x) if cfg.loader_workers is None else cfg.loader_workers
         self.loader = BatchLoader(self.x, batch_size=BATCH, augment=augment, workers=self.workers,
                                   max_memory_mb=cfg.loader_memory_mb, channels_last=cfg.channels_last)
@@ -120,12 +118,7 @@ class Pipeline:
                 idx = perm[s * BATCH : (s + 1) * BATCH]
                 xb = self.fabric.to_device(next(batches).contiguous(memory_format=self.fmt))
                 yb = {t: self.fabric.to_device(v[idx]) for t, v in self.y.items()}
-                loss = self.loss(self.model(xb), yb)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.fabric.backward(loss)
-                self.optimizer.step()
-                self.scheduler.step()
-                float(loss.detach())
+                train_step(self.fabric, self.model, self.optimizer, self.scheduler, self.loss, xb, yb)
             done += k
         return n * BATCH / (time.perf_counter() - start)
 

@@ -193,3 +193,56 @@ def test_batch_augment_folds_dihedral_and_jitter_into_the_crop(size: tuple[int, 
         sequential = intensity_jitter(sequential, config.intensity_scale, config.intensity_shift, gen)
     torch.testing.assert_close(fused, sequential, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(fused, crop)
+
+
+CONFIGS = {
+    "crop, D4, jitter": AugmentConfig(crop_scale=(0.5, 1.0), intensity_scale=0.2, intensity_shift=0.1),
+    "crop only": AugmentConfig(dihedral=False, crop_scale=(0.5, 1.0), intensity_scale=0, intensity_shift=0),
+    "D4 and jitter": AugmentConfig(crop_scale=None, intensity_scale=0.2, intensity_shift=0.1),
+    "jitter only": AugmentConfig(dihedral=False, crop_scale=None, intensity_scale=0.2, intensity_shift=0.1),
+}
+
+
+def test_the_compiled_kernel_is_available() -> None:
+    # numba is a dependency: without it training still works, but slower; here it must load.
+    from cellclass.data import augment
+
+    assert augment._kernel() is not None
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("shape", [(64, 1, 16, 16), (32, 3, 12, 12), (32, 2, 10, 14)])
+def test_compiled_kernel_gives_the_values_of_the_torch_operations(
+        name: str, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellclass.data import augment
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(2)) * 3 - 1
+    compiled = BatchAugment(CONFIGS[name], seed=4)(x)
+    monkeypatch.setattr(augment, "_KERNEL", False)  # what runs on other devices and dtypes
+    reference = BatchAugment(CONFIGS[name], seed=4)(x)
+    torch.testing.assert_close(compiled, reference, atol=1e-6, rtol=1e-6)
+    assert compiled.dtype == torch.float32 and compiled.shape == x.shape
+    assert not torch.equal(compiled, x)
+    if name == "D4 and jitter" and shape[-1] == shape[-2]:
+        # pixels land exactly on pixels: the D4 part permutes values, without rounding
+        no_jitter = AugmentConfig(crop_scale=None, intensity_scale=0, intensity_shift=0)
+        monkeypatch.setattr(augment, "_KERNEL", None)
+        turned = BatchAugment(no_jitter, seed=4)(x)
+        assert torch.equal(turned.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+
+
+def test_take_reads_rows_in_place_with_the_same_draws_and_values() -> None:
+    import numpy as np
+
+    source = np.random.default_rng(0).random((50, 2, 12, 12), dtype=np.float32)
+    rows = np.array([7, 3, 49, 0, 3, -1])
+    taken = BatchAugment(seed=9).take(source, rows)
+    assert torch.equal(taken, BatchAugment(seed=9)(torch.from_numpy(source[rows])))
+    # a source the kernel cannot read in place (float64 here) is read first, then augmented
+    wide = source.astype(np.float64)
+    assert torch.equal(BatchAugment(seed=9).take(wide, rows), taken)
+    with pytest.raises(IndexError, match="indices into 50 images"):
+        BatchAugment(seed=9).take(source, [1, 50])
+    untouched = BatchAugment(AugmentConfig(dihedral=False, crop_scale=None, intensity_scale=0,
+                                           intensity_shift=0)).take(source, rows)
+    assert torch.equal(untouched, torch.from_numpy(source[rows]))

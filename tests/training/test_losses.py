@@ -64,3 +64,17 @@ def test_multilabel_losses_and_weighted_sum(kind: str) -> None:
     out = {"m": torch.zeros(3, 2), "n": torch.zeros(3, 2)}
     y = {"m": torch.from_numpy(targets), "n": torch.from_numpy(targets)}
     assert float(total(out, y)) == pytest.approx(3 * float(value))
+
+
+def test_single_task_loss_is_the_task_loss_itself() -> None:
+    enc = TaskEncoder("t", "single", ["a", "b", "c"])
+    targets = np.array([0, 1, 2, 2])
+    loss = build_loss(enc, TrainConfig(), targets)
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.from_numpy(targets)
+    single = multitask_loss({"t": loss}, {})({"t": logits}, {"t": y})
+    assert torch.equal(single, loss(logits, y))
+    halved = multitask_loss({"t": loss}, {"t": 0.5})({"t": logits}, {"t": y})
+    assert float(halved) == pytest.approx(0.5 * float(single))
+    with pytest.raises(ValueError, match="at least one task loss"):
+        multitask_loss({}, {})

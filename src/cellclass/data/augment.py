@@ -12,6 +12,7 @@ Every function takes a whole batch and draws an independent transform per sample
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 """``DIHEDRAL_INVERSE[k]`` undoes :func:`dihedral` element ``k``."""
@@ -62,7 +65,11 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
         generator: Source of randomness; the default generator when ``None``.
     """
     _check_batch(x)
-    elements = _draw_elements(x, generator)
+    return _apply_dihedral(x, _draw_elements(x.shape, generator))
+
+
+def _apply_dihedral(x: torch.Tensor, elements: np.ndarray) -> torch.Tensor:
+    """Sample ``i`` turned by D4 element ``elements[i]``."""
     n, c, h, w = x.shape
     # Every element is a permutation of the H*W pixel positions: one gather applies each
     # sample's own, whatever the mix of elements in the batch.
@@ -71,9 +78,9 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
     return torch.gather(x.reshape(n, c, h * w), 2, index).reshape(x.shape)
 
 
-def _draw_elements(x: torch.Tensor, generator: torch.Generator | None) -> np.ndarray:
+def _draw_elements(shape: Sequence[int], generator: torch.Generator | None) -> np.ndarray:
     """One uniformly drawn D4 element per sample (shape-preserving ones for non-square images)."""
-    n, _, h, w = x.shape
+    n, _, h, w = shape
     allowed = np.arange(8) if h == w else np.array(SHAPE_PRESERVING)
     draws = torch.randint(len(allowed), (n,), generator=generator, device=_device(generator))
     return allowed[draws.cpu().numpy()]
@@ -122,11 +129,29 @@ def random_resized_crop(
 def _crop_box(n: int, scale: tuple[float, float], ratio: tuple[float, float],
               generator: torch.Generator | None) -> tuple[np.ndarray, ...]:
     """Draw ``n`` crop boxes as (width, height, x shift, y shift) in ``affine_grid`` units."""
+    return _box_from_uniforms(_crop_uniforms(n, generator), *_box_bounds(scale, ratio))
+
+
+def _crop_uniforms(n: int, generator: torch.Generator | None) -> np.ndarray:
+    """The ``(4, n)`` uniform draws a batch's crop boxes are made of."""
+    return torch.rand((4, n), generator=generator, device=_device(generator), dtype=torch.float64).cpu().numpy()
+
+
+def _box_bounds(scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[float, float, float, float]:
+    """Checked ranges of the crop: area low and high, log aspect ratio low and high."""
     _check_range("scale", scale, upper=1.0)
     _check_range("ratio", ratio)
-    u = torch.rand((4, n), generator=generator, device=_device(generator), dtype=torch.float64).cpu().numpy()
-    area = scale[0] + (scale[1] - scale[0]) * u[0]
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    return float(scale[0]), float(scale[1]), math.log(ratio[0]), math.log(ratio[1])
+
+
+def _box_from_uniforms(u: np.ndarray, area_lo: float, area_hi: float, log_lo: float,
+                       log_hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Crop boxes from uniform draws ``u`` ``(4, n)``: area uniform in ``[area_lo, area_hi]``,
+    aspect log-uniform, each side capped at the image, position uniform inside it.
+
+    Plain NumPy; ``_kernels`` compiles this same function for the one-pass kernel.
+    """
+    area = area_lo + (area_hi - area_lo) * u[0]
     aspect = np.exp(log_lo + (log_hi - log_lo) * u[1])
     width = np.minimum(np.sqrt(area * aspect), 1.0)
     height = np.minimum(np.sqrt(area / aspect), 1.0)
@@ -177,7 +202,11 @@ def intensity_jitter(
     _check_batch(x)
     if scale < 0 or shift < 0:
         raise ValueError(f"intensity scale and shift must be >= 0; got {scale}, {shift}")
-    gain, offset = _jitter_draws(x.shape[0], x.shape[1], scale, shift, generator)
+    return _apply_jitter(x, *_jitter_draws(x.shape[0], x.shape[1], scale, shift, generator))
+
+
+def _apply_jitter(x: torch.Tensor, gain: np.ndarray, offset: np.ndarray) -> torch.Tensor:
+    """``x * gain + offset`` with ``(N, C, 1, 1)`` factors and offsets."""
     gain_t, offset_t = (torch.from_numpy(v).to(x.device, x.dtype) for v in (gain, offset))
     return torch.addcmul(offset_t, x, gain_t)
 
@@ -185,8 +214,18 @@ def intensity_jitter(
 def _jitter_draws(n: int, c: int, scale: float, shift: float,
                   generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     """Factors and offsets ``(n, c, 1, 1)`` of :func:`intensity_jitter`."""
-    u = torch.rand((2, n, c, 1, 1), generator=generator, device=_device(generator), dtype=torch.float64)
-    u = u.cpu().numpy()
+    u = _jitter_uniforms(n, c, generator).reshape(2, n, c, 1, 1)
+    return _jitter_from_uniforms(u, scale, shift)
+
+
+def _jitter_uniforms(n: int, c: int, generator: torch.Generator | None) -> np.ndarray:
+    """The ``(2, n, c)`` uniform draws of a batch's intensity jitter."""
+    return torch.rand((2, n, c), generator=generator, device=_device(generator), dtype=torch.float64).cpu().numpy()
+
+
+def _jitter_from_uniforms(u: np.ndarray, scale: float, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Factors uniform in ``[1 - scale, 1 + scale]`` and offsets in ``[-shift, shift]`` from
+    uniform draws ``u`` (``u[0]`` and ``u[1]``); also compiled by ``_kernels``."""
     return 1.0 - scale + 2 * scale * u[0], shift * (2 * u[1] - 1)
 
 
@@ -258,24 +297,83 @@ class BatchAugment:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Augment a float batch ``(N, C, H, W)``; returns a new tensor of the same shape."""
         _check_batch(x)
-        cfg = self.config
-        jitter = cfg.intensity_scale > 0 or cfg.intensity_shift > 0
-        if cfg.crop_scale is not None:
+        draws = self._draw(x.shape)
+        if draws is None:
+            return x
+        kernel = _kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if kernel is not None:
+            src = x.contiguous().numpy()
+            return torch.from_numpy(self._run_kernel(kernel, src, np.arange(len(src)), draws))
+        crop_u, elements, jitter_u = draws
+        n, c = x.shape[:2]
+        gain = offset = None
+        if jitter_u is not None:
+            gain, offset = _jitter_from_uniforms(jitter_u.reshape(2, n, c, 1, 1), self.config.intensity_scale,
+                                                 self.config.intensity_shift)
+        if crop_u is not None:
             # One resampling pass does it all: the result of random_resized_crop, then
             # random_dihedral, then intensity_jitter with the same draws, in a fraction of
             # the time (the D4 element and the jitter are folded into the crop's taps).
-            box = _crop_box(x.shape[0], cfg.crop_scale, cfg.crop_ratio, self.generator)
-            elements = _draw_elements(x, self.generator) if cfg.dihedral else None
-            gain = offset = None
-            if jitter:
-                gain, offset = _jitter_draws(x.shape[0], x.shape[1], cfg.intensity_scale, cfg.intensity_shift,
-                                             self.generator)
+            box = _box_from_uniforms(crop_u, *_box_bounds(self.config.crop_scale, self.config.crop_ratio))
             return _resample(x, *box, padding_mode="border", elements=elements, gain=gain, offset=offset)
-        if cfg.dihedral:
-            x = random_dihedral(x, self.generator)
-        if jitter:
-            x = intensity_jitter(x, cfg.intensity_scale, cfg.intensity_shift, self.generator)
+        if elements is not None:
+            x = _apply_dihedral(x, elements)
+        if gain is not None:
+            x = _apply_jitter(x, gain, offset)
         return x
+
+    def take(self, source: Any, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Augment rows of ``source``: the result of ``self(torch.from_numpy(source[rows]))``.
+
+        The same draws and values, but from a C-contiguous float32 ``(N, C, H, W)`` array
+        each sample is read straight from ``source`` by the compiled kernel, without
+        copying the batch first (the training loader's path). Any other ``source`` that
+        supports ``source[rows]`` is read first, then augmented.
+
+        Raises:
+            IndexError: When a row is outside ``source``.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        kernel = _kernel() if _kernel_source(source) else None
+        if kernel is None:
+            return self(torch.from_numpy(np.ascontiguousarray(source[rows], dtype=np.float32)))
+        if rows.ndim != 1 or (rows.size and (rows.min() < -len(source) or rows.max() >= len(source))):
+            raise IndexError(f"rows must be a 1-D list of indices into {len(source)} images; got {rows!r}")
+        rows = np.where(rows < 0, rows + len(source), rows)
+        draws = self._draw((len(rows), *source.shape[1:]))
+        if draws is None:
+            return torch.from_numpy(source[rows])
+        return torch.from_numpy(self._run_kernel(kernel, source, rows, draws))
+
+    def _draw(self, shape: Sequence[int]) -> tuple[np.ndarray | None, ...] | None:
+        """This batch's random draws, in this order: the crop's uniforms ``(4, N)``, the D4
+        elements ``(N,)``, the jitter's uniforms ``(2, N, C)`` (``None`` for each that is
+        off; ``None`` altogether when nothing is). The draws are those of
+        random_resized_crop, random_dihedral and intensity_jitter in turn."""
+        cfg = self.config
+        n, c = shape[0], shape[1]
+        crop_u = _crop_uniforms(n, self.generator) if cfg.crop_scale is not None else None
+        elements = _draw_elements(shape, self.generator) if cfg.dihedral else None
+        jitter = cfg.intensity_scale > 0 or cfg.intensity_shift > 0
+        jitter_u = _jitter_uniforms(n, c, self.generator) if jitter else None
+        if crop_u is None and elements is None and jitter_u is None:
+            return None
+        return crop_u, elements, jitter_u
+
+    def _run_kernel(self, kernel: Callable[..., None], src: np.ndarray, rows: np.ndarray,
+                    draws: tuple[np.ndarray | None, ...]) -> np.ndarray:
+        """The compiled kernel over ``src[rows]`` with a batch's draws (see :meth:`_draw`)."""
+        crop_u, elements, jitter_u = draws
+        n, (c, h, w) = len(rows), src.shape[1:]
+        cfg = self.config
+        none = np.empty((0, 0), dtype=np.float64)
+        bounds = np.array(_box_bounds(cfg.crop_scale, cfg.crop_ratio) if crop_u is not None else (1.0, 1.0, 0.0, 0.0))
+        out = np.empty((n, c, h, w), dtype=np.float32)
+        kernel(src, rows, none if crop_u is None else crop_u, bounds,
+               np.empty(0, dtype=np.int64) if elements is None else elements, _CANONICAL,
+               none.reshape(0, 0, 0) if jitter_u is None else jitter_u,
+               float(cfg.intensity_scale), float(cfg.intensity_shift), out)
+        return out
 
     def __repr__(self) -> str:
         return f"BatchAugment(config={self.config!r}, seed={self.seed})"
@@ -393,15 +491,7 @@ def _resample(
     # O = C' x^T R'^T, which is P itself (its row mirror reverses C, its column mirror R).
     # The taps are computed in NumPy: on small images, a few dozen tiny torch operations
     # would cost more than the resampling itself.
-    transposed = np.zeros(n, dtype=bool)
-    flip_first = flip_second = transposed
-    if elements is not None:
-        canon = _CANONICAL[np.asarray(elements, dtype=np.int64)]
-        transposed = canon[:, 0]
-        if transposed.any() and h != w:
-            raise ValueError(f"D4 elements that turn a quarter need square images; got {h} x {w}")
-        flip_first = np.where(transposed, canon[:, 2], canon[:, 1])
-        flip_second = np.where(transposed, canon[:, 1], canon[:, 2])
+    transposed, flip_first, flip_second = _element_flags(elements, n, h, w)
     first = _taps(sy, ty, h, n, padding_mode, flip_first)
     second = _taps(sx, tx, w, n, padding_mode, flip_second)
     out = _blend_rows(work.contiguous(), first)
@@ -414,6 +504,47 @@ def _resample(
     if offset is not None:
         out.add_(torch.from_numpy(offset).to(out.device, out.dtype))
     return out.to(x.dtype)
+
+
+def _element_flags(elements: ArrayLike | None, n: int, h: int, w: int) -> tuple[np.ndarray, ...]:
+    """Per sample: (transposed, reverse the first pass's taps, reverse the second's).
+
+    See :func:`_resample`: an element is (transpose, then mirror rows, then mirror columns)
+    of the crop, and a transposing element swaps which pass each mirror reverses.
+    """
+    transposed = np.zeros(n, dtype=bool)
+    if elements is None:
+        return transposed, transposed, transposed
+    canon = _CANONICAL[np.asarray(elements, dtype=np.int64)]
+    transposed = canon[:, 0]
+    if transposed.any() and h != w:
+        raise ValueError(f"D4 elements that turn a quarter need square images; got {h} x {w}")
+    return (transposed, np.where(transposed, canon[:, 2], canon[:, 1]),
+            np.where(transposed, canon[:, 1], canon[:, 2]))
+
+
+_KERNEL: Any = None
+
+
+def _kernel() -> Callable[..., None] | None:
+    """The compiled one-pass kernel (``cellclass.data._kernels``), or ``None`` without numba."""
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            from cellclass.data._kernels import augment_batch
+        except ImportError as exc:  # numba is a dependency; an install without it still trains
+            log.warning("batch augmentation runs as torch operations, several times slower on a CPU: %s "
+                        "(pip install numba)", exc)
+            _KERNEL = False
+        else:
+            _KERNEL = augment_batch
+    return _KERNEL or None
+
+
+def _kernel_source(source: Any) -> bool:
+    """Whether the kernel can read ``source`` in place: a C-contiguous float32 ``(N, C, H, W)`` array."""
+    return (isinstance(source, np.ndarray) and source.dtype == np.float32 and source.ndim == 4
+            and source.flags.c_contiguous)
 
 
 def _taps(scale: ArrayLike, shift: ArrayLike, size: int, n: int, padding_mode: str,

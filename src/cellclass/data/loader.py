@@ -69,9 +69,12 @@ class _Batches(Dataset):
 
     def __getitem__(self, item: tuple[np.ndarray, int | None]) -> torch.Tensor:
         rows, seed = item
-        batch = torch.from_numpy(np.ascontiguousarray(self.images[rows], dtype=np.float32))
         if self.augment is not None and seed is not None:
-            batch = BatchAugment(self.augment, seed)(batch)
+            # From in-memory normalized images, each sample is read straight into its
+            # augmented form (augment.BatchAugment.take): no copy of the batch in between.
+            batch = BatchAugment(self.augment, seed).take(self.images, rows)
+        else:
+            batch = torch.from_numpy(np.ascontiguousarray(self.images[rows], dtype=np.float32))
         return batch.contiguous(memory_format=self.memory_format)
 
 

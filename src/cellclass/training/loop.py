@@ -355,7 +355,6 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
                  tracker: Tracker | None) -> int:
     import torch
 
-    from cellclass.data.augment import AugmentConfig, BatchAugment
     from cellclass.training.checkpoint import load_checkpoint, save_checkpoint
     from cellclass.training.losses import build_loss, multitask_loss
 
@@ -378,11 +377,7 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
     model, optimizer = fabric.setup(model, optimizer)
 
     order = torch.Generator().manual_seed(config.seed)
-    augment = BatchAugment(
-        AugmentConfig(dihedral=True, crop_scale=tuple(config.crop_scale) if config.crop_scale else None,
-                      intensity_scale=config.intensity_scale, intensity_shift=config.intensity_shift),
-        seed=config.seed + 7919 * fabric.global_rank,
-    ) if config.augment else None
+    augment = augmenter(config, fabric.global_rank)
 
     from cellclass.data.loader import BatchLoader, default_workers
 
@@ -421,12 +416,8 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
             xb = next(batches)  # read, normalized and augmented by the loader (see data/loader.py)
             xb = fabric.to_device(xb.contiguous(memory_format=fmt))
             yb = {t: fabric.to_device(v[idx]) for t, v in y_train.items()}
-            loss = total_loss(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            fabric.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            running += float(loss.detach()) * len(idx)
+            loss = train_step(fabric, model, optimizer, scheduler, total_loss, xb, yb)
+            running += loss * len(idx)
             seen += len(idx)
             if progress and fabric.is_global_zero:
                 progress(f"epoch {epoch}/{config.epochs}", step + 1, steps)
@@ -469,6 +460,31 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
             break
     loader.close()
     return best_epoch
+
+
+def augmenter(config: TrainConfig, rank: int = 0) -> Any:
+    """The training batches' :class:`~cellclass.data.augment.BatchAugment` (``None`` when off).
+
+    Each rank of a distributed run draws from its own seed.
+    """
+    from cellclass.data.augment import AugmentConfig, BatchAugment
+
+    if not config.augment:
+        return None
+    crop = tuple(config.crop_scale) if config.crop_scale else None
+    return BatchAugment(AugmentConfig(dihedral=True, crop_scale=crop, intensity_scale=config.intensity_scale,
+                                      intensity_shift=config.intensity_shift), seed=config.seed + 7919 * rank)
+
+
+def train_step(fabric: Any, model: Any, optimizer: Any, scheduler: Any, total_loss: Any, xb: Any,
+               yb: Mapping[str, Any]) -> float:
+    """One optimization step on a ready batch; returns its loss."""
+    loss = total_loss(model(xb), yb)
+    optimizer.zero_grad(set_to_none=True)
+    fabric.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
 
 
 def _unwrap(model: Any) -> Any:
