@@ -3,11 +3,13 @@
 :class:`~cellclass.data.augment.BatchAugment` on a CPU float32 batch takes each sample's
 rows straight from the source array (the normalized training images), crops and resizes
 them bilinearly, applies the sample's D4 element and intensity jitter, and writes the
-result once: two megabytes of memory traffic for a 64 x 1 x 64 x 64 batch, where the same
-work as torch operations (row gathers, blends, transposes) moves about ten times as much
-and, on a small network, shows in the training step that follows (``benchmarks/
-train_step.py``). The values are those of ``augment._resample`` (same taps, same float32
-weights, same order of operations), which stays the path for other devices and dtypes.
+result once (the batch is read once and written once), where the same work as torch
+operations passes over the batch a dozen times (gathers of both taps, blends, transposes,
+the offset): on a small network that showed in the training throughput
+(``benchmarks/train_step.py``, docs/benchmarks.md). The values are those of ``augment._resample`` (same taps, same float32
+weights, same order of operations), which stays the path for other devices and dtypes; the
+crop boxes and jitter factors come from the same functions as there
+(``augment._box_from_uniforms``, ``augment._jitter_from_uniforms``), compiled here.
 
 Compiled on first use and cached beside this file (numba ``cache=True``), so a process
 after the first loads it in milliseconds.

@@ -8,6 +8,11 @@ copying whole rows); intensity jitter scales and shifts each channel of each sam
 Randomness comes from a ``torch.Generator`` only, so a seed reproduces a run.
 
 Every function takes a whole batch and draws an independent transform per sample.
+
+:class:`BatchAugment`, the training augmenter, applies crop, D4 element and jitter in one
+resampling. On a CPU float32 batch that is one compiled pass (``_kernels``, numba) that can
+read each sample straight from the normalized images (:meth:`BatchAugment.take`); on other
+devices and dtypes, torch operations with the same draws and values.
 """
 
 from __future__ import annotations
