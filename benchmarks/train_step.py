@@ -30,7 +30,7 @@ channels-last) against channels-last + bf16 autocast, and (without ``--quick``) 
 accuracy holds under bf16: short ``train`` runs of LeNet-5 and ResNet18, fp32 and
 bf16-mixed, same split and seeds.
 
-    python benchmarks/train_step.py            # about 10 minutes on 2 cores
+    python benchmarks/train_step.py            # about 12 minutes on 2 cores
     python benchmarks/train_step.py --quick    # a few steps each, about a minute
 """
 
@@ -299,7 +299,7 @@ def main() -> None:
         ("resnet18", 64): 2 if quick else 4,
         ("resnet18", 128): 1 if quick else 2,
     }
-    rounds = 1 if quick else 7
+    rounds = 1 if quick else 9
     try:
         data = work / "bps"
         if not (data / "meta.csv").is_file():
