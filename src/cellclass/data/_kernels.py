@@ -52,7 +52,7 @@ _jitter = njit(cache=True, nogil=True)(_jitter_from_uniforms)
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def augment_batch(src: np.ndarray, rows: np.ndarray, crop_u: np.ndarray, bounds: np.ndarray, elements: np.ndarray,
-                  canonical: np.ndarray, jitter_u: np.ndarray, scale: float, shift: float,
+                  pass_flags: np.ndarray, jitter_u: np.ndarray, scale: float, shift: float,
                   out: np.ndarray) -> None:  # pragma: no cover - compiled
     """``out[s] = jitter(D4(crop(src[rows[s]])))`` for every sample ``s``, from the batch's draws.
 
@@ -62,8 +62,8 @@ def augment_batch(src: np.ndarray, rows: np.ndarray, crop_u: np.ndarray, bounds:
         crop_u: ``(4, n)`` uniforms of the crop boxes, or ``(0, 0)`` for no crop.
         bounds: The crop's area and log aspect ranges (``augment._box_bounds``).
         elements: ``(n,)`` D4 elements, or empty for none.
-        canonical: ``augment._CANONICAL``, each element as (transpose, mirror rows, mirror
-            columns).
+        pass_flags: ``augment._PASS_FLAGS``, each element as (transposed, reverse the first
+            pass's taps, reverse the second's).
         jitter_u: ``(2, n, C)`` uniforms of the intensity jitter, or ``(0, 0, 0)`` for none.
         scale, shift: The jitter's half-widths.
         out: ``(n, C, H, W)`` float32, written.
@@ -88,14 +88,10 @@ def augment_batch(src: np.ndarray, rows: np.ndarray, crop_u: np.ndarray, bounds:
     blended[width] = 0.0  # the upper tap past the last column always has weight 0
     line = np.empty(width, dtype=np.float32)
     for s in range(n):
-        # The element in augment._resample's terms: a transposing element swaps which
-        # pass each of its mirrors reverses.
         transposed = flip_first = flip_second = False
         if elements.shape[0] > 0:
-            form = canonical[elements[s]]
-            transposed = form[0]
-            flip_first = form[2] if transposed else form[1]
-            flip_second = form[1] if transposed else form[2]
+            flags = pass_flags[elements[s]]
+            transposed, flip_first, flip_second = flags[0], flags[1], flags[2]
             if transposed and height != width:
                 raise ValueError("D4 elements that turn a quarter need square images")
         _border_taps(sy[s], ty[s], height, flip_first, first_index, first_weight)

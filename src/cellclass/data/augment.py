@@ -375,7 +375,7 @@ class BatchAugment:
         bounds = np.array(_box_bounds(cfg.crop_scale, cfg.crop_ratio) if crop_u is not None else (1.0, 1.0, 0.0, 0.0))
         out = np.empty((n, c, h, w), dtype=np.float32)
         kernel(src, rows, none if crop_u is None else crop_u, bounds,
-               np.empty(0, dtype=np.int64) if elements is None else elements, _CANONICAL,
+               np.empty(0, dtype=np.int64) if elements is None else elements, _PASS_FLAGS,
                none.reshape(0, 0, 0) if jitter_u is None else jitter_u,
                float(cfg.intensity_scale), float(cfg.intensity_shift), out)
         return out
@@ -517,15 +517,13 @@ def _element_flags(elements: ArrayLike | None, n: int, h: int, w: int) -> tuple[
     See :func:`_resample`: an element is (transpose, then mirror rows, then mirror columns)
     of the crop, and a transposing element swaps which pass each mirror reverses.
     """
-    transposed = np.zeros(n, dtype=bool)
     if elements is None:
-        return transposed, transposed, transposed
-    canon = _CANONICAL[np.asarray(elements, dtype=np.int64)]
-    transposed = canon[:, 0]
-    if transposed.any() and h != w:
+        none = np.zeros(n, dtype=bool)
+        return none, none, none
+    flags = _PASS_FLAGS[np.asarray(elements, dtype=np.int64)]
+    if flags[:, 0].any() and h != w:
         raise ValueError(f"D4 elements that turn a quarter need square images; got {h} x {w}")
-    return (transposed, np.where(transposed, canon[:, 2], canon[:, 1]),
-            np.where(transposed, canon[:, 1], canon[:, 2]))
+    return flags[:, 0], flags[:, 1], flags[:, 2]
 
 
 _KERNEL: Any = None
@@ -616,7 +614,16 @@ def _canonical_forms() -> np.ndarray:
     return np.array(forms, dtype=bool)
 
 
-_CANONICAL = _canonical_forms()
+def _pass_flags() -> np.ndarray:
+    """``(8, 3)`` bool: each D4 element as :func:`_resample` applies it: (transposed, reverse
+    the first pass's taps, reverse the second's). A transposing element swaps which pass
+    each of its mirrors reverses."""
+    transposed, mirror_rows, mirror_columns = _canonical_forms().T
+    return np.stack([transposed, np.where(transposed, mirror_columns, mirror_rows),
+                     np.where(transposed, mirror_rows, mirror_columns)], axis=1)
+
+
+_PASS_FLAGS = _pass_flags()
 
 
 def _check_batch(x: torch.Tensor) -> None:
