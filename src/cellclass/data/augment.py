@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cellclass.data.loading import checked_rows
+
 log = logging.getLogger(__name__)
 
 DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
@@ -342,9 +344,9 @@ class BatchAugment:
         kernel = _kernel() if _kernel_source(source) else None
         if kernel is None:
             return self(torch.from_numpy(np.ascontiguousarray(source[rows], dtype=np.float32)))
-        if rows.ndim != 1 or (rows.size and (rows.min() < -len(source) or rows.max() >= len(source))):
+        if rows.ndim != 1:
             raise IndexError(f"rows must be a 1-D list of indices into {len(source)} images; got {rows!r}")
-        rows = np.where(rows < 0, rows + len(source), rows)
+        rows = checked_rows(rows, len(source))
         draws = self._draw((len(rows), *source.shape[1:]))
         if draws is None:
             return torch.from_numpy(source[rows])

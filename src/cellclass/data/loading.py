@@ -119,6 +119,20 @@ def load_images(
     return out
 
 
+def checked_rows(index: np.ndarray, n: int) -> np.ndarray:
+    """Integer row indices into ``n`` images, negatives counted from the end, as
+    ``np.arange(n)[index]`` gives them, without building that range.
+
+    Raises:
+        IndexError: When an index is outside ``-n .. n - 1``.
+    """
+    rows = np.where(index < 0, index + n, index)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(f"row index out of range for {n} images: rows must be indices into {n} images; "
+                         f"got {index!r}")
+    return rows
+
+
 class NormalizedView:
     """An image array whose rows are normalized when read, so memory stays with the source.
 
@@ -141,9 +155,7 @@ class NormalizedView:
 
     def __getitem__(self, index: Any) -> np.ndarray:
         if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
-            rows = np.where(index < 0, index + len(self.images), index)  # as arange(n)[index] gives
-            if rows.size and (rows.min() < 0 or rows.max() >= len(self.images)):
-                raise IndexError(f"row index out of range for {len(self.images)} images")
+            rows = checked_rows(index, len(self.images))
         else:
             rows = np.atleast_1d(np.arange(len(self.images))[index])
         order = np.argsort(rows, kind="stable")
