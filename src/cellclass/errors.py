@@ -49,3 +49,19 @@ class TrackingError(CellclassError):
 
 class SweepError(CellclassError):
     """A sweep file, its metric or parameters, or its study cannot be used as asked."""
+
+
+class ConfigError(CellclassError, ValueError):
+    """A setting (of training, augmentation, normalization or the loader) has an invalid key or value."""
+
+
+class NormalizationError(CellclassError, ValueError):
+    """Images cannot be normalized as asked (no training image, channel counts differ, not fitted)."""
+
+
+class ImageWriteError(CellclassError, ValueError):
+    """An array cannot be written in the asked image format (its shape or dtype does not fit)."""
+
+
+class OutputPathError(CellclassError):
+    """An output path cannot be used: it is one of the inputs, or a folder where a file is needed."""
