@@ -71,7 +71,7 @@ def test_duplicates_empty_labels_typos_and_nan_pixels(tmp_path: Path) -> None:
     frame.to_csv(tmp_path / "m.csv", index=False)
     report = validate(spec_from_manifest(tmp_path / "m.csv", image_col="f", tasks=["y"]))
     reasons = {(p.row, p.field): p.reason for p in report.problems}
-    assert reasons[(4, "row")] == "duplicate of row 1 (same image)"
+    assert reasons[(4, "row")] == "duplicate of row 1 (the same row again)"
     assert reasons[(7, "label:y")] == "empty label in column(s) y"
     assert "probable typo of 'mitotic'" in reasons[(9, "label:y")]
     assert reasons[(5, "image")] == "1 NaN and 1 Inf pixel(s); pixels must be finite"

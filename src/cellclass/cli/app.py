@@ -7,8 +7,9 @@ CSV with ``--image-col`` and ``--task``, or a folder with ``--preset``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cellclass import __version__
+from cellclass.errors import OutputPathError
 
 app = typer.Typer(
     name="cellclass",
@@ -70,6 +72,38 @@ def _spec(source: Path, preset: str | None, image_col: str | None, task: list[st
 
     return load_spec(source, preset_name=preset, image_col=image_col, tasks=task or [],
                      groups=group or [], delimiter=delimiter, drop_unlabeled=drop_unlabeled, where=where)
+
+
+def check_output_file(path: Path, option: str, inputs: Iterable[Path] = (),
+                      input_folders: Iterable[Path] = ()) -> Path:
+    """Refuse an output file that is a folder or would overwrite an input; return ``path``.
+
+    Args:
+        path: Where the command is asked to write one file.
+        option: How the user gave it (``--out``), for the message.
+        inputs: Files the command reads: none of them may be the output.
+        input_folders: Folders the command reads (a run folder): no existing file in them
+            may be the output.
+
+    Raises:
+        OutputPathError: When ``path`` is a folder (or ends with a separator), is one of
+            ``inputs``, or is an existing file inside one of ``input_folders``.
+    """
+    if path.is_dir() or str(path).endswith(("/", os.sep)):
+        raise OutputPathError(f"{option} {str(path)!r} is a folder; valid: a file path, "
+                              f"e.g. {str(path / 'predictions.csv')!r}")
+    if not path.exists():
+        return path
+    target = path.resolve()
+    for source in inputs:
+        if source.exists() and source.resolve() == target:
+            raise OutputPathError(f"{option} {str(path)!r} is one of the inputs ({str(source)!r}); valid: "
+                                  "a path that is not an input (inputs are never overwritten)")
+    for folder in input_folders:
+        if folder.is_dir() and target.is_relative_to(folder.resolve()):
+            raise OutputPathError(f"{option} {str(path)!r} is a file of the input folder {str(folder)!r}; "
+                                  "valid: a new file, or one outside that folder (inputs are never overwritten)")
+    return path
 
 
 @contextmanager

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cellclass.cli.app import (
@@ -21,12 +24,12 @@ from cellclass.cli.app import (
     _spec,
     _stage_progress,
     app,
+    check_output_file,
     console,
+    err_console,
 )
-from cellclass.errors import CellclassError
-import dataclasses
-
 from cellclass.cli.data import _print_inspection
+from cellclass.errors import CellclassError
 
 
 @app.command()
@@ -191,28 +194,49 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path("predictions.csv"),
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
 ) -> None:
-    """Predict image files with a trained run; writes one CSV row per image."""
+    """Predict image files with a trained run; writes one CSV row per image.
+
+    An image that cannot be predicted (missing, undecodable, empty, NaN pixels, another
+    channel count) keeps its row, with the reason in the ``error`` column, and the others
+    are predicted; the command then exits 1. The output never replaces an input.
+    """
     import pandas as pd
 
     from cellclass.atomic import atomic_path
     from cellclass.data.io import read_image
     from cellclass.serving.predictor import Predictor
 
+    check_output_file(out, "--out", inputs=[run, *images], input_folders=[run])
     predictor = Predictor.from_checkpoint(run, tta=tta)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for start in range(0, len(images), 256):
         chunk = images[start : start + 256]
-        results = predictor.predict_images([read_image(p) for p in chunk])
-        for path, result in zip(chunk, results, strict=True):
-            row: dict[str, Any] = {"image": str(path)}
+        prepared: dict[int, Any] = {}
+        for i, path in enumerate(chunk):
+            row: dict[str, Any] = {"image": str(path), "error": ""}
+            try:
+                prepared[i] = predictor.prepare([read_image(path)], names=[f"image {str(path)!r}"])
+            except CellclassError as exc:
+                row["error"] = str(exc)
+                err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            rows.append(row)
+        if not prepared:
+            continue
+        x = predictor.normalize(np.concatenate(list(prepared.values())))
+        results = predictor.describe(predictor.predict_normalized(x))
+        for i, result in zip(prepared, results, strict=True):
+            row = rows[start + i]
             for task_name, r in result.items():
                 label = r["label"]
                 row[task_name] = ";".join(label) if isinstance(label, list) else label
                 row.update({f"{task_name}__p__{c}": round(p, 6) for c, p in r["probabilities"].items()})
-            rows.append(row)
     with atomic_path(out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    console.print(f"{len(rows)} prediction(s) written to {out}")
+    failed = sum(bool(r["error"]) for r in rows)
+    console.print(f"{len(rows) - failed} prediction(s) written to {out}"
+                  + (f"; {failed} image(s) could not be predicted (see the error column)" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
