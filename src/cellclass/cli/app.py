@@ -6,20 +6,27 @@ CSV with ``--image-col`` and ``--task``, or a folder with ``--preset``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from cellclass import __version__
 from cellclass.errors import OutputPathError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 app = typer.Typer(
     name="cellclass",
@@ -31,8 +38,76 @@ app = typer.Typer(
 simulate_app = typer.Typer(help="Write realistic simulated datasets (deterministic by seed).", no_args_is_help=True)
 app.add_typer(simulate_app, name="simulate")
 
-console = Console()
-err_console = Console(stderr=True)
+class _Unfolded:
+    """A table rendered at its natural width: no cell folded across lines, one line per row."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        wide = options.update(width=_UNBOUNDED, max_width=_UNBOUNDED)
+        width = Measurement.get(console, wide, self.table).maximum
+        yield from console.render(self.table, options.update(width=width, max_width=width))
+
+
+_UNBOUNDED = 1_000_000
+
+
+class CliConsole(Console):
+    """The commands' console. Outside a terminal (a pipe, a file, a CI log) it wraps no line:
+    a text line stays one line and a table is printed at its natural width, so a file name
+    is never folded across lines and ``grep NAME`` finds its row."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # noqa: D102 (as rich's)
+        if not self.is_terminal:
+            kwargs.setdefault("soft_wrap", True)
+            objects = tuple(_Unfolded(o) if isinstance(o, Table) else o for o in objects)
+        super().print(*objects, **kwargs)
+
+
+console = CliConsole()
+err_console = CliConsole(stderr=True)
+
+
+class OutputFormat(str, Enum):
+    """How a command prints its result on stdout."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+FormatOpt = Annotated[
+    OutputFormat,
+    typer.Option("--format", case_sensitive=False,
+                 help="table (to read), json or csv (for programs: only the data goes to stdout, "
+                      "messages to stderr)."),
+]
+
+
+def write_json(data: Any) -> None:
+    """Print ``data`` as JSON on stdout (plain text, never rich markup)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_csv(tables: Mapping[str, pd.DataFrame]) -> None:
+    """Print tables as CSV on stdout: one table as it is; several as blocks, each after a
+    ``# NAME`` line and followed by a blank line."""
+    single = len(tables) == 1
+    for name, frame in tables.items():
+        if not single:
+            sys.stdout.write(f"# {name}\n")
+        frame.to_csv(sys.stdout, index=False, lineterminator="\n")
+        if not single:
+            sys.stdout.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
 
 # -- shared spec options ---------------------------------------------------------------
 SpecArg = Annotated[

@@ -107,7 +107,9 @@ class ValidationReport:
 
     def to_frame(self) -> pd.DataFrame:
         """Problems as a table with columns row, file, field, severity, reason."""
-        return pd.DataFrame([asdict(p) for p in self.problems], columns=PROBLEM_COLUMNS)
+        frame = pd.DataFrame([asdict(p) for p in self.problems], columns=PROBLEM_COLUMNS)
+        frame["row"] = frame["row"].astype("Int64")  # integers, empty for dataset-wide problems
+        return frame
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary and every problem."""
