@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         argv: Arguments after ``cellclass`` (default: ``sys.argv[1:]``).
     """
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="cellclass", standalone_mode=False)
     except CellclassError as exc:
         _fail(str(exc))
     except typer.TyperException as exc:  # click's usage errors

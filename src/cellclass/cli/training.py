@@ -14,10 +14,12 @@ from rich.table import Table
 from cellclass.cli.app import (
     DelimiterOpt,
     DropUnlabeledOpt,
+    FormatOpt,
     GroupOpt,
     ImageColOpt,
     PresetOpt,
     SpecArg,
+    OutputFormat,
     TaskOpt,
     WhereOpt,
     _progress,
@@ -27,6 +29,8 @@ from cellclass.cli.app import (
     check_output_file,
     console,
     err_console,
+    write_csv,
+    write_json,
 )
 from cellclass.cli.data import _print_inspection
 from cellclass.errors import CellclassError
@@ -131,6 +135,7 @@ def train(
     from cellclass.training.loop import train as run_train
 
     ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
     if resume and (out / "config.yaml").is_file():
         from cellclass.evaluation.evaluate import run_config
 
@@ -273,6 +278,7 @@ def cv(
     from cellclass.evaluation.crossval import cross_validate
 
     ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
     cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
                        lr=lr, split_by=split_by, split=split, seed=seed, cache=cache)
     from cellclass.tracking.runs import FoldLogger, cv_progress
@@ -303,11 +309,25 @@ def compare(
     metric: Annotated[str, typer.Option("--metric", help="macro_f1 or accuracy, for the paired bootstrap.")] = "macro_f1",
     n_boot: Annotated[int, typer.Option("--n-boot", min=100, help="Bootstrap resamples.")] = 2000,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for compare.json, tables and a plot.")] = None,
+    output: FormatOpt = OutputFormat.table,
 ) -> None:
     """Side-by-side metrics, paired bootstrap confidence intervals and McNemar tests on the same test images."""
+    import pandas as pd
+
     from cellclass.evaluation.evaluate import compare_runs
 
     result = compare_runs(runs, task=task, metric=metric, n_boot=n_boot, out=out)
+    if output is not OutputFormat.table:
+        if output is OutputFormat.json:
+            write_json(result)
+        else:
+            write_csv({
+                "metrics": pd.DataFrame([{"task": t, **row} for t, b in result["tasks"].items() for row in b["table"]]),
+                "pairs": pd.DataFrame([{"task": t, **pair} for t, b in result["tasks"].items() for pair in b["pairs"]]),
+            })
+        if out is not None:
+            err_console.print(f"comparison written to {out}")
+        return
     for task_name, block in result["tasks"].items():
         table = Table(title=f"task {task_name}: test metrics with 95% bootstrap CI ({block['n']} images)")
         for col in ("run", "model", "split", "accuracy", "macro F1"):
