@@ -9,8 +9,7 @@ before the checks they exercise existed.
 
 from __future__ import annotations
 
-import inspect
-import re
+import sys
 import typing
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import pytest
 import typer
 
 from cellclass.cli import app, main
-from cellclass.data.io import write_tiff
+from cellclass.data.presets import bps
+from cellclass.training.config import TrainConfig
+from cellclass.training.loop import train
 
 
 def leaf_commands() -> list[tuple[list[str], typer.core.TyperCommand]]:
@@ -73,8 +74,9 @@ def call(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     An exception other than ``SystemExit`` escaping :func:`main` is what a user sees as a
     traceback; it propagates and fails the test.
     """
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(sys, "argv", ["cellclass", *map(str, args)])
+        main()
     out, err = capsys.readouterr()
     code = exit_info.value.code
     return (code if isinstance(code, int) else 1), out, err
@@ -131,15 +133,15 @@ def test_bad_files_in_every_path_are_one_error_line(words: list[str], command: o
 
 
 # -- the cases of a user's mistake, one by one ----------------------------------------------
+TINY_CONFIG = TrainConfig(model="mlp", tasks=["particle_type"], image_size=16, tta=False)
+"""The MLP baseline on particle type at 16 x 16: a run in a few seconds."""
+
+
 @pytest.fixture(scope="module")
 def tiny_run(bps_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The MLP baseline trained on the simulated BPS set (particle type, 16 x 16)."""
-    from cellclass.data.presets import bps
-    from cellclass.training.config import TrainConfig
-    from cellclass.training.loop import train
-
+    """A run of :data:`TINY_CONFIG` on the simulated BPS set."""
     run = tmp_path_factory.mktemp("tiny") / "run"
-    train(bps(bps_dir), TrainConfig(model="mlp", tasks=["particle_type"], image_size=16, tta=False), run)
+    train(bps(bps_dir), TINY_CONFIG, run)
     return run
 
 
