@@ -153,7 +153,7 @@ def test_paths_out_of_the_data_folder_are_warnings(tmp_path: Path) -> None:
     assert warnings[2].startswith(f"path '../outside.tif' leaves the data folder through '..' (to '{outside}')")
     assert warnings[3].startswith(f"absolute path '{outside}' outside the data folder")
     assert warnings[4].startswith(f"path 'link.tif' is a symbolic link to '{outside}'")
-    assert all(f"valid: a path inside it" in w for w in warnings.values())
+    assert all("valid: a path inside it" in w for w in warnings.values())
 
 
 def test_folders_and_broken_links_are_named_as_what_they_are(tmp_path: Path) -> None:

@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cellclass.errors import SweepError
 from cellclass.textfiles import load_yaml
 
