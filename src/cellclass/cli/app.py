@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -161,10 +160,10 @@ def check_output_file(path: Path, option: str, inputs: Iterable[Path] = (),
             may be the output.
 
     Raises:
-        OutputPathError: When ``path`` is a folder (or ends with a separator), is one of
+        OutputPathError: When ``path`` is a folder, is one of
             ``inputs``, or is an existing file inside one of ``input_folders``.
     """
-    if path.is_dir() or str(path).endswith(("/", os.sep)):
+    if path.is_dir():
         raise OutputPathError(f"{option} {str(path)!r} is a folder; valid: a file path, "
                               f"e.g. {str(path / 'predictions.csv')!r}")
     if not path.exists():
