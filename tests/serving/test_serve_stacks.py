@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,7 @@ def _imagej_bytes(stack: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def stack_server(tmp_path_factory: pytest.TempPathFactory) -> Server:
+def stack_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("stacks")
     rng = np.random.default_rng(0)
     rows = []
