@@ -49,3 +49,8 @@ class TrackingError(CellclassError):
 
 class SweepError(CellclassError):
     """A sweep file, its metric or parameters, or its study cannot be used as asked."""
+
+
+class StackError(ImageReadError):
+    """An image file holds a Z stack, a time series or several series (positions) and
+    nothing says how to make one ``(C, H, W)`` image of it."""

@@ -14,9 +14,12 @@ from cellclass.cli.app import (
     GroupOpt,
     ImageColOpt,
     PresetOpt,
+    SeriesOpt,
     SpecArg,
     TaskOpt,
+    TOpt,
     WhereOpt,
+    ZOpt,
     _progress,
     _spec,
     _stage_progress,
@@ -104,6 +107,7 @@ def train(
     delimiter: DelimiterOpt = None,
     drop_unlabeled: DropUnlabeledOpt = False,
     where: WhereOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     model: ModelOpt = None,
     epochs: EpochsOpt = None,
     image_size: SizeOpt = None,
@@ -127,7 +131,7 @@ def train(
     """Train a model, select its best epoch on validation, evaluate it on test, write the run folder."""
     from cellclass.training.loop import train as run_train
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     if resume and (out / "config.yaml").is_file():
         from cellclass.evaluation.evaluate import run_config
 
@@ -172,13 +176,14 @@ def evaluate(
     image_col: ImageColOpt = None,
     task: TaskOpt = None,
     group: GroupOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/evaluation).")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
 ) -> None:
     """Evaluate a run's best checkpoint on its test split or on another dataset."""
     from cellclass.evaluation.evaluate import evaluate_run
 
-    spec = _spec(data, preset, image_col, task, group) if data is not None else None
+    spec = _spec(data, preset, image_col, task, group, z=z, t=t, series=series) if data is not None else None
     with _stage_progress() as progress:
         result = evaluate_run(run, spec=spec, out=out, tta=tta, progress=progress)
     _print_metrics(result, out or run / "evaluation")
@@ -195,14 +200,13 @@ def predict(
     import pandas as pd
 
     from cellclass.atomic import atomic_path
-    from cellclass.data.io import read_image
     from cellclass.serving.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(run, tta=tta)
     rows = []
     for start in range(0, len(images), 256):
         chunk = images[start : start + 256]
-        results = predictor.predict_images([read_image(p) for p in chunk])
+        results = predictor.predict_images([predictor.read_image(p) for p in chunk])
         for path, result in zip(chunk, results, strict=True):
             row: dict[str, Any] = {"image": str(path)}
             for task_name, r in result.items():
@@ -227,6 +231,7 @@ def cv(
     delimiter: DelimiterOpt = None,
     drop_unlabeled: DropUnlabeledOpt = False,
     where: WhereOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     model: ModelOpt = None,
     epochs: EpochsOpt = None,
     image_size: SizeOpt = None,
@@ -248,7 +253,7 @@ def cv(
     """
     from cellclass.evaluation.crossval import cross_validate
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
                        lr=lr, split_by=split_by, split=split, seed=seed, cache=cache)
     from cellclass.tracking.runs import FoldLogger, cv_progress

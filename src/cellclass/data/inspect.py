@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
+from cellclass.data.io import describe_image
 from cellclass.data.labels import natural_key
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import ImageReadError
@@ -40,6 +41,9 @@ NEARLY_U = 0.8
 """Theil's U (or Cramér's V) at or above which a label counts as nearly determined."""
 ASSOCIATED_V = 0.3
 """Cramér's V (or Theil's U) at or above which a label counts as associated with a group."""
+
+AXES_SAMPLE = 50
+"""Files whose declared axes ``inspect`` describes (the first of the sampled rows)."""
 
 ProgressFn = Callable[[int, int], None]
 
@@ -100,6 +104,9 @@ class InspectionReport:
     confounds: list[Confound] = field(default_factory=list)
     control_checks: list[ControlCheck] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    axes: list[str] = field(default_factory=list)
+    """How the sampled files' axes are read (pages as channels, Z stacks, OME channel
+    names), one line per kind with its count."""
 
     @property
     def warnings(self) -> list[str]:
@@ -136,6 +143,7 @@ class InspectionReport:
             "channel_stats": None if self.channel_stats is None else self.channel_stats.to_dict("records"),
             "confounds": [c.__dict__ for c in self.confounds],
             "control_checks": [c.__dict__ for c in self.control_checks],
+            "axes": self.axes,
             "warnings": self.warnings,
             "outputs": self.outputs,
         }
@@ -196,6 +204,7 @@ def inspect_dataset(
     else:
         available = np.flatnonzero(exists)
         chosen = np.sort(rng.choice(available, size=min(max_images, len(available)), replace=False))
+        report.axes = _axes_notes(spec, [records[i] for i in chosen[:AXES_SAMPLE]])
         images = _read_many(spec, [records[i] for i in chosen], workers, progress)
         report.images_checked = sum(a is not None for a in images)
         report.channel_stats = _channel_stats(spec, [a for a in images if a is not None])
@@ -353,6 +362,20 @@ def _control_checks(spec: DatasetSpec, frame: pd.DataFrame, labels: dict[str, li
 
 
 # -- pixels ----------------------------------------------------------------------------
+def _axes_notes(spec: DatasetSpec, records: list[dict[str, Any]]) -> list[str]:
+    """One line per kind of axes among the rows' (first) files, with how many have it."""
+    counts: Counter = Counter()
+    for record in records:
+        try:
+            note = describe_image(spec.image_paths(record)[0]).note(spec.image.axes_policy(record))
+        except ImageReadError as exc:  # reading problems are the pixel statistics' (and validate's)
+            log.debug("cannot describe the axes of row %s: %s", record.get("_row"), exc)
+            continue
+        counts[note] += 1
+    total = sum(counts.values())
+    return [f"{note} ({n} of {total} files described)" for note, n in counts.most_common()]
+
+
 def _read_many(spec: DatasetSpec, records: list[dict[str, Any]], workers: int,
                progress: ProgressFn | None) -> list[np.ndarray | None]:
     def read(record: dict[str, Any]) -> np.ndarray | None:
@@ -375,7 +398,7 @@ def _channel_stats(spec: DatasetSpec, images: list[np.ndarray]) -> pd.DataFrame:
     if not images:
         return pd.DataFrame()
     n_channels = Counter(a.shape[0] for a in images).most_common(1)[0][0]
-    names = spec.image.channels if spec.image.channels and len(spec.image.channels) == n_channels \
+    names = spec.image.channel_names if spec.image.channel_names and len(spec.image.channel_names) == n_channels \
         else [f"ch{i}" for i in range(n_channels)]
     rows = []
     rng = np.random.default_rng(0)
