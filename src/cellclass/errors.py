@@ -51,6 +51,11 @@ class SweepError(CellclassError):
     """A sweep file, its metric or parameters, or its study cannot be used as asked."""
 
 
+class StackError(ImageReadError):
+    """An image file holds a Z stack, a time series or several series (positions) and
+    nothing says how to make one ``(C, H, W)`` image of it."""
+
+
 class ConfigError(CellclassError, ValueError):
     """A setting (of training, augmentation, normalization or the loader) has an invalid key or value."""
 

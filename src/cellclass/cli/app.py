@@ -1,7 +1,8 @@
 """The ``cellclass`` app and what its commands share: options, spec resolution, progress.
 
 Every command that reads a dataset takes the same spec options: a YAML spec, a manifest
-CSV with ``--image-col`` and ``--task``, or a folder with ``--preset``.
+CSV with ``--image-col`` and ``--task``, or a folder with ``--preset``; and the same stack
+options, ``--z``, ``--t`` and ``--series``.
 """
 
 from __future__ import annotations
@@ -137,15 +138,29 @@ WhereOpt = Annotated[
 DropUnlabeledOpt = Annotated[
     bool, typer.Option("--drop-unlabeled", help="Drop rows whose labels are all empty.")
 ]
+ZOpt = Annotated[
+    str | None, typer.Option("--z", help="Z stacks: max, mean, sum or min projection, middle, or slice N "
+                                         "(0-based). Without it, a file with Z > 1 is refused.")
+]
+TOpt = Annotated[
+    str | None, typer.Option("--t", help="Time series: frame N (0-based), max, mean (or sum, min, "
+                                         "middle). Without it, a file with T > 1 is refused.")
+]
+SeriesOpt = Annotated[
+    int | None, typer.Option("--series", min=0, help="Series (OME image, position) to read of files "
+                                                     "holding several.")
+]
 
 
 def _spec(source: Path, preset: str | None, image_col: str | None, task: list[str] | None,
           group: list[str] | None, delimiter: str | None = None, drop_unlabeled: bool = False,
-          where: list[str] | None = None) -> Any:
+          where: list[str] | None = None, z: str | None = None, t: str | None = None,
+          series: int | None = None) -> Any:
     from cellclass.data.presets import load_spec
 
     return load_spec(source, preset_name=preset, image_col=image_col, tasks=task or [],
-                     groups=group or [], delimiter=delimiter, drop_unlabeled=drop_unlabeled, where=where)
+                     groups=group or [], delimiter=delimiter, drop_unlabeled=drop_unlabeled, where=where,
+                     z=z, t=t, series=series)
 
 
 def check_output_file(path: Path, option: str, inputs: Iterable[Path] = (),

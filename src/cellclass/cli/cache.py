@@ -14,9 +14,12 @@ from cellclass.cli.app import (
     GroupOpt,
     ImageColOpt,
     PresetOpt,
+    SeriesOpt,
     SpecArg,
     TaskOpt,
+    TOpt,
     WhereOpt,
+    ZOpt,
     _progress,
     _spec,
     app,
@@ -48,6 +51,7 @@ def prepare(
     delimiter: DelimiterOpt = None,
     drop_unlabeled: DropUnlabeledOpt = False,
     where: WhereOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     image_size: Annotated[int, typer.Option("--image-size", min=8, help="Side of the square images stored.")] = 64,
     fit: Annotated[str, typer.Option("--fit", help="pad, resize or crop.")] = "pad",
     channels: Annotated[str | None, typer.Option("--channels", help="Channel indices to keep, e.g. 0,2 (default: all).")] = None,
@@ -66,7 +70,7 @@ def prepare(
     """
     from cellclass.data.cache import CacheSettings, prepare_cache
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     chosen = tuple(int(c) for c in _numbers("--channels", channels, int)) or None
     settings = CacheSettings(image_size, fit, chosen, dtype, hash_)
     with _progress("preparing cache") as progress:

@@ -16,10 +16,13 @@ from cellclass.cli.app import (
     GroupOpt,
     ImageColOpt,
     PresetOpt,
+    SeriesOpt,
     SpecArg,
     TaskOpt,
     OutputFormat,
+    TOpt,
     WhereOpt,
+    ZOpt,
     _progress,
     _spec,
     app,
@@ -71,6 +74,7 @@ def validate(
     delimiter: DelimiterOpt = None,
     drop_unlabeled: DropUnlabeledOpt = False,
     where: WhereOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     write_clean: Annotated[Path | None, typer.Option("--write-clean", help="Write a manifest of the good rows here.")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write every problem to this CSV.")] = None,
     no_images: Annotated[bool, typer.Option("--no-images", help="Check metadata only, do not decode images.")] = False,
@@ -85,7 +89,7 @@ def validate(
     from cellclass.data.validate import validate as run_validate
     from cellclass.data.validate import write_clean_manifest
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     sources = [p for p in (spec, ds.manifest_path) if p is not None]
     for option, path in (("--write-clean", write_clean), ("--report", report)):
         if path is not None:
@@ -148,6 +152,7 @@ def inspect(
     delimiter: DelimiterOpt = None,
     drop_unlabeled: DropUnlabeledOpt = False,
     where: WhereOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for tables, plots and sample grids.")] = None,
     max_images: Annotated[int, typer.Option(min=1, help="Images sampled for intensity statistics.")] = 2000,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
@@ -156,7 +161,7 @@ def inspect(
     """Class counts, label co-occurrence, channel intensities, sample grids and the confound table."""
     from cellclass.data.inspect import inspect_dataset
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     with _progress("reading images") as progress:
         result = inspect_dataset(ds, out, max_images=max_images, seed=seed, progress=progress)
     if output is OutputFormat.json:
@@ -193,6 +198,8 @@ def _print_inspection(result: Any) -> None:
     if result.metadata_only:
         console.print("[yellow]no image file was found: metadata-only inspection "
                       "(labels and groups analysed, no pixel statistics)[/yellow]")
+    for note in result.axes:
+        console.print(f"axes: {note}")
     for task, counts in result.class_counts.items():
         n_classes = len([c for c in counts if not c.startswith("<")])
         table = Table(title=f"task {escape(task)}: {n_classes} classes")

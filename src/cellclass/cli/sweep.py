@@ -14,9 +14,12 @@ from cellclass.cli.app import (
     GroupOpt,
     ImageColOpt,
     PresetOpt,
+    SeriesOpt,
     SpecArg,
     TaskOpt,
+    TOpt,
     WhereOpt,
+    ZOpt,
     _spec,
     _stage_progress,
     app,
@@ -66,6 +69,7 @@ def sweep(
     delimiter: DelimiterOpt = None,
     drop_unlabeled: DropUnlabeledOpt = False,
     where: WhereOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     model: ModelOpt = None,
     epochs: EpochsOpt = None,
     image_size: SizeOpt = None,
@@ -93,7 +97,7 @@ def sweep(
     from cellclass.tracking.sweep import run_sweep
 
     space = SweepSpace.from_yaml(sweep_file)
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
                        lr=lr, split_by=split_by, split=split, precision=precision, seed=seed,
                        pretrained=(True if pretrained == "hub" else pretrained), cache=cache)

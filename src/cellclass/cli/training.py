@@ -18,10 +18,13 @@ from cellclass.cli.app import (
     GroupOpt,
     ImageColOpt,
     PresetOpt,
+    SeriesOpt,
     SpecArg,
     OutputFormat,
     TaskOpt,
+    TOpt,
     WhereOpt,
+    ZOpt,
     _progress,
     _spec,
     _stage_progress,
@@ -111,6 +114,7 @@ def train(
     delimiter: DelimiterOpt = None,
     drop_unlabeled: DropUnlabeledOpt = False,
     where: WhereOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     model: ModelOpt = None,
     epochs: EpochsOpt = None,
     image_size: SizeOpt = None,
@@ -134,7 +138,7 @@ def train(
     """Train a model, select its best epoch on validation, evaluate it on test, write the run folder."""
     from cellclass.training.loop import train as run_train
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
     if resume and (out / "config.yaml").is_file():
         from cellclass.evaluation.evaluate import run_config
@@ -180,13 +184,14 @@ def evaluate(
     image_col: ImageColOpt = None,
     task: TaskOpt = None,
     group: GroupOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/evaluation).")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
 ) -> None:
     """Evaluate a run's best checkpoint on its test split or on another dataset."""
     from cellclass.evaluation.evaluate import evaluate_run
 
-    spec = _spec(data, preset, image_col, task, group) if data is not None else None
+    spec = _spec(data, preset, image_col, task, group, z=z, t=t, series=series) if data is not None else None
     with _stage_progress() as progress:
         result = evaluate_run(run, spec=spec, out=out, tta=tta, progress=progress)
     _print_metrics(result, out or run / "evaluation")
@@ -208,7 +213,6 @@ def predict(
     import pandas as pd
 
     from cellclass.atomic import atomic_path
-    from cellclass.data.io import read_image
     from cellclass.serving.predictor import Predictor
 
     check_output_file(out, "--out", inputs=[run, *images], input_folders=[run])
@@ -220,7 +224,7 @@ def predict(
         for i, path in enumerate(chunk):
             row: dict[str, Any] = {"image": str(path), "error": ""}
             try:
-                prepared[i] = predictor.prepare([read_image(path)], names=[f"image {str(path)!r}"])
+                prepared[i] = predictor.prepare([predictor.read_image(path)], names=[f"image {str(path)!r}"])
             except CellclassError as exc:
                 row["error"] = str(exc)
                 err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -256,6 +260,7 @@ def cv(
     delimiter: DelimiterOpt = None,
     drop_unlabeled: DropUnlabeledOpt = False,
     where: WhereOpt = None,
+    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     model: ModelOpt = None,
     epochs: EpochsOpt = None,
     image_size: SizeOpt = None,
@@ -277,7 +282,7 @@ def cv(
     """
     from cellclass.evaluation.crossval import cross_validate
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where)
+    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
     cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
                        lr=lr, split_by=split_by, split=split, seed=seed, cache=cache)

@@ -361,8 +361,16 @@ class _Sources:
 
 
 def _slot(spec: DatasetSpec, sources: _Sources, settings: CacheSettings) -> str:
-    return _sha({"format": FORMAT_VERSION, "settings": settings.preprocessing(),
-                 "image_root": str(spec.image_root), "paths": sources.paths})[:16]
+    key: dict[str, Any] = {"format": FORMAT_VERSION, "settings": settings.preprocessing(),
+                           "image_root": str(spec.image_root), "paths": sources.paths}
+    # How stacks, series and channels are read changes the pixels; the key of a spec that
+    # declares nothing about them stays as it was.
+    axes = spec.image.axes_policy().to_dict()
+    if spec.image.series_column:
+        axes["series"] = [str(r[spec.image.series_column]) for r in sources.records]
+    if axes:
+        key["axes"] = axes
+    return _sha(key)[:16]
 
 
 def _folder_name(slot: str, mode: str, digest: str) -> str:
@@ -601,6 +609,7 @@ def _build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: 
         "key": name,
         "dataset": spec.name,
         "settings": settings.preprocessing(),
+        "axes": spec.image.axes_policy().to_dict(),
         "hash": settings.hash,
         "fingerprint": digest,
         "n_files": sum(len(p) for p in sources.paths),

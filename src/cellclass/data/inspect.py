@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
+from cellclass.data.io import describe_image
 from cellclass.data.labels import natural_key
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import ImageReadError
@@ -41,6 +42,9 @@ NEARLY_U = 0.8
 """Theil's U (or Cramér's V) at or above which a label counts as nearly determined."""
 ASSOCIATED_V = 0.3
 """Cramér's V (or Theil's U) at or above which a label counts as associated with a group."""
+
+AXES_SAMPLE = 50
+"""Files whose declared axes ``inspect`` describes (the first of the sampled rows)."""
 
 ProgressFn = Callable[[int, int], None]
 
@@ -117,6 +121,9 @@ class InspectionReport:
     control_checks: list[ControlCheck] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     left_out: list[LeftOut] = field(default_factory=list)
+    axes: list[str] = field(default_factory=list)
+    """How the sampled files' axes are read (pages as channels, Z stacks, OME channel
+    names), one line per kind with its count."""
 
     @property
     def warnings(self) -> list[str]:
@@ -154,6 +161,7 @@ class InspectionReport:
             "left_out": [dataclasses.asdict(x) for x in self.left_out],
             "confounds": [c.__dict__ for c in self.confounds],
             "control_checks": [c.__dict__ for c in self.control_checks],
+            "axes": self.axes,
             "warnings": self.warnings,
             "outputs": self.outputs,
         }
@@ -214,6 +222,7 @@ def inspect_dataset(
     else:
         available = np.flatnonzero(exists)
         chosen = np.sort(rng.choice(available, size=min(max_images, len(available)), replace=False))
+        report.axes = _axes_notes(spec, [records[i] for i in chosen[:AXES_SAMPLE]])
         unreadable: list[str] = []
         images = _read_many(spec, [records[i] for i in chosen], workers, progress, unreadable)
         report.images_checked = sum(a is not None for a in images)
@@ -389,6 +398,20 @@ def _left_out(spec: DatasetSpec, records: list[dict[str, Any]], exists: np.ndarr
     return out
 
 
+def _axes_notes(spec: DatasetSpec, records: list[dict[str, Any]]) -> list[str]:
+    """One line per kind of axes among the rows' (first) files, with how many have it."""
+    counts: Counter = Counter()
+    for record in records:
+        try:
+            note = describe_image(spec.image_paths(record)[0]).note(spec.image.axes_policy(record))
+        except ImageReadError as exc:  # reading problems are the pixel statistics' (and validate's)
+            log.debug("cannot describe the axes of row %s: %s", record.get("_row"), exc)
+            continue
+        counts[note] += 1
+    total = sum(counts.values())
+    return [f"{note} ({n} of {total} files described)" for note, n in counts.most_common()]
+
+
 def _read_many(spec: DatasetSpec, records: list[dict[str, Any]], workers: int,
                progress: ProgressFn | None, errors: list[str] | None = None) -> list[np.ndarray | None]:
     """Every row's image, ``None`` where it cannot be read (its reason appended to ``errors``)."""
@@ -421,7 +444,7 @@ def _channel_stats(spec: DatasetSpec, images: list[np.ndarray]) -> pd.DataFrame:
     rows = []
     rng = np.random.default_rng(0)
     for (dtype, n_channels), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        names = spec.image.channels if spec.image.channels and len(spec.image.channels) == n_channels \
+        names = spec.image.channel_names if spec.image.channel_names and len(spec.image.channel_names) == n_channels \
             else [f"ch{i}" for i in range(n_channels)]
         for c, name in enumerate(names):
             pixels = [a[c].ravel() for a in members]

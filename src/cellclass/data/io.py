@@ -7,12 +7,18 @@ order, with values exactly as stored. Nothing is rescaled, clipped or converted 
 
 Supported files (see :data:`IMAGE_EXTENSIONS`):
 
-- **TIFF** (``.tif``, ``.tiff``): decoded by libtiff through ``imagecodecs.tiff_decode``
-  (about 10x faster than tifffile on small images), falling back to ``tifffile`` where
-  libtiff cannot decode the file or would drop pages. A single 2-D page gives ``C = 1``;
-  the pages of a multi-page file are its channels; the samples of an RGB page (stored
-  interleaved or planar) are its channels. The file's structure is checked before
-  decoding, so a truncated file raises instead of returning partial data.
+- **TIFF** (``.tif``, ``.tiff``): a file that declares its axes (an ImageJ hyperstack
+  with slices or frames, an OME-TIFF, tifffile metadata naming its axes) is read through
+  ``tifffile``'s series: only its ``C`` axis (and the samples of an RGB page) becomes
+  channels, in the declared order; Z, T and several series (positions) are handled as an
+  :class:`~cellclass.data.axes.AxesPolicy` says, and refused without one
+  (:class:`~cellclass.errors.StackError`); a pyramid is read at full resolution. Other
+  files are decoded by libtiff through ``imagecodecs.tiff_decode`` (about 10x faster than
+  tifffile on small images), falling back to ``tifffile`` where libtiff cannot decode the
+  file or would drop pages: a single 2-D page gives ``C = 1``, the pages of a multi-page
+  file that declares no axes are its channels, the samples of an RGB page (interleaved
+  or planar) are its channels. The file's structure is checked before decoding, so a
+  truncated file raises instead of returning partial data.
 - **PNG** (``.png``): 8 and 16 bit, gray, gray + alpha, RGB, RGBA, decoded by
   ``imagecodecs.png_decode`` (16-bit stays 16-bit); samples become channels.
 - **NPY** (``.npy``): loaded with ``allow_pickle=False``.
@@ -39,6 +45,7 @@ import os
 import re
 import string
 import struct
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -47,11 +54,20 @@ import numpy as np
 import tifffile
 
 from cellclass.atomic import atomic_path, atomic_write_bytes
+from cellclass.data.axes import (
+    AxesPolicy,
+    ImageAxes,
+    check_axes,
+    choose_series,
+    select_channels_by_name,
+    to_chw,
+)
 from cellclass.errors import ImageReadError, ImageWriteError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImagePath",
+    "describe_image",
     "expand_pattern",
     "read_channel_set",
     "read_image",
@@ -90,71 +106,84 @@ _DECODE_ERRORS: tuple[type[Exception], ...] = (
 # --------------------------------------------------------------------------------------
 
 
-def read_image(path: ImagePath) -> np.ndarray:
+_NO_POLICY = AxesPolicy()
+
+
+def read_image(path: ImagePath, *, axes: AxesPolicy | None = None) -> np.ndarray:
     """Read one image file as a ``(C, H, W)`` array in the file's own dtype.
 
     Args:
         path: Image file; its extension (case-insensitive) picks the decoder and must be
             one of :data:`IMAGE_EXTENSIONS`.
+        axes: What to do with a Z stack, a time series or several series, and which
+            channels to keep by name (see :mod:`cellclass.data.axes`). None: such files
+            are refused and every channel is kept.
 
     Returns:
         ndarray of shape ``(C, H, W)``, the file's dtype in native byte order, values
         exactly as stored (see the module docstring for how channels and layouts are
-        interpreted). Files storing channels last (RGB PNG, interleaved TIFF, HWC NPY)
-        give a channels-first *view* rather than a copy, to keep decoding fast: call
+        interpreted; a projection's dtype is listed in :mod:`cellclass.data.axes`). Files
+        storing channels last (RGB PNG, interleaved TIFF, HWC NPY) give a channels-first
+        *view* rather than a copy, to keep decoding fast: call
         :func:`numpy.ascontiguousarray` where C-contiguous memory is needed.
 
     Raises:
+        StackError: If the file declares Z > 1, T > 1 or several series and ``axes``
+            does not say how to read them; the message names the file, its axes and
+            sizes, and the options.
         ImageReadError: If the extension is not supported, the file is missing, empty,
             truncated or undecodable, or its array cannot be read as ``(C, H, W)``. The
             message names the path and the reason.
     """
     name = os.fspath(path)
-    ext = os.path.splitext(name)[1].lower()
-    decode = _DECODERS.get(ext)
-    if decode is None:
-        raise ImageReadError(
-            f"unsupported image extension {ext or '(none)'!r} for '{name}'; "
-            f"valid: {_VALID_EXTENSIONS}"
-        )
-    data = _read_bytes(name)
-    array = decode(data, name)
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    return array
+    decode = _decoder(name)
+    return _decoded(decode, _read_bytes(name), name, axes)
 
 
-def read_image_bytes(data: bytes, name: str) -> np.ndarray:
+def read_image_bytes(data: bytes, name: str, *, axes: AxesPolicy | None = None) -> np.ndarray:
     """Decode an image held in memory (an upload) as :func:`read_image` decodes a file.
 
     Args:
         data: The file's bytes.
         name: The file's name; only its extension (which picks the decoder) and the
             error messages use it, nothing is opened.
+        axes: As for :func:`read_image`.
 
     Returns:
         ndarray of shape ``(C, H, W)`` in the file's own dtype, as :func:`read_image`.
 
     Raises:
+        StackError: As for :func:`read_image`.
         ImageReadError: If the extension is not supported, or the bytes are empty,
             truncated or undecodable.
     """
-    ext = os.path.splitext(name)[1].lower()
-    decode = _DECODERS.get(ext)
-    if decode is None:
-        raise ImageReadError(
-            f"unsupported image extension {ext or '(none)'!r} for '{name}'; "
-            f"valid: {_VALID_EXTENSIONS}"
-        )
+    decode = _decoder(name)
     if not data:
         raise ImageReadError(f"cannot decode image '{name}': file is empty (0 bytes)")
-    array = decode(bytes(data), name)
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    return array
+    return _decoded(decode, bytes(data), name, axes)
 
 
-def read_channel_set(paths: Sequence[ImagePath]) -> np.ndarray:
+def describe_image(path: ImagePath) -> ImageAxes:
+    """What an image file declares about its dimensions, without building ``(C, H, W)``.
+
+    Reads the file's metadata (ImageJ description, OME-XML, tifffile metadata, the page
+    directories) and, for formats whose header is all there is (PNG, JPEG, NPY), decodes
+    it. ``inspect`` shows the result's :meth:`~cellclass.data.axes.ImageAxes.note`.
+
+    Raises:
+        ImageReadError: If the file cannot be read or its metadata cannot be parsed.
+    """
+    name = os.fspath(path)
+    decode = _decoder(name)
+    data = _read_bytes(name)
+    if decode is _decode_tiff:
+        return _describe_tiff(data, name)
+    array, _ = decode(data, name, _NO_POLICY)
+    source = os.path.splitext(name)[1].lstrip(".").upper().replace("JPG", "JPEG")
+    return ImageAxes(name, source, "CYX", tuple(array.shape), str(array.dtype), declared=False)
+
+
+def read_channel_set(paths: Sequence[ImagePath], *, axes: AxesPolicy | None = None) -> np.ndarray:
     """Read one single-channel file per channel and stack them as ``(C, H, W)``.
 
     For datasets that store each channel in its own file, e.g. HPA
@@ -164,6 +193,8 @@ def read_channel_set(paths: Sequence[ImagePath]) -> np.ndarray:
     Args:
         paths: One image file per channel, each readable by :func:`read_image` and
             holding exactly one channel.
+        axes: How each file's Z, T and series are read (its channel selection is not
+            applied: a channel set selects files, see ``image.channels_select``).
 
     Returns:
         C-contiguous ndarray of shape ``(len(paths), H, W)`` in the files' common dtype.
@@ -184,11 +215,12 @@ def read_channel_set(paths: Sequence[ImagePath]) -> np.ndarray:
             "cannot read channel set: got 0 paths; valid: one single-channel file per channel"
         )
     first_name = os.fspath(paths[0])
-    first = _read_single_channel(paths[0])
+    policy = AxesPolicy(z=axes.z, t=axes.t, series=axes.series) if axes is not None else None
+    first = _read_single_channel(paths[0], policy)
     out = np.empty((len(paths), *first.shape), dtype=first.dtype)
     out[0] = first
     for index in range(1, len(paths)):
-        plane = _read_single_channel(paths[index])
+        plane = _read_single_channel(paths[index], policy)
         if plane.shape != first.shape or plane.dtype != first.dtype:
             raise ImageReadError(
                 f"channel set mismatch: '{os.fspath(paths[index])}' has shape "
@@ -342,6 +374,30 @@ class _ChannelFields:
         return self._fields[key]
 
 
+def _decoder(name: str) -> Callable[[bytes, str, AxesPolicy], tuple[np.ndarray, tuple[str, ...]]]:
+    ext = os.path.splitext(name)[1].lower()
+    decode = _DECODERS.get(ext)
+    if decode is None:
+        raise ImageReadError(
+            f"unsupported image extension {ext or '(none)'!r} for '{name}'; "
+            f"valid: {_VALID_EXTENSIONS}"
+        )
+    return decode
+
+
+def _decoded(
+    decode: Callable[[bytes, str, AxesPolicy], tuple[np.ndarray, tuple[str, ...]]],
+    data: bytes,
+    name: str,
+    axes: AxesPolicy | None,
+) -> np.ndarray:
+    policy = _NO_POLICY if axes is None else axes
+    array, channel_names = decode(data, name, policy)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return select_channels_by_name(array, channel_names, policy, name)
+
+
 def _read_bytes(name: str) -> bytes:
     try:
         with open(name, "rb") as handle:
@@ -359,8 +415,8 @@ def _read_bytes(name: str) -> bytes:
     return data
 
 
-def _read_single_channel(path: ImagePath) -> np.ndarray:
-    image = read_image(path)
+def _read_single_channel(path: ImagePath, axes: AxesPolicy | None) -> np.ndarray:
+    image = read_image(path, axes=axes)
     if image.shape[0] != 1:
         raise ImageReadError(
             f"channel file '{os.fspath(path)}' holds {image.shape[0]} channels (shape "
@@ -410,7 +466,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def _decode_png(data: bytes, name: str) -> np.ndarray:
+def _decode_png(data: bytes, name: str, axes: AxesPolicy) -> tuple[np.ndarray, tuple[str, ...]]:
     if not data.startswith(_PNG_SIGNATURE):
         raise ImageReadError(
             f"cannot decode image '{name}': not a PNG file (starts with {data[:8]!r})"
@@ -422,10 +478,10 @@ def _decode_png(data: bytes, name: str) -> np.ndarray:
             f"cannot decode image '{name}': {_reason(exc)} ({len(data)} bytes; the file "
             f"may be truncated or corrupt)"
         ) from exc
-    return _to_chw(array, name, samples_last=True)
+    return _to_chw(array, name, samples_last=True), ()
 
 
-def _decode_jpeg(data: bytes, name: str) -> np.ndarray:
+def _decode_jpeg(data: bytes, name: str, axes: AxesPolicy) -> tuple[np.ndarray, tuple[str, ...]]:
     try:
         array = imagecodecs.jpeg_decode(data)
     except _DECODE_ERRORS as exc:
@@ -433,10 +489,10 @@ def _decode_jpeg(data: bytes, name: str) -> np.ndarray:
             f"cannot decode image '{name}': {_reason(exc)} ({len(data)} bytes; the file "
             f"may be truncated or corrupt)"
         ) from exc
-    return _to_chw(array, name, samples_last=True)
+    return _to_chw(array, name, samples_last=True), ()
 
 
-def _decode_npy(data: bytes, name: str) -> np.ndarray:
+def _decode_npy(data: bytes, name: str, axes: AxesPolicy) -> tuple[np.ndarray, tuple[str, ...]]:
     if not data.startswith(_NPY_MAGIC):
         raise ImageReadError(
             f"cannot decode image '{name}': not an NPY file (starts with {data[:6]!r})"
@@ -458,7 +514,7 @@ def _decode_npy(data: bytes, name: str) -> np.ndarray:
         array = np.lib.format.read_array(handle, allow_pickle=False)
     except _DECODE_ERRORS as exc:
         raise ImageReadError(f"cannot decode image '{name}': {_reason(exc)}") from exc
-    return _to_chw(_check_dtype(array, name), name)
+    return _to_chw(_check_dtype(array, name), name), ()
 
 
 # --------------------------------------------------------------------------------------
@@ -472,7 +528,9 @@ class _TiffLayout(NamedTuple):
     pages: int
     samples: int
     planar: int
-    imagej_images: int
+    axes_source: str
+    """Who declares axes beyond channels (``ImageJ``, ``OME``, ``tifffile``); empty when
+    nobody does and the pages are the channels."""
 
 
 # Bytes per value for the TIFF field types whose values we read or skip.
@@ -487,6 +545,7 @@ _TAGS_READ = frozenset(
      _SAMPLES_PER_PIXEL, _PLANAR_CONFIG, _IMAGE_DESCRIPTION}
 )  # fmt: skip
 _IMAGEJ_IMAGES = re.compile(rb"\bimages=(\d+)")
+_IMAGEJ_STACK = re.compile(rb"\b(?:slices|frames)=(\d+)")
 _MAX_PAGES = 1_000_000
 
 
@@ -527,7 +586,7 @@ def _scan_tiff(data: bytes, name: str) -> _TiffLayout:
     (offset,) = struct.unpack_from(offset_fmt, data, first_at)
     if offset == 0:
         raise ImageReadError(f"cannot decode image '{name}': TIFF file holds no pages")
-    pages, samples, planar, imagej_images, needed = 0, 1, 1, 0, 0
+    pages, samples, planar, imagej_images, needed, source = 0, 1, 1, 0, 0, ""
     seen: set[int] = set()
     while offset:
         if offset in seen:
@@ -569,16 +628,38 @@ def _scan_tiff(data: bytes, name: str) -> _TiffLayout:
             samples = _single_int(tags.get(_SAMPLES_PER_PIXEL, 1), "SamplesPerPixel", name)
             planar = _single_int(tags.get(_PLANAR_CONFIG, 1), "PlanarConfiguration", name)
             description = tags.get(_IMAGE_DESCRIPTION, b"")
-            if isinstance(description, bytes) and description.startswith(b"ImageJ="):
-                match = _IMAGEJ_IMAGES.search(description)
-                imagej_images = int(match.group(1)) if match else 0
+            if isinstance(description, bytes):
+                source, imagej_images = _axes_source(description)
         pages += 1
         (offset,) = struct.unpack_from(offset_fmt, data, end - offset_size)
         if offset >= size:
             raise _truncated(name, size, max(needed, offset + count_size))
     if needed > size:
         raise _truncated(name, size, needed)
-    return _TiffLayout(pages, samples, planar, imagej_images)
+    # An ImageJ hyperstack may hold all its images behind a single page directory.
+    if not source and imagej_images > pages:
+        source = "ImageJ"
+    return _TiffLayout(pages, samples, planar, source)
+
+
+def _axes_source(description: bytes) -> tuple[str, int]:
+    """Who declares axes beyond channels, from the first page's description, and the
+    number of images an ImageJ description declares (0 otherwise).
+
+    ImageJ files with channels only read the same as pages (the fast path); those with
+    slices or frames need the declared axes, as do OME-TIFF and tifffile metadata that
+    name the axes.
+    """
+    if description.startswith(b"ImageJ="):
+        match = _IMAGEJ_IMAGES.search(description)
+        stack = any(int(n) > 1 for n in _IMAGEJ_STACK.findall(description))
+        return ("ImageJ" if stack else ""), (int(match.group(1)) if match else 0)
+    head = description[:64].lstrip()
+    if head.startswith(b"<") and b"<OME" in description:
+        return "OME", 0
+    if head.startswith(b"{") and b'"axes"' in description:
+        return "tifffile", 0
+    return "", 0
 
 
 def _data_end(
@@ -650,12 +731,14 @@ def _not_tiff(data: bytes, name: str) -> ImageReadError:
     )
 
 
-def _decode_tiff(data: bytes, name: str) -> np.ndarray:
+def _decode_tiff(data: bytes, name: str, axes: AxesPolicy) -> tuple[np.ndarray, tuple[str, ...]]:
     layout = _scan_tiff(data, name)
     array: np.ndarray | None = None
-    # libtiff reads one page directory per image; an ImageJ hyperstack may hold all its
-    # images behind a single directory, which only tifffile understands.
-    if layout.imagej_images <= layout.pages:
+    if layout.axes_source:
+        decoded = _decode_tiff_series(data, name, axes)
+        if decoded is not None:
+            return decoded
+    else:
         try:
             array = imagecodecs.tiff_decode(data, index=None if layout.pages > 1 else 0)
         except _DECODE_ERRORS as exc:
@@ -673,7 +756,7 @@ def _decode_tiff(data: bytes, name: str) -> np.ndarray:
     # Samples of one page are interleaved (planar 1, trailing axis) or planar (leading);
     # gray pages stacked as channels follow the module's layout rule.
     samples_last = (layout.planar == 1) if layout.samples > 1 else None
-    return _to_chw(_check_dtype(array, name), name, samples_last=samples_last)
+    return _to_chw(_check_dtype(array, name), name, samples_last=samples_last), ()
 
 
 def _decode_tiff_with_tifffile(data: bytes, name: str) -> np.ndarray:
@@ -692,12 +775,114 @@ def _decode_tiff_with_tifffile(data: bytes, name: str) -> np.ndarray:
         raise ImageReadError(f"cannot decode image '{name}': {_reason(exc)}") from exc
 
 
+class _TiffSeries(NamedTuple):
+    """The series a TIFF file declares, as tifffile reads its metadata."""
+
+    source: str
+    """``ImageJ``, ``OME`` or ``tifffile``; empty when tifffile found no axes after all."""
+    shapes: list[tuple[str, tuple[int, ...]]]
+    names: list[tuple[str, ...]]
+    levels: int
+
+
+def _decode_tiff_series(
+    data: bytes, name: str, axes: AxesPolicy
+) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """Read a TIFF through the series its metadata declares; None if it declares none."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            found = _tiff_series(tiff)
+            if not found.source:
+                return None
+            index = choose_series(found.shapes, axes, name, found.source)
+            series_axes, shape = found.shapes[index]
+            check_axes(series_axes, shape, axes, name, found.source)  # refuse before decoding
+            array = tiff.series[index].asarray()  # level 0 of a pyramid: full resolution
+    except _DECODE_ERRORS as exc:
+        raise ImageReadError(f"cannot decode image '{name}': {_reason(exc)}") from exc
+    chw = to_chw(_check_dtype(array, name), series_axes, axes, name, found.source)
+    return chw, found.names[index]
+
+
+def _tiff_series(tiff: tifffile.TiffFile) -> _TiffSeries:
+    series = tiff.series
+    kind = series[0].kind if series else ""
+    if kind == "imagej":
+        source = "ImageJ"
+    elif kind == "ome":
+        source = "OME"
+    elif kind == "shaped" and tiff.shaped_metadata and "axes" in tiff.shaped_metadata[0]:
+        source = "tifffile"
+    else:
+        source = ""
+    shapes = [(s.axes, tuple(int(n) for n in s.shape)) for s in series]
+    names: list[tuple[str, ...]] = [() for _ in series]
+    if source == "OME":
+        declared = _ome_channel_names(tiff.ome_metadata or "")
+        if len(declared) == len(series):
+            names = [
+                found if len(found) == _channels_of(axes, shape) else ()
+                for found, (axes, shape) in zip(declared, shapes, strict=True)
+            ]
+    return _TiffSeries(source, shapes, names, len(series[0].levels) if series else 1)
+
+
+def _channels_of(axes: str, shape: tuple[int, ...]) -> int:
+    sizes = dict(zip(axes, shape, strict=True))
+    return sizes.get("C", 1) * sizes.get("S", 1)
+
+
+def _ome_channel_names(xml: str) -> list[tuple[str, ...]]:
+    """The channel names of every OME image, in order (empty where a channel has no name).
+
+    A channel of several samples (RGB) gives one name per sample, ``name:0``, ``name:1``...
+    """
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return []
+    out = []
+    for image in root:
+        if not image.tag.endswith("}Image") and image.tag != "Image":
+            continue
+        names: list[str] = []
+        for pixels in image:
+            if not pixels.tag.endswith("Pixels"):
+                continue
+            for channel in pixels:
+                if not channel.tag.endswith("Channel"):
+                    continue
+                name = channel.get("Name") or ""
+                samples = int(channel.get("SamplesPerPixel") or 1)
+                names += [name] if samples == 1 else [f"{name}:{k}" for k in range(samples)]
+        out.append(tuple(names) if names and all(n and not n.startswith(":") for n in names) else ())
+    return out
+
+
+def _describe_tiff(data: bytes, name: str) -> ImageAxes:
+    layout = _scan_tiff(data, name)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            found = _tiff_series(tiff)  # ImageJ channels alone are declared axes too
+            page = tiff.pages.first
+            page_axes, page_shape, dtype = page.axes, tuple(page.shape), str(page.dtype)
+    except _DECODE_ERRORS as exc:
+        raise ImageReadError(f"cannot decode image '{name}': {_reason(exc)}") from exc
+    if found.source:
+        axes, shape = found.shapes[0]
+        return ImageAxes(name, found.source, axes, shape, dtype, declared=True,
+                         channel_names=found.names[0], series=tuple(found.shapes), levels=found.levels)
+    if layout.pages > 1:
+        page_axes, page_shape = "I" + page_axes, (layout.pages, *page_shape)
+    return ImageAxes(name, "TIFF", page_axes, page_shape, dtype, declared=False)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return text if text else type(exc).__name__
 
 
-_DECODERS: dict[str, Callable[[bytes, str], np.ndarray]] = {
+_DECODERS: dict[str, Callable[[bytes, str, AxesPolicy], tuple[np.ndarray, tuple[str, ...]]]] = {
     ".tif": _decode_tiff,
     ".tiff": _decode_tiff,
     ".png": _decode_png,

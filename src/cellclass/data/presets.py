@@ -13,6 +13,7 @@ Each preset takes the dataset's folder and returns a :class:`DatasetSpec`:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,9 @@ def load_spec(
     split_column: str | None = None,
     drop_unlabeled: bool = False,
     where: list[str] | None = None,
+    z: str | int | None = None,
+    t: str | int | None = None,
+    series: int | None = None,
 ) -> DatasetSpec:
     """Resolve what a user names on the command line into a spec.
 
@@ -192,10 +196,36 @@ def load_spec(
     folder with ``preset_name`` (or holding a ``cellclass.yaml``). With a YAML spec or a
     preset, ``tasks`` selects declared tasks by name; with a manifest it declares them
     (``COLUMN[:TYPE]`` or ``NAME=COLUMN[:TYPE]``). ``groups`` replaces the declared groups.
+    ``z``, ``t`` and ``series`` (``--z``, ``--t``, ``--series``) replace what the image
+    section declares about stacks (see :mod:`cellclass.data.axes`).
 
     Raises:
-        SpecError: When the source cannot be resolved; the message says what to pass.
+        SpecError: When the source cannot be resolved or a stack option is invalid; the
+            message says what to pass.
     """
+    spec = _resolve_spec(source, preset_name=preset_name, image_col=image_col, tasks=tasks,
+                         groups=groups, delimiter=delimiter, split_column=split_column,
+                         drop_unlabeled=drop_unlabeled, where=where)
+    stack = {k: v for k, v in (("z", z), ("t", t), ("series", series)) if v is not None}
+    if stack:
+        if series is not None:
+            stack["series_column"] = None
+        spec.image = dataclasses.replace(spec.image, **stack)
+    return spec
+
+
+def _resolve_spec(
+    source: str | Path,
+    *,
+    preset_name: str | None,
+    image_col: str | None,
+    tasks: list[str] | None,
+    groups: list[str] | None,
+    delimiter: str | None,
+    split_column: str | None,
+    drop_unlabeled: bool,
+    where: list[str] | None,
+) -> DatasetSpec:
     from cellclass.data.spec import DatasetSpec as _Spec
 
     path = Path(source)

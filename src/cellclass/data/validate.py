@@ -416,7 +416,7 @@ def _check_shapes(
     report.dtypes = Counter(info.dtype for info in infos.values())
     if not infos:
         return []
-    declared = len(spec.image.channels) if spec.image.channels else None
+    declared = len(spec.image.channel_names) if spec.image.channel_names else None
     channel_counts = Counter(info.shape[0] for info in infos.values())
     expected = declared or channel_counts.most_common(1)[0][0]
     report.expected_channels = expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ def evaluate_run(run: str | Path, *, spec: DatasetSpec | None = None, out: str |
     predictor = Predictor.from_checkpoint(run, tta=tta)
     own = spec is None
     spec = (run_spec(run) if own else spec).select_tasks(list(predictor.encoders))
+    if not own:  # stacks are read as the training images were, unless the spec says otherwise
+        spec = dataclasses.replace(spec, image=spec.image.with_defaults(predictor.axes))
     if own:
         saved = json.loads((run / "split.json").read_text())["split"]
         override = {k: (np.asarray(v, dtype=np.int64) if k in ("train", "val", "test") else v)

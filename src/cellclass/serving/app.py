@@ -142,7 +142,7 @@ class Service:
     def decode(self, data: bytes, filename: str | None) -> Upload:
         """Check and decode one upload under the settings' limits."""
         return decode_upload(data, filename, max_bytes=self.settings.max_upload_bytes,
-                             max_pixels=self.settings.max_pixels)
+                             max_pixels=self.settings.max_pixels, axes=self.predictor.axes)
 
     def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Fit and normalize decoded images for the model.

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cellclass.data.axes import AxesPolicy, policy_from_image_section
+from cellclass.data.io import ImagePath, read_image, read_image_bytes
 from cellclass.data.labels import TaskEncoder
 from cellclass.data.loading import fit_image, select_channels
 from cellclass.errors import ImageReadError
@@ -44,6 +46,8 @@ class Predictor:
         backend: Optional inference backend used instead of the torch model: a callable
             mapping normalized ``(N, C, S, S)`` float32 inputs to logits per task, e.g.
             :class:`cellclass.serving.onnx_model.OnnxBackend`. None runs ``model``.
+        axes: How raw files are read (Z/T projection, series, channels by name): the
+            training dataset's choice, so new stacks are read as the training images were.
     """
 
     model: Any
@@ -59,6 +63,7 @@ class Predictor:
     batch_size: int = 64
     identity: dict[str, Any] = field(default_factory=dict)
     backend: Any = None
+    axes: AxesPolicy = field(default_factory=AxesPolicy)
 
     @property
     def in_chans(self) -> int:
@@ -93,7 +98,23 @@ class Predictor:
             tta=bool(config.get("tta", False)) if tta is None else tta,
             identity={"model": config.get("model"), "checkpoint": ckpt["path"],
                       "epoch": ckpt.get("epoch"), "run": ckpt.get("run")},
+            axes=policy_from_image_section((ckpt.get("spec") or {}).get("image")),
         )
+
+    # -- reading ----------------------------------------------------------------------
+    def read_image(self, path: ImagePath) -> np.ndarray:
+        """Read a raw file as the training images were read (same Z/T projection, series, channels).
+
+        Raises:
+            StackError: When the file holds a stack the training data did not (no projection
+                was recorded); the message names the options.
+            ImageReadError: When the file cannot be read.
+        """
+        return read_image(path, axes=self.axes)
+
+    def read_image_bytes(self, data: bytes, name: str) -> np.ndarray:
+        """:meth:`read_image` for a file held in memory (an upload)."""
+        return read_image_bytes(data, name, axes=self.axes)
 
     # -- preprocessing ----------------------------------------------------------------
     def prepare(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellclass.data.axes import AxesPolicy
 from cellclass.errors import ImageReadError
 from cellclass.serving.errors import PayloadTooLargeError, UnsupportedMediaError, UploadError
 
@@ -130,7 +131,8 @@ def declared_values(data: bytes, extension: str, name: str) -> int:
     return total
 
 
-def decode_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixels: int) -> Upload:
+def decode_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixels: int,
+                  axes: AxesPolicy | None = None) -> Upload:
     """Check one uploaded file and decode it as ``(C, H, W)``.
 
     Args:
@@ -138,6 +140,8 @@ def decode_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixe
         filename: The file name sent with them.
         max_bytes: Largest accepted file.
         max_pixels: Largest accepted number of pixel values (H x W x C).
+        axes: How a stack is read (the model's training data's Z/T projection, series
+            and channels); None refuses stacks.
 
     Raises:
         UploadError: For a bad name, an unreadable or undecodable file, or non-finite values.
@@ -165,7 +169,7 @@ def decode_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixe
     from cellclass.data.io import read_image_bytes
 
     try:
-        image = read_image_bytes(data, name)
+        image = read_image_bytes(data, name, axes=axes)
     except ImageReadError as exc:
         raise UploadError(str(exc)) from None
     if image.size > max_pixels:  # a header that lied

@@ -288,7 +288,7 @@ def _fabric(config: TrainConfig) -> Any:
 
 
 def _channel_names(spec: DatasetSpec, n: int, indices: list[int]) -> list[str]:
-    names = spec.image.channels or [f"ch{i}" for i in range(n if not indices else max(indices) + 1)]
+    names = spec.image.channel_names or [f"ch{i}" for i in range(n if not indices else max(indices) + 1)]
     if indices:
         names = [names[i] if i < len(names) else f"ch{i}" for i in indices]
     return list(names)[:n] if len(names) >= n else [f"ch{i}" for i in range(n)]
