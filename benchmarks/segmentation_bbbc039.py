@@ -93,7 +93,7 @@ def tune(fields: list[Field]) -> NucleusParams:
             trials[params] = score_fields(
                 ((mask, segment_nuclei(image, 0, params)) for image, mask in fields), thresholds=(0.5,)
             )["f1"]
-            print(f"  {trials[params]:.4f}  {_changed(params)}", flush=True)
+            print(f"  {trials[params]:.4f}  {_describe(params)}", flush=True)
         return trials[params]
 
     best = NucleusParams(sigma=1.0, threshold="otsu", threshold_scale=1.0, h=1.0, distance_sigma=1.0,
@@ -120,11 +120,11 @@ def tune(fields: list[Field]) -> NucleusParams:
         challenger = max((replace(best, **c) for c in choices), key=f1)
         if f1(challenger) > f1(best) + 0.001:
             best = challenger
-    print(f"best on the tuning fields: F1 {f1(best):.4f} with {_changed(best)}", flush=True)
+    print(f"best on the tuning fields: F1 {f1(best):.4f} with {_describe(best)}", flush=True)
     return best
 
 
-def _changed(params: NucleusParams) -> str:
+def _describe(params: NucleusParams) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.to_dict().items())
 
 

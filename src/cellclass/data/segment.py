@@ -109,16 +109,16 @@ class NucleusParams:
         fill_holes: Fill holes in the foreground mask before splitting.
     """
 
-    sigma: float = 1.0
-    background_size: int | None = None
-    threshold: str = "otsu"
-    threshold_scale: float = 1.0
+    sigma: float = 0.5
+    background_size: int | None = 61
+    threshold: str = "local"
+    threshold_scale: float = 0.5
     block_size: int = 101
     min_area: int = 30
     max_area: int | None = None
     seeds: str = "hmaxima"
-    distance_sigma: float = 1.0
-    h: float = 1.0
+    distance_sigma: float = 2.0
+    h: float = 0.5
     min_distance: float | None = None
     min_distance_factor: float = 0.5
     compactness: float = 0.0
