@@ -255,7 +255,7 @@ def test_pipeline_errors() -> None:
     with pytest.raises(SegmentationError, match="nucleus labels must be integers"):
         segment_cells(np.zeros((8, 8)), np.zeros((8, 8), np.uint16))
     with pytest.raises(SegmentationError, match="70000 objects found; valid: at most 65535"):
-        relabel(np.arange(70000).reshape(700, 100))
+        relabel(np.arange(1, 70001).reshape(700, 100))
 
 
 @pytest.mark.parametrize(
