@@ -19,6 +19,7 @@ masks the user already has. :func:`make_backend` builds any of them by name.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -681,8 +682,6 @@ def _existing(path: str | os.PathLike[str], what: str, *, directory: bool) -> Pa
 
 
 def _import_optional(module: str, extra: str) -> Any:
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
