@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cellclass.errors import SweepError
+from cellclass.textfiles import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +192,7 @@ class SweepSpace:
         if not path.is_file():
             raise SweepError(f"sweep file {str(path)!r} does not exist; valid: a YAML file with method, "
                              "metric and parameters")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SweepError(f"sweep file {str(path)!r} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml(path, "sweep file", SweepError), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "sweep") -> SweepSpace:
