@@ -286,6 +286,7 @@ class KeyRequirement:
 class _RouteRules:
     requirement: KeyRequirement | None
     max_body: int | None
+    allowed: tuple[str, ...] = ()  # the path's methods, when it exists but not for this method
 
 
 class RequestGate:
@@ -297,6 +298,10 @@ class RequestGate:
     ``json_bytes`` for endpoints taking a JSON body, no body at all being read elsewhere.
     A declared ``Content-Length`` is checked before anything is read; a chunked body is
     counted as it arrives and cut off once it passes the limit (413).
+
+    A path served for other methods than the request's gets its 405 here, with an
+    ``Allow`` header naming every method of the path (FastAPI's names only those of the
+    first route of the path).
     """
 
     def __init__(self, app: Any, upload_bytes: int, json_bytes: int) -> None:
@@ -313,6 +318,10 @@ class RequestGate:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         has_body = (declared not in (None, b"0")) or b"transfer-encoding" in headers
+        if rules.allowed:
+            await _send_json(send, 405, {"detail": "Method Not Allowed"}, close=has_body,
+                             extra=[(b"allow", ", ".join(rules.allowed).encode())])
+            return
         if rules.requirement is not None:
             scheme, token = get_authorization_scheme_param(headers.get(b"authorization", b"").decode("latin-1"))
             try:
@@ -353,11 +362,17 @@ class RequestGate:
         return PayloadTooLargeError(f"request body of {size:,}+ bytes is over the limit of {limit:,} bytes ({what})")
 
     def _rules_for(self, scope: dict[str, Any]) -> _RouteRules:
+        allowed: set[str] = set()
         for route in scope["app"].router.routes:
-            if isinstance(route, APIRoute) and route.matches(scope)[0] == Match.FULL:
+            if not isinstance(route, APIRoute):
+                continue
+            match = route.matches(scope)[0]
+            if match == Match.FULL:
                 break
+            if match == Match.PARTIAL:
+                allowed |= route.methods
         else:
-            return _RouteRules(None, None)
+            return _RouteRules(None, None, tuple(sorted(allowed)))
         rules = self._rules.get(id(route))
         if rules is None:
             requirement = _requirement_of(route.dependant)
@@ -384,13 +399,17 @@ def _requirement_of(dependant: Any) -> KeyRequirement | None:
 
 async def _send_error(send: Any, exc: ServiceError, *, close: bool) -> None:
     """Answer ``{"detail": message}`` with the error's status, as the app's handlers do."""
-    body = json.dumps({"detail": str(exc)}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if isinstance(exc, AuthenticationError):
-        headers.append((b"www-authenticate", b"Bearer"))
+    extra = [(b"www-authenticate", b"Bearer")] if isinstance(exc, AuthenticationError) else []
+    await _send_json(send, exc.status_code, {"detail": str(exc)}, close=close, extra=extra)
+
+
+async def _send_json(send: Any, status: int, content: dict[str, Any], *, close: bool,
+                     extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(content).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     if close:  # the unread body cannot be skipped on this connection
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -153,13 +153,13 @@ def parse_json_field(text: str | None, field: str, *, max_bytes: int, required: 
         raise UploadError(f"the form field {field!r} nests arrays and objects {depth} levels deep; the limit "
                           f"is {max_depth}")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise UploadError(f"the form field {field!r} is not valid JSON ({exc.msg} at position {exc.pos}): "
                           f"{text[:80]!r}") from None
-    except ValueError as exc:  # a refused constant or float, or an integer of over 4300 digits
-        raise UploadError(f"the form field {field!r} is not standard JSON: {exc}; valid: finite numbers "
-                          f"of at most 4300 digits") from None
+    except ValueError as exc:  # a refused constant, float or integer
+        raise UploadError(f"the form field {field!r} {exc}; valid: standard JSON, whose numbers are finite "
+                          f"(integers of at most {_MAX_INT_DIGITS} digits)") from None
     if not _valid_unicode(value):
         raise UploadError(f"the form field {field!r} holds a string that is not valid Unicode (a lone "
                           f"surrogate escape such as \\ud800); valid: UTF-8 text")
@@ -192,15 +192,25 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+_MAX_INT_DIGITS = 4300  # Python's own limit on converting digits to int
+
+
 def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+    raise ValueError(f"holds {name}, which is not a JSON number")
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} overflows to infinity")
+        raise ValueError(f"holds {text[:40]}, which overflows to infinity")
     return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        raise ValueError(f"holds an integer of {digits:,} digits")
+    return int(text)
 
 
 def _valid_unicode(value: Any) -> bool:
