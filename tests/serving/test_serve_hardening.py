@@ -31,8 +31,8 @@ def contribute(client: httpx.Client, name: str, data: bytes, labels: str = FE, m
 
 # -- bounded parameters ---------------------------------------------------------------------
 @pytest.mark.parametrize(("params", "message"), [
-    ({"offset": 9223372036854775808}, "query parameter 'offset': Input should be less than or equal to 2147483647, "
-                                      "got '9223372036854775808'"),
+    ({"offset": 9223372036854775808}, ("query parameter 'offset': Input should be less than or equal to "
+                                       "2147483647, got '9223372036854775808'")),
     ({"offset": 10**30, "limit": 5}, "query parameter 'offset': Input should be less than or equal to 2147483647"),
     ({"limit": 10**20}, "query parameter 'limit': Input should be less than or equal to 1000"),
     ({"offset": -1}, "query parameter 'offset': Input should be greater than or equal to 0, got '-1'"),

@@ -345,7 +345,7 @@ def test_content_files_are_on_disk_before_their_row_commits(tmp_path: Path, monk
     real_transaction = db.transaction
 
     @contextlib.contextmanager
-    def recording_transaction():  # noqa: ANN202
+    def recording_transaction():
         with real_transaction() as tx:
             yield tx
         events.append(("commit", ""))

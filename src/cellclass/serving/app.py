@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, Response, UploadFile, params
+from fastapi import (
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+    params,
+)
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -34,9 +45,9 @@ from cellclass.errors import CellclassError
 from cellclass.serving import schemas
 from cellclass.serving.batching import MicroBatcher
 from cellclass.serving.contributions import (
+    MAX_JSON_DEPTH,
     ContributionStore,
     dataset_definition,
-    MAX_JSON_DEPTH,
     parse_json_field,
     validate_labels,
 )
@@ -220,7 +231,11 @@ class Service:
 
 def _onnx_backend(settings: ServeSettings, predictor: Any, sha: str, threads: int) -> Any:
     """The ONNX Runtime backend the settings ask for, or None for torch."""
-    from cellclass.serving.onnx_model import METADATA_CHECKPOINT, OnnxBackend, onnx_metadata
+    from cellclass.serving.onnx_model import (
+        METADATA_CHECKPOINT,
+        OnnxBackend,
+        onnx_metadata,
+    )
 
     if settings.backend == "torch" or predictor.kind != "network":
         return None
