@@ -230,9 +230,10 @@ def test_after_kill_9_in_a_burst_a_restart_keeps_every_accepted_one_and_removes_
     rng = np.random.default_rng(1)
     images = [npy_bytes(rng.integers(0, 65535, (24, 24), dtype=np.uint16)) for _ in range(400)]
     server = Server(served_run, state, tmp_path / "server.log").start()
-    assert _mode(state) == 0o700 and f"made {state} private to its owner" in server.log()
     accepted: list[str] = []
-    with server.client(contributor, limits=httpx.Limits(max_connections=32)) as c, _stopped(server):
+    with _stopped(server), server.client(contributor, limits=httpx.Limits(max_connections=32)) as c:
+        assert _mode(state) == 0o700 and f"made {state} private to its owner" in server.log()
+
         def post(i: int) -> httpx.Response | None:
             try:
                 return contribute(c, f"cell_{i:03d}.npy", images[i], json.dumps({"particle_type": "Fe"}))
