@@ -273,3 +273,18 @@ def test_after_kill_9_in_a_burst_a_restart_keeps_every_accepted_one_and_removes_
         rows = {f"{sha}{ext}" for sha, ext in db.execute("SELECT sha256, extension FROM contributions")}
     on_disk = {p.name for p in files.glob("??/??/*")}
     assert on_disk == rows  # every file has its row, no .tmp file is left
+
+
+def test_values_that_overflow_once_normalized_are_refused(served_run: Path) -> None:
+    from cellclass.data.normalize import Normalizer
+    from cellclass.serving.app import Service
+    from cellclass.serving.errors import UploadError
+    from cellclass.serving.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(served_run)
+    predictor.normalizer = Normalizer(mode="image", clip=False)  # per-image range, unclipped: no bound on the output
+    service = Service(None, predictor, {}, {}, "", None, None, None, None)
+    image = np.tile(np.array([3e38, -3e38], np.float32), (32, 16))  # finite, but its range overflows float32
+    with pytest.raises(UploadError, match="image 0 has values so far from the training data's that they overflow"):
+        service.prepare([np.ones((32, 32), np.float32), image][::-1])
+    assert np.isfinite(service.prepare([np.arange(1024, dtype=np.float32).reshape(32, 32)])).all()

@@ -173,7 +173,8 @@ class Service:
                 values that overflow float32 once normalized.
         """
         try:
-            x = self.predictor.normalize(self.predictor.prepare(images))
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+                x = self.predictor.normalize(self.predictor.prepare(images))
         except CellclassError as exc:
             raise UploadError(str(exc)) from None
         finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
