@@ -147,9 +147,9 @@ def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
     warmup = config.warmup_fraction * total
     if schedule == "onecycle" and warmup < MIN_WARMUP_STEPS:
         schedule = "cosine"
-        note = (f"one-cycle needs at least {MIN_WARMUP_STEPS} warm-up steps and {total} step(s) x "
-                f"warmup_fraction {config.warmup_fraction:g} give {warmup:.3g}: cosine decay from the peak "
-                "rate without warm-up instead")
+        note = (f"onecycle needs at least {MIN_WARMUP_STEPS} warm-up steps, and {total} step(s) x "
+                f"warmup_fraction {config.warmup_fraction:g} give {warmup:.3g}: training with cosine decay from "
+                "the peak rate (no warm-up) instead")
     return StepPlan(batch_size=batch, batch_size_from="config" if config.batch_size is not None else "auto",
                     train_images=n_train, steps_per_epoch=steps, total_steps=total, schedule=schedule,
                     schedule_note=note)
@@ -294,7 +294,7 @@ def train(
             log.info("batch size auto: %d (%d training images, %d optimizer steps per epoch)",
                      plan.batch_size, plan.train_images, plan.steps_per_epoch)
         if is_main and plan.schedule_note:
-            log.warning("schedule %s: %s", config.schedule, plan.schedule_note)
+            log.warning("schedule: %s", plan.schedule_note)
 
     from cellclass.data.normalize import Normalizer
 
@@ -502,9 +502,9 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
 
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(model, config, fabric.device)
-    scheduler = _scheduler(optimizer, config, plan.total_steps, plan.schedule)
-    model, optimizer = fabric.setup(model, optimizer)
+    inner_optimizer = _optimizer(model, config, fabric.device)
+    scheduler = _scheduler(inner_optimizer, config, plan.total_steps, plan.schedule)
+    model, optimizer = fabric.setup(model, inner_optimizer)
 
     order = torch.Generator().manual_seed(config.seed)
     augment = augmenter(config, fabric.global_rank)
@@ -523,9 +523,7 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
         if state["config"]["epochs"] == config.epochs:
             scheduler.load_state_dict(state["training_state"]["scheduler"])
         else:  # more epochs: the schedule of the longer run, at the step reached
-            _advance(scheduler, state["epoch"] * steps)
-            log.info("learning-rate schedule %s rebuilt for %d steps, continuing at step %d",
-                     plan.schedule, plan.total_steps, state["epoch"] * steps)
+            scheduler = _extended_scheduler(inner_optimizer, config, plan, state["epoch"] * steps)
         order.set_state(state["training_state"]["order_rng"])
         if augment is not None and state["training_state"].get("augment_rng") is not None:
             augment.generator.set_state(state["training_state"]["augment_rng"])
@@ -658,12 +656,27 @@ def _scheduler(optimizer: Any, config: TrainConfig, total_steps: int, schedule: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def _advance(scheduler: Any, steps: int) -> None:
-    """Step a new schedule to where a resumed run is (no optimizer step in between)."""
-    with warnings.catch_warnings():
+def _extended_scheduler(optimizer: Any, config: TrainConfig, plan: StepPlan, done: int) -> Any:
+    """The schedule of a run resumed with more epochs: built for the longer run, at step ``done``.
+
+    The loaded optimizer state carries the old schedule's values (rates, momenta); they are
+    reset to the configured ones first, as when the run started.
+    """
+    for group in optimizer.param_groups:
+        for key in ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"):
+            group.pop(key, None)
+        group["lr"] = config.lr
+        for key in ("betas", "momentum"):
+            if key in group and key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+    scheduler = _scheduler(optimizer, config, plan.total_steps, plan.schedule)
+    with warnings.catch_warnings():  # no optimizer step between these scheduler steps, by design
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-        for _ in range(steps):
+        for _ in range(done):
             scheduler.step()
+    log.info("learning-rate schedule %s rebuilt for %d steps, continuing at step %d", plan.schedule,
+             plan.total_steps, done)
+    return scheduler
 
 
 def _evaluate_val(fabric: Any, model: Any, x: np.ndarray, data: PreparedData,
