@@ -22,7 +22,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -126,7 +126,7 @@ class StepPlan:
     steps_per_epoch: int
     total_steps: int
     schedule: str
-    schedule_note: str | None = field(default=None)
+    schedule_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (recorded in config.yaml, metrics.json and the checkpoints)."""
@@ -170,16 +170,17 @@ def resumed_config(config: TrainConfig, saved: Mapping[str, Any], done_epochs: i
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=before["batch_size"])
     now = config.to_dict()
-    changed = [k for k in now if k not in RESUMABLE and now[k] != before.get(k, now[k])]
+    changed = [k for k in now if k not in RESUMABLE and now[k] != before[k]]
     if changed:
         raise TrainingError(
             f"cannot resume {str(out)!r} with changed settings: "
-            + "; ".join(f"{k} {before.get(k)!r} in the run, {now[k]!r} now" for k in changed)
+            + "; ".join(f"{k} {before[k]!r} in the run, {now[k]!r} now" for k in changed)
             + f"; valid: the run's settings, more epochs than the {done_epochs} done, or a new --out for a new run"
         )
     if config.epochs <= done_epochs and config.epochs != before["epochs"]:
+        runs = f", or the run's {before['epochs']}" if before["epochs"] > done_epochs else ""
         raise TrainingError(f"epochs = {config.epochs} is invalid to resume {str(out)!r}: {done_epochs} epoch(s) "
-                            f"are done; valid: more than {done_epochs}, or the run's {before['epochs']}")
+                            f"are done; valid: more than {done_epochs}{runs}")
     if config.epochs != before["epochs"]:
         log.info("resuming %s with epochs %d (was %d)", out, config.epochs, before["epochs"])
     return config
