@@ -133,16 +133,18 @@ def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path
 
 def test_resume_with_more_epochs_extends_the_run(bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(bps(bps160), TrainConfig(**FAST, batch_size=16), out)
-    result = train(bps(bps160), TrainConfig(**{**FAST, "epochs": 3}, batch_size=16), out, resume=True)
+    train(bps(bps160), TrainConfig(**FAST), out)  # auto: batch 8, 11 steps
+    result = train(bps(bps160), TrainConfig(**{**FAST, "epochs": 3}), out, resume=True)
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
     assert result["epochs_run"] == 3
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 3
-    # The longer run's schedule (15 steps: one-cycle fits now), continued at step 5.
-    assert runtime_steps(out)["total_steps"] == 15 and runtime_steps(out)["schedule"] == "onecycle"
+    # The longer run's one-cycle schedule (33 steps), continued at step 11 and run to its end.
+    assert runtime_steps(out)["total_steps"] == 33 and runtime_steps(out)["schedule"] == "onecycle"
     last = load_checkpoint(out, "last")
-    assert last["epoch"] == 3 and last["training_state"]["scheduler"]["total_steps"] == 15
-    assert last["training_state"]["scheduler"]["last_epoch"] == 15
+    assert last["epoch"] == 3 and last["training_state"]["scheduler"]["total_steps"] == 33
+    assert last["training_state"]["scheduler"]["last_epoch"] == 33
+    lr = pd.read_csv(out / "metrics.csv")["lr"].tolist()
+    assert lr[1] > lr[0] and lr[1] > lr[2]  # the rate rose again for the longer cycle, then fell
 
 
 def test_resume_refuses_changed_settings_naming_each(bps160: Path, tmp_path: Path) -> None:
@@ -165,7 +167,7 @@ def test_cli_resume_applies_more_epochs_and_refuses_other_changes(cli, bps160: P
     out = tmp_path / "run"
     common = ["train", bps160, "--preset", "bps", "--task", "particle_type", "--model", "lenet5",
               "--tracker", "none", "--set", "tta=false", "--set", "workers=1", "--out", out]
-    first = cli(*common, "--epochs", "1", "--image-size", "64", "--batch-size", "16")
+    first = cli(*common, "--epochs", "1", "--image-size", "64", "--batch-size", "8")
     assert first.returncode == 0, first.stderr
     more = cli(*common, "--resume", "--epochs", "2")  # no other option: the run's settings
     assert more.returncode == 0, more.stderr
