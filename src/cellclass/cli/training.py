@@ -58,11 +58,17 @@ def models(
                       (" ..." if len(others) > 200 else ""))
 
 
-def build_config(config_file: Path | None, sets: list[str] | None, **options: Any) -> Any:
-    """Defaults, then ``--config FILE``, then explicit options, then ``--set key=value``."""
+def build_config(config_file: Path | None, sets: list[str] | None, base: Any = None, **options: Any) -> Any:
+    """Defaults (or ``base``), then ``--config FILE``, then explicit options, then ``--set key=value``."""
+    import yaml
+
     from cellclass.training.config import TrainConfig, parse_set_options
 
-    config = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+    config = base if base is not None else TrainConfig()
+    if config_file:
+        from_file = TrainConfig.from_yaml(config_file)  # checks the file and its keys
+        given = yaml.safe_load(config_file.read_text()) or {}
+        config = config.override({k: getattr(from_file, k) for k in given})
     explicit = {k: v for k, v in options.items() if v is not None}
     return config.override({**explicit, **parse_set_options(sets or [])})
 
@@ -129,7 +135,8 @@ def train(
     precision: PrecisionOpt = None,
     seed: SeedOpt = None,
     pretrained: PretrainedOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out with its settings; "
+                                         "--epochs N (more than done) extends it, other changes are refused.")] = False,
     cache: CacheOpt = None,
     tracker: TrackerOpt = "mlflow",
     tracking_uri: TrackingUriOpt = None,
@@ -140,15 +147,15 @@ def train(
 
     ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
+    base = None
     if resume and (out / "config.yaml").is_file():
         from cellclass.evaluation.evaluate import run_config
 
-        cfg = run_config(out)
-    else:
-        cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size,
-                           batch_size=batch_size, lr=lr, split_by=split_by, split=split, devices=devices,
-                           strategy=strategy, precision=precision, seed=seed,
-                           pretrained=(True if pretrained == "hub" else pretrained), cache=cache)
+        base = run_config(out)  # the options given are checked against it (more epochs: applied)
+    cfg = build_config(config, set_, base, model=model, epochs=epochs, image_size=image_size,
+                       batch_size=batch_size, lr=lr, split_by=split_by, split=split, devices=devices,
+                       strategy=strategy, precision=precision, seed=seed,
+                       pretrained=(True if pretrained == "hub" else pretrained), cache=cache)
     with _run_tracker(tracker, tracking_uri, experiment, out, "train") as run_tracker, \
             _stage_progress() as progress:
         result = run_train(ds, cfg, out, resume=resume, progress=progress, tracker=run_tracker)

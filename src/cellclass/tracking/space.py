@@ -82,7 +82,8 @@ def _number(value: Any, what: str) -> float:
 def _field_types() -> dict[str, str]:
     from cellclass.training.config import TrainConfig
 
-    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    # An optional setting (``batch_size: int | None``, None meaning auto) takes the type's ranges.
+    return {f.name: str(f.type).removesuffix(" | None") for f in dataclasses.fields(TrainConfig)}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,11 @@ class TrainConfig:
         fit: How images become square: ``pad``, ``resize`` or ``crop``.
         channels: Channel indices to keep (all when empty).
         epochs: Maximum epochs.
-        batch_size: Global batch size (split across devices under DDP).
+        batch_size: Global batch size (split across devices under DDP), or ``None``
+            (``auto``, the default): the largest power of two from 64 down to 8 that gives
+            an epoch at least 16 optimizer steps (see
+            :func:`cellclass.training.loop.auto_batch_size`). The size used is recorded
+            in the run.
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay (AdamW) or L2 (SGD).
         optimizer: ``adamw`` or ``sgd``.
@@ -93,7 +97,7 @@ class TrainConfig:
     fit: str = "pad"
     channels: list[int] = field(default_factory=list)
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int | None = None
     lr: float = 3e-3
     weight_decay: float = 0.05
     optimizer: str = "adamw"
@@ -136,6 +140,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._coerce_numbers()
+        if isinstance(self.batch_size, str):
+            self.batch_size = _auto_or_int("batch_size", self.batch_size)
         if isinstance(self.class_weights, bool):
             self.class_weights = "inverse" if self.class_weights else "none"
         self._check_types()
@@ -156,6 +162,8 @@ class TrainConfig:
         if self.split is not None and self.split not in ("group", "random", "predefined"):
             raise ConfigError(f"split = {self.split!r} is invalid; valid: group, random, predefined")
         for key in ("epochs", "batch_size", "image_size", "devices"):
+            if key == "batch_size" and self.batch_size is None:
+                continue
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid; valid: an integer >= 1")
         if self.loader_workers is not None and self.loader_workers < 0:
@@ -297,6 +305,16 @@ _SCALARS: dict[str, tuple[Any, str]] = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
 }
+
+
+def _auto_or_int(key: str, text: str) -> int | None:
+    """``auto`` (``None``) or an integer given as text."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{key} = {text!r} is invalid; valid: an integer >= 1 or auto") from None
 
 
 def parse_set_options(options: Iterable[str]) -> dict[str, Any]:
