@@ -8,8 +8,9 @@ operations passes over the batch a dozen times (gathers of both taps, blends, tr
 the offset): on a small network that shows in the training throughput
 (``benchmarks/train_step.py``, figures in docs/benchmarks.md). The values are those of
 ``augment._resample`` (same taps, same float32 weights, same order of operations), which
-stays the path for other devices and dtypes; the crop boxes and jitter factors come from the same functions as there
-(``augment._box_from_uniforms``, ``augment._jitter_from_uniforms``), compiled here.
+stays the path for other devices and dtypes; the crop boxes and jitter factors come from
+the same functions as there (``augment._box_from_uniforms``,
+``augment._jitter_from_uniforms``), compiled here.
 
 Compiled on first use and cached beside this file (numba ``cache=True``), so later
 processes load it without compiling.
