@@ -98,6 +98,7 @@ def test_the_run_records_the_precision_it_used(bps_dir: Path, tmp_path: Path, mo
     assert recorded["train"]["precision"] == "auto" and recorded["runtime"]["precision"] == "32-true"
 
 
+@pytest.mark.slow
 def test_images_normalized_once_train_as_per_batch(bps_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # Within loader_memory_mb the loop normalizes every image once; with a bound below the

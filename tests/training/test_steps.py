@@ -131,6 +131,7 @@ def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path
     assert tracker.params["schedule_used"] == "onecycle" and tracker.params["steps_per_epoch"] == 11
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_the_run(bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(bps(bps160), TrainConfig(**FAST), out)  # auto: batch 8, 11 steps
@@ -147,6 +148,7 @@ def test_resume_with_more_epochs_extends_the_run(bps160: Path, tmp_path: Path) -
     assert lr[1] > lr[0] and lr[1] > lr[2]  # the rate rose again for the longer cycle, then fell
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_naming_each(bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(bps(bps160), TrainConfig(**{**FAST, "epochs": 2}), out)  # batch size auto: 8
@@ -163,6 +165,7 @@ def test_resume_refuses_changed_settings_naming_each(bps160: Path, tmp_path: Pat
     assert again["epochs_run"] == 2 and again["batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_cli_resume_applies_more_epochs_and_refuses_other_changes(cli, bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     common = ["train", bps160, "--preset", "bps", "--task", "particle_type", "--model", "lenet5",
