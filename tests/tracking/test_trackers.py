@@ -132,6 +132,7 @@ def test_wandb_goes_offline_without_an_api_key(monkeypatch: pytest.MonkeyPatch, 
     assert WandbTracker.mode() == "online"
 
 
+@pytest.mark.slow
 def test_no_tracker_writes_nothing(bps_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "runs" / "lenet"
     with make_tracker("none", root=run.parent) as tracker:

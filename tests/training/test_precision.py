@@ -90,6 +90,7 @@ def _cpuinfo_reads(monkeypatch: pytest.MonkeyPatch, fake_open: Callable[..., io.
     monkeypatch.setattr(sys.modules[loop.cpu_has_native_bf16.__module__], "open", fake_open, raising=False)
 
 
+@pytest.mark.slow
 def test_the_run_records_the_precision_it_used(bps_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
     cfg = TrainConfig(model="lenet5", image_size=32, epochs=1, tasks=["particle_type"], tta=False)

@@ -94,6 +94,7 @@ def test_auto_batch_size_on_the_real_sets(shared_data: Path) -> None:
     assert mito > 1900 and auto_batch_size(mito) == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("batch_size", "steps"), [(64, 1), (47, 2), (16, 5)])
 def test_a_run_of_few_steps_trains_on_a_schedule_that_fits(bps160: Path, tmp_path: Path, batch_size: int,
                                                            steps: int, caplog: pytest.LogCaptureFixture) -> None:
@@ -117,6 +118,7 @@ def test_enough_steps_keep_one_cycle(bps160: Path) -> None:
     assert (plan.total_steps, plan.schedule, plan.schedule_note) == (10, "onecycle", None)
 
 
+@pytest.mark.slow
 def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "auto"
     tracker = RecordingTracker()
