@@ -27,7 +27,7 @@ PREFIX = "Microscopy/train"
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """URL of a moto S3 server started for this session on a free loopback port."""
+    """URL of a moto S3 server started for the test session on a free loopback port."""
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.is_file():
         pytest.skip(f"moto_server not found beside {sys.executable}; install the dev extra (moto[server])")

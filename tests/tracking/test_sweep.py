@@ -346,7 +346,7 @@ parameters:
 
 @pytest.mark.slow
 def test_small_set_trains_and_a_failed_workers_trial_is_reported_in_one_line(tmp_path: Path) -> None:
-    """The issue's sweep: 160 simulated nuclei (94 training images), --epochs 1 --image-size 64,
+    """A sweep on a small set: 160 simulated nuclei (94 training images), --epochs 1 --image-size 64,
     batches of 16: 5 optimizer steps, which one-cycle cannot warm up in (torch divided by zero).
     Trial 2's run folder is blocked by a file, a real error that no setting explains: its
     worker stops, and the sweep names the trial and the error in one line."""

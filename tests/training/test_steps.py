@@ -24,7 +24,7 @@ FAST = {"model": "lenet5", "tasks": ["particle_type"], "image_size": 64, "epochs
 
 @pytest.fixture(scope="module")
 def bps160(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The issue's set: 160 simulated BPS nuclei (94 training images in the plate split)."""
+    """A small set: 160 simulated BPS nuclei (94 training images in the plate split)."""
     from cellclass.data.simulate import simulate_bps
 
     out = tmp_path_factory.mktemp("bps160")
