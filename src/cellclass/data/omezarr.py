@@ -14,7 +14,7 @@ An OME-Zarr *plate* (``plate`` metadata) lists its wells (``A/1``, ...), each we
 fields (``0``, ``1``, ...); :func:`plate_fields` lists them from the metadata alone.
 
 The metadata is parsed by the ``ome-zarr`` library (zarr v2 and v3 stores, NGFF 0.4 and
-0.5), the chunks read through zarr and dask. Both are the ``zarr`` extra:
+0.5), the chunks read through zarr. Both are the ``zarr`` extra:
 ``pip install 'cellclass[zarr]'``.
 """
 
@@ -120,7 +120,7 @@ def read_zarr_image(path: str | os.PathLike[str], policy: AxesPolicy) -> tuple[n
         elif how == "middle":
             index[position] = slice(shape[position] // 2, shape[position] // 2 + 1)
     try:
-        values = np.asarray(array[tuple(index)].compute(scheduler="synchronous"))
+        values = np.asarray(array[tuple(index)])  # reads the chunks of these planes only
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ImageReadError(f"cannot read OME-Zarr image '{name}': {type(exc).__name__}: {exc}") from exc
     if values.dtype.kind not in "buif":
@@ -265,37 +265,48 @@ def normalize_well(text: str, *, strict: bool = True) -> str:
 # -- helpers -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Image:
-    data: Any  # dask array of the level-0 array
+    data: Any  # the level-0 zarr array, opened and not read
     axes: str
     channel_names: tuple[str, ...]
     levels: int
     level_path: str
 
 
-def _modules() -> tuple[Any, Any]:
+def _modules() -> tuple[Any, Any, Any, Any]:
     try:
+        import zarr
+        from ome_zarr import axes as ome_axes
+        from ome_zarr import format as ome_format
         from ome_zarr import io as ome_io
-        from ome_zarr import reader as ome_reader
     except ImportError as exc:
         raise MissingDependencyError(
             f"reading OME-Zarr needs the zarr extra ({exc.name or 'ome_zarr'} is not installed); "
             f"install it with: {EXTRA_HINT}"
         ) from None
-    return ome_io, ome_reader
+    return zarr, ome_io, ome_axes, ome_format
 
 
 def _location(name: str) -> Any:
-    ome_io, _ = _modules()
+    _, ome_io, _, ome_format = _modules()
     if not os.path.isdir(name):
         return None
+    # zarr v2 metadata means NGFF 0.4 or older: telling ome-zarr so spares it a warning per
+    # open (it detects the version either way).
+    v2 = not os.path.isfile(os.path.join(name, "zarr.json")) and os.path.isfile(os.path.join(name, ".zattrs"))
     try:
-        return ome_io.parse_url(name, mode="r")
+        return ome_io.parse_url(name, mode="r", fmt=ome_format.FormatV04() if v2 else ome_format.CurrentFormat())
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageReadError(f"cannot read OME-Zarr metadata of '{name}': {type(exc).__name__}: {exc}") from exc
 
 
 def _open_image(name: str) -> _Image:
-    _, ome_reader = _modules()
+    """The level-0 array of an image (opened, not read) and what its metadata declares.
+
+    ome-zarr parses the metadata (zarr v2 or v3, the NGFF version, the axes); the array is
+    opened with zarr by the path of the first ``multiscales`` dataset, so no other level
+    (nor another field) is opened.
+    """
+    zarr, _, ome_axes, ome_format = _modules()
     if not os.path.exists(name):
         raise ImageReadError(f"cannot read image '{name}': folder does not exist")
     location = _location(name)
@@ -312,22 +323,20 @@ def _open_image(name: str) -> _Image:
             f"(a field of a plate such as plate.zarr/A/1/0); read a whole plate with --preset plate"
         )
     try:
-        node = ome_reader.Node(location, [location])
-        multiscales = node.first(ome_reader.Multiscales)
-        omero = node.first(ome_reader.OMERO)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        multiscale = attrs["multiscales"][0]
+        datasets = [str(d["path"]) for d in multiscale["datasets"]]
+        version = str(multiscale.get("version") or attrs.get("version") or location.version)
+        declared = multiscale.get("axes")
+        axes_list = ome_axes.Axes(declared, fmt=ome_format.format_from_version(version)).to_list() if declared else []
+        array = zarr.open_array(store=location.store, path=datasets[0], mode="r")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ImageReadError(f"cannot read OME-Zarr metadata of '{name}': {type(exc).__name__}: {exc}") from exc
-    if multiscales is None or not node.data:
-        raise ImageReadError(f"cannot read image '{name}': its 'multiscales' metadata lists no dataset")
-    data = node.data[0]
-    declared = node.metadata.get("axes") or []
-    if declared:
-        axes = "".join(_letter(a) for a in declared)
-    else:  # NGFF 0.1 / 0.2 declare none: the arrays are (t, c, z, y, x) by convention
-        axes = "TCZYX"[-data.ndim:]
-    labels = [c.get("label") for c in (omero.image_data.get("channels") or [])] if omero is not None else []
-    names = tuple(str(n) for n in labels) if labels and all(labels) and len(labels) == _channels(axes, data.shape) else ()
-    return _Image(data, axes, names, len(node.data), multiscales.datasets[0])
+    # NGFF 0.1 / 0.2 declare no axes: their arrays are (t, c, z, y, x) by convention.
+    axes = "".join(_letter(a) for a in axes_list) if axes_list else "TCZYX"[-array.ndim:]
+    channels = (attrs.get("omero") or {}).get("channels") or []
+    labels = [c.get("label") if isinstance(c, dict) else None for c in channels]
+    names = tuple(map(str, labels)) if labels and all(labels) and len(labels) == _channels(axes, array.shape) else ()
+    return _Image(array, axes, names, len(datasets), datasets[0])
 
 
 def _letter(axis: Any) -> str:

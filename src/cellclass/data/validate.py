@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellclass.data.io import image_exists
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, TaskSpec
 from cellclass.errors import ImageReadError, LabelError
 
@@ -249,7 +250,7 @@ def _check_images(
         if not ids[i].strip():
             return i, None, None
         paths = spec.image_paths(record)
-        missing = [p for p in paths if not p.is_file()]
+        missing = [p for p in paths if not image_exists(p)]
         if missing:
             names = ", ".join(_rel(p, root) for p in missing)
             return i, Problem(row, ids[i], "image", f"missing file {names}"), None
