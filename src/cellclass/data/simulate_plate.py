@@ -131,7 +131,7 @@ def simulate_plate(
     partial.rename(final)
     manifest = out / "wells.csv"
     atomic_write_text(manifest, "\n".join(lines) + "\n")
-    log.info("wrote a %dx%d plate of %d field(s) per well to %s", rows, cols, fields, final)
+    log.debug("wrote a %dx%d plate of %d field(s) per well to %s", rows, cols, fields, final)
     return manifest
 
 
