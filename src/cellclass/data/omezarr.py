@@ -214,7 +214,7 @@ def plate_fields(path: str | os.PathLike[str], *, first_only: bool = False) -> t
     attrs = {} if location is None else location.root_attrs
     plate = attrs.get("plate")
     if not isinstance(plate, dict):
-        found = "no OME-Zarr group" if location is None else f"an OME-Zarr group with {sorted(attrs) or 'no metadata'}"
+        found = "no OME-Zarr group" if location is None else f"an OME-Zarr group with {sorted(k for k in attrs if k != 'version') or 'no metadata'}"
         raise SpecError(
             f"'{name}' is {found}, not a plate; valid: a folder whose metadata holds 'plate' "
             f"(an OME-Zarr high-content-screening plate)"
