@@ -31,7 +31,7 @@ from cellclass.data.spec import (
     TaskSpec,
     spec_from_manifest,
 )
-from cellclass.errors import SpecError
+from cellclass.errors import ImageReadError, SpecError
 
 HPA_CLASSES: list[str] = [
     "Nucleoplasm", "Nuclear membrane", "Nucleoli", "Nucleoli fibrillar center",
@@ -174,7 +174,10 @@ def plate(root: str | Path, *, manifest: str = "wells.csv", per: str = "field") 
     root = Path(root)
     plates = find_plates(root)
     _, first = plate_fields(plates[0], first_only=True)
-    channels = list(describe_zarr_image(plates[0] / first[0].path).channel_names) if first else []
+    try:
+        channels = list(describe_zarr_image(plates[0] / first[0].path).channel_names) if first else []
+    except ImageReadError:  # a missing or broken field is validate's to report, row by row
+        channels = []
     base = root.parent if plates == [root] else root
     labels = base / manifest
     if not labels.is_file():
