@@ -123,7 +123,9 @@ def read_image(path: ImagePath, *, axes: AxesPolicy | None = None) -> np.ndarray
 
     Args:
         path: Image file; its extension (case-insensitive) picks the decoder and must be
-            one of :data:`IMAGE_EXTENSIONS`.
+            one of :data:`IMAGE_EXTENSIONS` or a vendor format (``.czi``, ``.nd2``,
+            ``.lif``); or an OME-Zarr image folder (``cells.ome.zarr``,
+            ``plate.zarr/A/1/0``).
         axes: What to do with a Z stack, a time series or several series, and which
             channels to keep by name (see :mod:`cellclass.data.axes`). None: such files
             are refused and every channel is kept.
@@ -143,6 +145,8 @@ def read_image(path: ImagePath, *, axes: AxesPolicy | None = None) -> np.ndarray
         ImageReadError: If the extension is not supported, the file is missing, empty,
             truncated or undecodable, or its array cannot be read as ``(C, H, W)``. The
             message names the path and the reason.
+        MissingDependencyError: For an OME-Zarr folder without the ``zarr`` extra, or a
+            vendor file without the ``vendor`` extra; the message names the extra.
     """
     name = os.fspath(path)
     other = _other_reader(name)
