@@ -211,3 +211,7 @@ def test_bioio_reads_an_ome_tiff_into_the_same_axes_rules(tmp_path: Path) -> Non
     image, names = read_with_bioio(path, AxesPolicy(z="max"), plugin="bioio_ome_tiff")
     assert image.dtype == np.uint16 and names == ("DNA", "Actin")
     np.testing.assert_array_equal(image, stack.max(axis=0))
+    garbage = tmp_path / "bad.ome.tif"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(ImageReadError, match=r"cannot read image '.*bad\.ome\.tif' through bioio: UnsupportedFileFormatError"):
+        read_with_bioio(garbage, AxesPolicy(), plugin="bioio_ome_tiff")

@@ -44,6 +44,17 @@ def test_plate_fields_list_every_field_from_the_metadata(sim: Path) -> None:
     assert len(plate_fields(sim / "plate.zarr", first_only=True)[1]) == 6
 
 
+def test_listing_a_plate_reads_no_pixel(sim: Path, tmp_path: Path) -> None:
+    """Every chunk of the copy is corrupt, yet its manifest is built (from the metadata alone)."""
+    copy = tmp_path / "data"
+    shutil.copytree(sim, copy)
+    chunks = [p for p in (copy / "plate.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    for chunk in chunks:
+        chunk.write_bytes(b"corrupt")
+    assert len(chunks) == 12 * 2 * 2  # fields x channels x levels, one chunk each
+    assert len(preset("plate", copy).load_manifest()) == 12
+
+
 @pytest.mark.parametrize(("text", "well"), [("A1", "A01"), ("a01", "A01"), ("A/1", "A01"), ("B-12", "B12"),
                                             ("C_3", "C03"), (" H 7 ", "H07"), ("AA2", "AA02")])
 def test_well_names_are_normalized(text: str, well: str) -> None:

@@ -59,7 +59,7 @@ def read_with_bioio(
         ImageReadError: When the file is missing or cannot be read.
     """
     name = os.fspath(path)
-    image = _open(name, plugin)
+    image, errors = _open(name, plugin)
     try:
         scenes = list(image.scenes)
         shapes = []
@@ -72,7 +72,7 @@ def read_with_bioio(
         check_axes(axes, shape, policy, name, "bioio")  # refuse before reading pixels
         values = np.asarray(image.get_image_data(axes))
         names = tuple(str(n) for n in (image.channel_names or ()))
-    except _READ_ERRORS as exc:
+    except errors as exc:
         raise ImageReadError(f"cannot read image '{name}' through bioio: {type(exc).__name__}: {exc}") from exc
     if not values.dtype.isnative:
         values = values.astype(values.dtype.newbyteorder("="))
@@ -88,7 +88,7 @@ def describe_with_bioio(path: str | os.PathLike[str], *, plugin: str | None = No
         ImageReadError: When the file cannot be read.
     """
     name = os.fspath(path)
-    image = _open(name, plugin)
+    image, errors = _open(name, plugin)
     try:
         series = []
         for scene in image.scenes:
@@ -97,20 +97,22 @@ def describe_with_bioio(path: str | os.PathLike[str], *, plugin: str | None = No
         image.set_scene(image.scenes[0])
         names = tuple(str(n) for n in (image.channel_names or ()))
         dtype = str(image.dtype)
-    except _READ_ERRORS as exc:
+    except errors as exc:
         raise ImageReadError(f"cannot read image '{name}' through bioio: {type(exc).__name__}: {exc}") from exc
     axes, shape = series[0]
     return ImageAxes(name, "bioio", axes, shape, dtype, declared=True, channel_names=names,
                      series=tuple(series))
 
 
-def _open(name: str, plugin: str | None) -> Any:
+def _open(name: str, plugin: str | None) -> tuple[Any, tuple[type[Exception], ...]]:
+    """The file opened by bioio, and the errors its reading raises for a bad file."""
     ext = os.path.splitext(name)[1].lower()
     module, label = VENDOR_EXTENSIONS.get(ext, (plugin, ext or "this format"))
     module = plugin or module
     try:
         bioio = importlib.import_module("bioio")
         reader = importlib.import_module(module).Reader if module else None
+        bioio_errors = importlib.import_module("bioio_base.exceptions")
     except ImportError as exc:
         package = (exc.name or module or "bioio").replace("_", "-")
         raise MissingDependencyError(
@@ -119,7 +121,10 @@ def _open(name: str, plugin: str | None) -> Any:
         ) from None
     if not os.path.isfile(name):
         raise ImageReadError(f"cannot read image '{name}': file does not exist")
+    errors = (*_READ_ERRORS, *(getattr(bioio_errors, n) for n in ("UnsupportedFileFormatError", "UnexpectedShapeError",
+                                                                 "InvalidDimensionOrderingError") if hasattr(bioio_errors, n)))
     try:
-        return bioio.BioImage(name, reader=reader) if reader is not None else bioio.BioImage(name)
-    except _READ_ERRORS as exc:
+        image = bioio.BioImage(name, reader=reader) if reader is not None else bioio.BioImage(name)
+    except errors as exc:
         raise ImageReadError(f"cannot read image '{name}' through bioio: {type(exc).__name__}: {exc}") from exc
+    return image, errors
