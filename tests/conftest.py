@@ -76,7 +76,7 @@ def run_cli(*args: object, timeout: int = 900) -> subprocess.CompletedProcess[st
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli() -> object:
     """The :func:`run_cli` helper."""
     return run_cli

@@ -38,9 +38,8 @@ def stacks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack_run(stacks: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import run_cli
-
+def stack_run(stacks: Path, tmp_path_factory: pytest.TempPathFactory, cli) -> Path:
+    run_cli = cli
     run = tmp_path_factory.mktemp("runs") / "mlp"
     result = run_cli("train", stacks, "--image-col", "image", "--task", "label", "--model", "mlp",
                      "--image-size", "16", "--z", "max", "--out", run)

@@ -54,3 +54,19 @@ class SweepError(CellclassError):
 class StackError(ImageReadError):
     """An image file holds a Z stack, a time series or several series (positions) and
     nothing says how to make one ``(C, H, W)`` image of it."""
+
+
+class ConfigError(CellclassError, ValueError):
+    """A setting (of training, augmentation, normalization or the loader) has an invalid key or value."""
+
+
+class NormalizationError(CellclassError, ValueError):
+    """Images cannot be normalized as asked (no training image, channel counts differ, not fitted)."""
+
+
+class ImageWriteError(CellclassError, ValueError):
+    """An array cannot be written in the asked image format (its shape or dtype does not fit)."""
+
+
+class OutputPathError(CellclassError):
+    """An output path cannot be used: it is one of the inputs, or a folder where a file is needed."""

@@ -86,3 +86,37 @@ def test_no_confound_when_labels_are_spread_across_groups(tmp_path: Path) -> Non
     spec = spec_from_manifest(tmp_path / "m.csv", image_col="f", tasks=["y"], groups=["plate"])
     report = inspect_dataset(spec)
     assert report.confounds[0].level == "ok" and report.warnings == []
+
+
+def test_intensities_per_dtype_and_channel_count_and_what_was_left_out(tmp_path: Path) -> None:
+    from cellclass.data.io import write_tiff
+
+    files, labels = [], []
+    for i in range(6):
+        write_tiff(tmp_path / f"u16_{i}.tif", np.full((1, 8, 8), 1000 + i, dtype=np.uint16))
+        files.append(f"u16_{i}.tif")
+    for i in range(3):
+        write_tiff(tmp_path / f"u8_{i}.tif", np.full((1, 8, 8), 7, dtype=np.uint8))
+        write_tiff(tmp_path / f"rgb_{i}.tif", np.full((3, 8, 8), 9, dtype=np.uint8))
+        files += [f"u8_{i}.tif", f"rgb_{i}.tif"]
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00not a tiff")
+    files += ["broken.tif", "gone.tif"]
+    labels = ["a", "b"] * (len(files) // 2)
+    pd.DataFrame({"f": files, "y": labels}).to_csv(tmp_path / "m.csv", index=False)
+    report = inspect_dataset(spec_from_manifest(tmp_path / "m.csv", image_col="f", tasks=["y"]))
+    stats = report.channel_stats
+    groups = stats.groupby(["dtype", "channels"])["images"].first().to_dict()
+    assert groups == {("uint16", 1): 6, ("uint8", 1): 3, ("uint8", 3): 3}
+    assert stats.loc[(stats.dtype == "uint16"), "min"].item() == 1000
+    assert stats.loc[(stats.dtype == "uint8") & (stats.channels == 1), "max"].item() == 7
+    assert report.images_checked == 12 and report.n_rows == 14
+    left = {x.reason.split(" (")[0]: x for x in report.left_out}
+    assert left["no image file"].count == 1 and "row 14 (gone.tif)" in left["no image file"].examples
+    assert left["unreadable"].count == 1 and left["unreadable"].examples[0].startswith("row 13 (broken.tif): ")
+    assert report.to_dict()["left_out"][0]["count"] == 1
+
+
+def test_sampling_is_reported_as_left_out(bps_dir: Path) -> None:
+    report = inspect_dataset(bps(bps_dir), max_images=10)
+    (left,) = report.left_out
+    assert left.count == report.n_rows - 10 and "--max-images" in left.reason

@@ -220,3 +220,36 @@ def test_where_errors(tmp_path: Path, expression: str, match: str) -> None:
     spec.where = [expression]
     with pytest.raises(SpecError, match=match):
         spec.load_manifest()
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"", r"manifest '.*m\.csv' is empty \(0 bytes\); valid: a CSV with a header row"),
+    (b"\n  \n", r"is empty \(4 bytes\)"),
+    ("f,y\na.tif,x\nb.tif,caf\u00e9\n".encode("latin-1"),
+     r"is not UTF-8 text: data row 2 \(line 3, column 10\) holds the byte 0xe9; valid: UTF-8 text"),
+    ("f,\u00e9\na.tif,x\n".encode("latin-1"), r"the header \(line 1, column 3\) holds the byte 0xe9"),
+    (b"f,y\n\na.tif,x\n\nb\xff.tif,y\n", r"data row 2 \(line 5, column 2\)"),  # blank lines are no rows
+    (b"f,y\na.tif,x,surplus\n", r"data row 1 \(line 2\) has 3 fields, the header 2; valid: one field per header"),
+    (b"f,y\na.tif,x\nb.tif,y,z,w\n", r"is not valid CSV: Expected 2 fields in line 3, saw 4"),
+])
+def test_manifest_read_errors_name_the_row_and_line(tmp_path: Path, content: bytes, match: str) -> None:
+    (tmp_path / "m.csv").write_bytes(content)
+    spec = spec_from_manifest(tmp_path / "m.csv", image_col="f", tasks=["y"])
+    with pytest.raises(SpecError, match=match):
+        spec.load_manifest()
+
+
+def test_manifest_trailing_empty_fields_and_bom_are_read(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_bytes("\ufefff,y\na.tif,x,\nb.tif,y,\n".encode())
+    frame = spec_from_manifest(tmp_path / "m.csv", image_col="f", tasks=["y"]).load_manifest()
+    assert frame["f"].tolist() == ["a.tif", "b.tif"] and frame["y"].tolist() == ["x", "y"]
+
+
+def test_yaml_spec_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes("name: d\nmanifest: caf\u00e9.csv\n".encode("latin-1"))
+    with pytest.raises(SpecError, match=r"dataset spec '.*bad\.yaml' is not UTF-8 text: line 2, column 14"):
+        DatasetSpec.from_yaml(bad)
+    bad.write_text("name: d\n  manifest: [x\n")
+    with pytest.raises(SpecError, match=r"is not valid YAML at line 2, column 11: "):
+        DatasetSpec.from_yaml(bad)

@@ -286,3 +286,121 @@ def test_sqlite_concurrent_writers(tmp_path: Path) -> None:
         assert all(pool.map(add, range(64)))
     assert store.list()[1] == 64
     db.close()
+
+
+# -- what a fuzzer sends: values, JSON fields, durable private files -------------------------
+@pytest.mark.parametrize(("array", "message"), [
+    (np.zeros((0, 8), np.float32), r"holds no pixel values \(shape \(1, 0, 8\)\); valid: an image of at least 1 x 1"),
+    (np.full((4, 4), np.nan), "holds NaN or infinite values"),
+    (np.full((4, 4), 1e39), r"holds float64 values up to 1e\+39 in magnitude, beyond float32's range"),
+])
+def test_decode_upload_refuses_images_the_model_cannot_read(array: np.ndarray, message: str) -> None:
+    with pytest.raises(UploadError, match=message):
+        decode_upload(npy_bytes(array), "x.npy", max_bytes=10**6, max_pixels=10**6)
+    assert decode_upload(npy_bytes(np.full((4, 4), 3e38)), "x.npy", max_bytes=10**6, max_pixels=10**6).image.max() == 3e38
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[" * 17 + "]" * 17, "the form field 'f' nests arrays and objects 17 levels deep; the limit is 16"),
+    ('{"a": NaN}', "the form field 'f' holds NaN, which is not a JSON number; valid: standard JSON"),
+    ('{"a": 1e400}', "holds 1e400, which overflows to infinity"),
+    ('{"a": ' + "1" * 4301 + "}", "holds an integer of 4,301 digits"),
+    ('{"a": "\\udc80"}', "holds a string that is not valid Unicode"),
+    ('{"a": 1', r"is not valid JSON \(Expecting ',' delimiter at position 7\)"),
+    ("x" * 5001, "the form field 'f' has 5,001 bytes; the limit is 5,000"),
+])
+def test_parse_json_field_errors(text: str, message: str) -> None:
+    from cellclass.serving.contributions import parse_json_field
+
+    with pytest.raises(UploadError, match=message):
+        parse_json_field(text, "f", max_bytes=5000, required=True)
+
+
+def test_parse_json_field_reads_standard_json_and_counts_depth_outside_strings() -> None:
+    from cellclass.serving.contributions import json_depth, parse_json_field
+
+    text = '{"a": [[{"b": "[[[[{{{{\\" ]"}], -1.5e300, 12345678901234567890]}'
+    assert json_depth(text) == 4
+    assert parse_json_field(text, "f", max_bytes=1000, required=True, max_depth=4)["a"][1:] == [
+        -1.5e300, 12345678901234567890]
+    assert parse_json_field("  ", "f", max_bytes=10, required=False) is None
+
+
+def test_content_files_are_on_disk_before_their_row_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    import os
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the file behind a descriptor")
+    events: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store = ContributionStore(db, LocalFileStore(tmp_path / "files"))
+    dataset = store.register_dataset(MULTI_DEFINITION)
+    real_transaction = db.transaction
+
+    @contextlib.contextmanager
+    def recording_transaction():
+        with real_transaction() as tx:
+            yield tx
+        events.append(("commit", ""))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(db, "transaction", recording_transaction)
+    upload = upload_of(11)
+    store.add(upload, {"loc": [], "bin": "1"}, None, contributor="k", dataset=dataset, model={})
+    path = store.files.path(upload.sha256, ".npy")
+    before_commit = [name for kind, name in events[:events.index(("commit", ""))] if kind == "fsync"]
+    written = [Path(name) for name in before_commit if Path(name).name.startswith(f".{path.name}.")]
+    assert written and written[0].parent == path.parent  # the content, flushed under its temporary name
+    folders = {Path(name) for name in before_commit}
+    assert {path.parent, path.parent.parent, path.parent.parent.parent} <= folders  # the rename and new folders
+    db.close()
+
+
+def test_leftovers_are_removed_only_when_no_other_process_uses_the_folder(tmp_path: Path) -> None:
+    import stat
+
+    root = tmp_path / "files"
+    serving = LocalFileStore(root)
+    kept_sha = "a1" * 32
+    assert serving.put(kept_sha, ".tif", b"II*\x00kept")
+    assert serving.remove_unreferenced(lambda: {(kept_sha, ".tif")}) == []  # now held shared, as a server does
+    orphan = root / "b2" / "b2" / f"{'b2' * 32}.png"
+    temporary = root / "b2" / "b2" / f".{'b2' * 32}.png.x8k1.tmp"
+    stray = root / "b2" / "b2" / "notes.txt"
+    misplaced = root / "00" / "00" / f"{'b2' * 32}.png"  # not where this store puts that hash
+    for path in (orphan, temporary, stray, misplaced):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    starting = LocalFileStore(root)
+    assert starting.remove_unreferenced(lambda: {(kept_sha, ".tif")}) is None  # another server holds it
+    assert orphan.exists() and temporary.exists()
+    serving.close()
+    starting.close()
+    removed = LocalFileStore(root).remove_unreferenced(lambda: {(kept_sha, ".tif")})
+    assert sorted(removed) == sorted([orphan, temporary])
+    assert stray.exists() and misplaced.exists() and serving.path(kept_sha, ".tif").exists()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(serving.path(kept_sha, ".tif").stat().st_mode) == 0o600
+
+
+def test_sqlite_database_is_created_private_and_an_existing_one_tightened(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    folder = tmp_path / "new" / "state"
+    Database(f"sqlite:///{folder / 'cellclass.db'}").close()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "cellclass.db").stat().st_mode) == 0o600
+    os.chmod(folder / "cellclass.db", 0o644)
+    db = Database(f"sqlite:///{folder / 'cellclass.db'}")
+    KeyStore(db).create("predict")  # writes, so the -wal and -shm files exist
+    for name in ("cellclass.db", "cellclass.db-wal", "cellclass.db-shm"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
+    db.close()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 
 from cellclass.data.presets import bps
 from cellclass.errors import SweepError
@@ -329,3 +330,66 @@ def test_a_claim_cut_short_before_naming_its_worker_is_recovered(tmp_path: Path,
     study.ask()  # a process died here, inside claim(), before it named itself
     trial, params, first_root = claim(study, storage, job)
     assert first_root == 0 and trial.number == 1 and set(params) == {"batch_size", "epochs", "lr"}
+
+
+SMALL_GRID = """\
+method: grid
+metric: {name: val/macro_f1, goal: maximize}
+parameters:
+  batch_size: {values: [16]}
+  lr: {values: [0.001, 0.003, 0.01]}
+"""
+
+
+def test_small_set_trains_and_a_failed_workers_trial_is_reported_in_one_line(tmp_path: Path) -> None:
+    """The issue's sweep: 160 simulated nuclei (94 training images), --epochs 1 --image-size 64,
+    batches of 16: 5 optimizer steps, which one-cycle cannot warm up in (torch divided by zero).
+    Trial 2's run folder is blocked by a file, a real error that no setting explains: its
+    worker stops, and the sweep names the trial and the error in one line."""
+    import optuna
+
+    from cellclass.data.simulate import simulate_bps
+
+    data = tmp_path / "bps160"
+    simulate_bps(data, n_images=160, seed=0)
+    sweep_file = _write(tmp_path / "small.yaml", SMALL_GRID)
+    out = tmp_path / "small"
+    (out / "trials").mkdir(parents=True)
+    (out / "trials" / "0002").write_text("not a folder")
+    exe = Path(sys.executable).with_name("cellclass")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
+    result = subprocess.run([str(exe), "sweep", str(sweep_file), str(data), "--preset", "bps", "--task",
+                             "particle_type", "--model", "lenet5", "--epochs", "1", "--image-size", "64",
+                             "--set", "tta=false", "--set", "workers=1", "--n-jobs", "2", "--tracker", "none",
+                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=600, check=False)
+    live, _ = trials_of(out)
+    states = {root(t): t.state.name for t in live}
+    assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "FAIL"}, result.stderr[-3000:]
+    for t in live:
+        if root(t) < 2:
+            steps = yaml.safe_load((out / t.user_attrs["run_dir"] / "config.yaml").read_text())["runtime"]["steps"]
+            assert (steps["batch_size"], steps["total_steps"], steps["schedule"]) == (16, 5, "cosine")
+    error = next(t for t in live if root(t) == 2).user_attrs["error"]
+    assert error.startswith("FileExistsError: ") and "0002" in error
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert sum(line.startswith("[worker ") and f"trial 2 failed: {error}" in line for line in lines) == 1
+    report = [line for line in lines if line.startswith("error: ")]
+    assert report == [f"error: trial 2 failed: {error}"], result.stderr[-3000:]
+    assert "exit code 1) failed; 3 of 3 trial(s) finished" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["failures"] == [{"trial": 2, "error": error}]
+    assert pd.read_csv(out / "trials.csv").set_index("trial").loc[2, "error"] == error
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_a_trial_failing_in_this_process_is_reported_in_one_line(bps_dir: Path, tmp_path: Path) -> None:
+    space = SweepSpace.from_dict({"method": "grid", "metric": "val/macro_f1", "parameters": {"lr": [0.003, 0.01]}})
+    out = tmp_path / "one"
+    (out / "trials").mkdir(parents=True)
+    (out / "trials" / "0000").write_text("not a folder")
+    with pytest.raises(SweepError, match=r"^trial 0 failed: FileExistsError: .*0000.*\nthe sweep stopped at its "
+                                         r"failed trial; 1 of 1 trial\(s\) finished"):
+        run_sweep(bps(bps_dir), BASE, space, out, n_trials=1, tracker="none")
+    assert json.loads((out / "sweep.json").read_text())["failures"][0]["trial"] == 0

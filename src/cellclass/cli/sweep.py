@@ -114,8 +114,12 @@ def print_sweep(summary: dict[str, Any], out: Path, top: int = 10) -> None:
     """The best trials, the best configuration and where the report is."""
     import pandas as pd
 
+    from cellclass.tracking.sweep import failure_line
+
     counts = ", ".join(f"{v} {k.lower()}" for k, v in summary["counts"].items() if v)
     console.print(f"{summary['finished']} of {summary['n_trials']} trial(s) finished ({counts})")
+    for failure in summary.get("failures", []):
+        console.print(failure_line(failure), markup=False, highlight=False, soft_wrap=True)
     trials = pd.read_csv(out / "trials.csv")
     done = trials[trials["state"] == "COMPLETE"].sort_values("value", ascending=summary["goal"] == "minimize")
     if len(done):

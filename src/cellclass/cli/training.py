@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cellclass.cli.app import (
     DelimiterOpt,
     DropUnlabeledOpt,
+    FormatOpt,
     GroupOpt,
     ImageColOpt,
     PresetOpt,
     SeriesOpt,
     SpecArg,
+    OutputFormat,
     TaskOpt,
     TOpt,
     WhereOpt,
@@ -24,12 +29,14 @@ from cellclass.cli.app import (
     _spec,
     _stage_progress,
     app,
+    check_output_file,
     console,
+    err_console,
+    write_csv,
+    write_json,
 )
-from cellclass.errors import CellclassError
-import dataclasses
-
 from cellclass.cli.data import _print_inspection
+from cellclass.errors import CellclassError
 
 
 @app.command()
@@ -51,11 +58,17 @@ def models(
                       (" ..." if len(others) > 200 else ""))
 
 
-def build_config(config_file: Path | None, sets: list[str] | None, **options: Any) -> Any:
-    """Defaults, then ``--config FILE``, then explicit options, then ``--set key=value``."""
+def build_config(config_file: Path | None, sets: list[str] | None, base: Any = None, **options: Any) -> Any:
+    """Defaults (or ``base``), then ``--config FILE``, then explicit options, then ``--set key=value``."""
+    import yaml
+
     from cellclass.training.config import TrainConfig, parse_set_options
 
-    config = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+    config = base if base is not None else TrainConfig()
+    if config_file:
+        from_file = TrainConfig.from_yaml(config_file)  # checks the file and its keys
+        given = yaml.safe_load(config_file.read_text()) or {}
+        config = config.override({k: getattr(from_file, k) for k in given})
     explicit = {k: v for k, v in options.items() if v is not None}
     return config.override({**explicit, **parse_set_options(sets or [])})
 
@@ -122,7 +135,8 @@ def train(
     precision: PrecisionOpt = None,
     seed: SeedOpt = None,
     pretrained: PretrainedOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out with its settings; "
+                                         "--epochs N (more than done) extends it, other changes are refused.")] = False,
     cache: CacheOpt = None,
     tracker: TrackerOpt = "mlflow",
     tracking_uri: TrackingUriOpt = None,
@@ -132,15 +146,16 @@ def train(
     from cellclass.training.loop import train as run_train
 
     ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
+    ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
+    base = None
     if resume and (out / "config.yaml").is_file():
         from cellclass.evaluation.evaluate import run_config
 
-        cfg = run_config(out)
-    else:
-        cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size,
-                           batch_size=batch_size, lr=lr, split_by=split_by, split=split, devices=devices,
-                           strategy=strategy, precision=precision, seed=seed,
-                           pretrained=(True if pretrained == "hub" else pretrained), cache=cache)
+        base = run_config(out)  # the options given are checked against it (more epochs: applied)
+    cfg = build_config(config, set_, base, model=model, epochs=epochs, image_size=image_size,
+                       batch_size=batch_size, lr=lr, split_by=split_by, split=split, devices=devices,
+                       strategy=strategy, precision=precision, seed=seed,
+                       pretrained=(True if pretrained == "hub" else pretrained), cache=cache)
     with _run_tracker(tracker, tracking_uri, experiment, out, "train") as run_tracker, \
             _stage_progress() as progress:
         result = run_train(ds, cfg, out, resume=resume, progress=progress, tracker=run_tracker)
@@ -196,27 +211,48 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path("predictions.csv"),
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
 ) -> None:
-    """Predict image files with a trained run; writes one CSV row per image."""
+    """Predict image files with a trained run; writes one CSV row per image.
+
+    An image that cannot be predicted (missing, undecodable, empty, NaN pixels, another
+    channel count) keeps its row, with the reason in the ``error`` column, and the others
+    are predicted; the command then exits 1. The output never replaces an input.
+    """
     import pandas as pd
 
     from cellclass.atomic import atomic_path
     from cellclass.serving.predictor import Predictor
 
+    check_output_file(out, "--out", inputs=[run, *images], input_folders=[run])
     predictor = Predictor.from_checkpoint(run, tta=tta)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for start in range(0, len(images), 256):
         chunk = images[start : start + 256]
-        results = predictor.predict_images([predictor.read_image(p) for p in chunk])
-        for path, result in zip(chunk, results, strict=True):
-            row: dict[str, Any] = {"image": str(path)}
+        prepared: dict[int, Any] = {}
+        for i, path in enumerate(chunk):
+            row: dict[str, Any] = {"image": str(path), "error": ""}
+            try:
+                prepared[i] = predictor.prepare([predictor.read_image(path)], names=[f"image {str(path)!r}"])
+            except CellclassError as exc:
+                row["error"] = str(exc)
+                err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            rows.append(row)
+        if not prepared:
+            continue
+        x = predictor.normalize(np.concatenate(list(prepared.values())))
+        results = predictor.describe(predictor.predict_normalized(x))
+        for i, result in zip(prepared, results, strict=True):
+            row = rows[start + i]
             for task_name, r in result.items():
                 label = r["label"]
                 row[task_name] = ";".join(label) if isinstance(label, list) else label
                 row.update({f"{task_name}__p__{c}": round(p, 6) for c, p in r["probabilities"].items()})
-            rows.append(row)
     with atomic_path(out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    console.print(f"{len(rows)} prediction(s) written to {out}")
+    failed = sum(bool(r["error"]) for r in rows)
+    console.print(f"{len(rows) - failed} prediction(s) written to {out}"
+                  + (f"; {failed} image(s) could not be predicted (see the error column)" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -254,6 +290,7 @@ def cv(
     from cellclass.evaluation.crossval import cross_validate
 
     ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
+    ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
     cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
                        lr=lr, split_by=split_by, split=split, seed=seed, cache=cache)
     from cellclass.tracking.runs import FoldLogger, cv_progress
@@ -284,11 +321,25 @@ def compare(
     metric: Annotated[str, typer.Option("--metric", help="macro_f1 or accuracy, for the paired bootstrap.")] = "macro_f1",
     n_boot: Annotated[int, typer.Option("--n-boot", min=100, help="Bootstrap resamples.")] = 2000,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for compare.json, tables and a plot.")] = None,
+    output: FormatOpt = OutputFormat.table,
 ) -> None:
     """Side-by-side metrics, paired bootstrap confidence intervals and McNemar tests on the same test images."""
+    import pandas as pd
+
     from cellclass.evaluation.evaluate import compare_runs
 
     result = compare_runs(runs, task=task, metric=metric, n_boot=n_boot, out=out)
+    if output is not OutputFormat.table:
+        if output is OutputFormat.json:
+            write_json(result)
+        else:
+            write_csv({
+                "metrics": pd.DataFrame([{"task": t, **row} for t, b in result["tasks"].items() for row in b["table"]]),
+                "pairs": pd.DataFrame([{"task": t, **pair} for t, b in result["tasks"].items() for pair in b["pairs"]]),
+            })
+        if out is not None:
+            err_console.print(f"comparison written to {out}")
+        return
     for task_name, block in result["tasks"].items():
         table = Table(title=f"task {task_name}: test metrics with 95% bootstrap CI ({block['n']} images)")
         for col in ("run", "model", "split", "accuracy", "macro F1"):

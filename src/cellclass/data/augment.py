@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cellclass.data.loading import checked_rows
+from cellclass.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ def random_resized_crop(
         generator: Source of randomness.
 
     Raises:
-        ValueError: On an invalid range or batch.
+        ConfigError: On an invalid range.
+        ValueError: On an invalid batch.
     """
     _check_batch(x)
     return _resample(x, *_crop_box(x.shape[0], scale, ratio, generator), padding_mode="border")
@@ -181,7 +183,8 @@ def zoom(
     ``border`` or ``reflection`` as in ``grid_sample``).
 
     Raises:
-        ValueError: On an invalid range or batch.
+        ConfigError: On an invalid range.
+        ValueError: On an invalid batch.
     """
     _check_batch(x)
     _check_range("scale", scale)
@@ -204,11 +207,12 @@ def intensity_jitter(
     and the mean offset 0. Meant for normalized images (background near 0, bright near 1).
 
     Raises:
-        ValueError: When ``scale`` or ``shift`` is negative, or on an invalid batch.
+        ConfigError: When ``scale`` or ``shift`` is negative.
+        ValueError: On an invalid batch.
     """
     _check_batch(x)
     if scale < 0 or shift < 0:
-        raise ValueError(f"intensity scale and shift must be >= 0; got {scale}, {shift}")
+        raise ConfigError(f"intensity scale and shift must be >= 0; got {scale}, {shift}")
     return _apply_jitter(x, *_jitter_draws(x.shape[0], x.shape[1], scale, shift, generator))
 
 
@@ -261,7 +265,7 @@ class AugmentConfig:
         self.crop_ratio = tuple(float(v) for v in self.crop_ratio)
         _check_range("crop_ratio", self.crop_ratio)
         if self.intensity_scale < 0 or self.intensity_shift < 0:
-            raise ValueError(
+            raise ConfigError(
                 "intensity_scale and intensity_shift must be >= 0; got "
                 f"{self.intensity_scale}, {self.intensity_shift}"
             )
@@ -276,12 +280,12 @@ class AugmentConfig:
         """Rebuild a config saved with :meth:`to_dict`.
 
         Raises:
-            ValueError: On an unknown key; the message lists the valid ones.
+            ConfigError: On an unknown key; the message lists the valid ones.
         """
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(valid))
         if unknown:
-            raise ValueError(f"unknown augmentation option(s) {unknown}; valid: {', '.join(valid)}")
+            raise ConfigError(f"unknown augmentation option(s) {unknown}; valid: {', '.join(valid)}")
         return cls(**dict(data))
 
 
@@ -641,6 +645,6 @@ def _check_range(name: str, bounds: Sequence[float], upper: float | None = None)
     too_high = upper is not None and len(bounds) == 2 and bounds[1] > upper
     if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1] or too_high:
         limit = f" and at most {upper}" if upper is not None else ""
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be (low, high) with 0 < low <= high{limit}; got {tuple(bounds)}"
         )

@@ -13,6 +13,7 @@ It works without images (metadata only): it says so and still analyses labels an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import pandas as pd
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.io import describe_image, image_exists
 from cellclass.data.labels import natural_key
-from cellclass.data.spec import DatasetSpec
+from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import ImageReadError
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,21 @@ class ControlCheck:
 
 
 @dataclass
+class LeftOut:
+    """Images that the pixel statistics do not include, for one reason.
+
+    Attributes:
+        reason: Why (``no image file``, ``not sampled``, ``unreadable``).
+        count: How many images.
+        examples: A few of them (``row 3 (a.tif): ...``).
+    """
+
+    reason: str
+    count: int
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
 class InspectionReport:
     """Result of :func:`inspect_dataset`; ``to_dict`` gives its JSON form."""
 
@@ -104,6 +120,7 @@ class InspectionReport:
     confounds: list[Confound] = field(default_factory=list)
     control_checks: list[ControlCheck] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    left_out: list[LeftOut] = field(default_factory=list)
     axes: list[str] = field(default_factory=list)
     """How the sampled files' axes are read (pages as channels, Z stacks, OME channel
     names), one line per kind with its count."""
@@ -141,6 +158,7 @@ class InspectionReport:
             "class_counts": self.class_counts,
             "cooccurrence": {k: v.to_dict() for k, v in self.cooccurrence.items()},
             "channel_stats": None if self.channel_stats is None else self.channel_stats.to_dict("records"),
+            "left_out": [dataclasses.asdict(x) for x in self.left_out],
             "confounds": [c.__dict__ for c in self.confounds],
             "control_checks": [c.__dict__ for c in self.control_checks],
             "axes": self.axes,
@@ -205,9 +223,11 @@ def inspect_dataset(
         available = np.flatnonzero(exists)
         chosen = np.sort(rng.choice(available, size=min(max_images, len(available)), replace=False))
         report.axes = _axes_notes(spec, [records[i] for i in chosen[:AXES_SAMPLE]])
-        images = _read_many(spec, [records[i] for i in chosen], workers, progress)
+        unreadable: list[str] = []
+        images = _read_many(spec, [records[i] for i in chosen], workers, progress, unreadable)
         report.images_checked = sum(a is not None for a in images)
         report.channel_stats = _channel_stats(spec, [a for a in images if a is not None])
+        report.left_out = _left_out(spec, records, exists, len(chosen), max_images, unreadable)
     if out_dir is not None:
         _write_outputs(spec, report, labels, records, exists, Path(out_dir),
                        samples_per_class, max_grid_classes, rng, workers)
@@ -362,6 +382,22 @@ def _control_checks(spec: DatasetSpec, frame: pd.DataFrame, labels: dict[str, li
 
 
 # -- pixels ----------------------------------------------------------------------------
+def _left_out(spec: DatasetSpec, records: list[dict[str, Any]], exists: np.ndarray, n_chosen: int,
+              max_images: int, unreadable: list[str]) -> list[LeftOut]:
+    """What the pixel statistics left out, by reason."""
+    out = []
+    missing = np.flatnonzero(~exists)
+    if len(missing):
+        out.append(LeftOut("no image file", len(missing),
+                           [f"row {records[i][ROW_COLUMN]} ({spec.image_id(records[i])})" for i in missing[:3]]))
+    not_sampled = int(exists.sum()) - n_chosen
+    if not_sampled:
+        out.append(LeftOut(f"not sampled (at most {max_images} images are read: --max-images)", not_sampled))
+    if unreadable:
+        out.append(LeftOut("unreadable (run `cellclass validate` for every problem)", len(unreadable), unreadable[:3]))
+    return out
+
+
 def _axes_notes(spec: DatasetSpec, records: list[dict[str, Any]]) -> list[str]:
     """One line per kind of axes among the rows' (first) files, with how many have it."""
     counts: Counter = Counter()
@@ -377,12 +413,15 @@ def _axes_notes(spec: DatasetSpec, records: list[dict[str, Any]]) -> list[str]:
 
 
 def _read_many(spec: DatasetSpec, records: list[dict[str, Any]], workers: int,
-               progress: ProgressFn | None) -> list[np.ndarray | None]:
+               progress: ProgressFn | None, errors: list[str] | None = None) -> list[np.ndarray | None]:
+    """Every row's image, ``None`` where it cannot be read (its reason appended to ``errors``)."""
     def read(record: dict[str, Any]) -> np.ndarray | None:
         try:
             return spec.read_image(record)
         except ImageReadError as exc:
-            log.warning("skipping row %s: %s", record.get("_row"), exc)
+            log.debug("skipping row %s: %s", record.get(ROW_COLUMN), exc)
+            if errors is not None:
+                errors.append(f"row {record.get(ROW_COLUMN)} ({spec.image_id(record)}): {exc}")
             return None
 
     out = []
@@ -395,31 +434,38 @@ def _read_many(spec: DatasetSpec, records: list[dict[str, Any]], workers: int,
 
 
 def _channel_stats(spec: DatasetSpec, images: list[np.ndarray]) -> pd.DataFrame:
+    """Intensity statistics per channel, within each group of images sharing a dtype and a
+    channel count: uint8 and uint16 pixels (or 1- and 3-channel images) are never pooled."""
     if not images:
         return pd.DataFrame()
-    n_channels = Counter(a.shape[0] for a in images).most_common(1)[0][0]
-    names = spec.image.channel_names if spec.image.channel_names and len(spec.image.channel_names) == n_channels \
-        else [f"ch{i}" for i in range(n_channels)]
+    groups: dict[tuple[str, int], list[np.ndarray]] = {}
+    for a in images:
+        groups.setdefault((str(a.dtype), a.shape[0]), []).append(a)
     rows = []
     rng = np.random.default_rng(0)
-    for c, name in enumerate(names):
-        pixels = [a[c].ravel() for a in images if a.shape[0] == n_channels]
-        sample = np.concatenate([p if p.size <= 4096 else rng.choice(p, 4096, replace=False) for p in pixels])
-        sample = sample.astype(np.float64)
-        finite = sample[np.isfinite(sample)]
-        dtype = str(images[0].dtype)
-        rows.append({
-            "channel": name,
-            "dtype": dtype,
-            "min": float(min(np.nanmin(p) for p in pixels)),
-            "p1": float(np.percentile(finite, 1)),
-            "p50": float(np.percentile(finite, 50)),
-            "p99": float(np.percentile(finite, 99)),
-            "max": float(max(np.nanmax(p) for p in pixels)),
-            "mean": float(finite.mean()),
-            "std": float(finite.std()),
-            "images": len(pixels),
-        })
+    for (dtype, n_channels), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        names = spec.image.channel_names if spec.image.channel_names and len(spec.image.channel_names) == n_channels \
+            else [f"ch{i}" for i in range(n_channels)]
+        for c, name in enumerate(names):
+            pixels = [a[c].ravel() for a in members]
+            sample = np.concatenate([p if p.size <= 4096 else rng.choice(p, 4096, replace=False) for p in pixels])
+            sample = sample.astype(np.float64)
+            finite = sample[np.isfinite(sample)]
+            if not finite.size:
+                finite = np.array([np.nan])
+            rows.append({
+                "dtype": dtype,
+                "channels": n_channels,
+                "channel": name,
+                "min": float(min(np.nanmin(p) if p.size else np.nan for p in pixels)),
+                "p1": float(np.percentile(finite, 1)),
+                "p50": float(np.percentile(finite, 50)),
+                "p99": float(np.percentile(finite, 99)),
+                "max": float(max(np.nanmax(p) if p.size else np.nan for p in pixels)),
+                "mean": float(finite.mean()),
+                "std": float(finite.std()),
+                "images": len(members),
+            })
     return pd.DataFrame(rows)
 
 

@@ -68,7 +68,7 @@ from cellclass.data.axes import (
     select_channels_by_name,
     to_chw,
 )
-from cellclass.errors import ImageReadError
+from cellclass.errors import ImageReadError, ImageWriteError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -369,7 +369,7 @@ def write_tiff(path: ImagePath, array: np.ndarray, *, compression: str | None = 
             strips (fastest to decode).
 
     Raises:
-        ValueError: If ``array`` is not 2-D or 3-D numeric.
+        ImageWriteError: If ``array`` is not 2-D or 3-D numeric.
     """
     chw = _chw_for_writing(array, "write_tiff", path)
     page = chw[0] if chw.shape[0] == 1 else chw
@@ -388,16 +388,16 @@ def write_png(path: ImagePath, array: np.ndarray) -> None:
             uint8 or uint16.
 
     Raises:
-        ValueError: If the shape or dtype cannot be stored in a PNG as described.
+        ImageWriteError: If the shape or dtype cannot be stored in a PNG as described.
     """
     chw = _chw_for_writing(array, "write_png", path)
     if chw.dtype not in (np.uint8, np.uint16):
-        raise ValueError(
+        raise ImageWriteError(
             f"write_png cannot store dtype {chw.dtype} for '{os.fspath(path)}'; "
             f"valid: uint8, uint16"
         )
     if chw.shape[0] not in (1, 3):
-        raise ValueError(
+        raise ImageWriteError(
             f"write_png cannot store {chw.shape[0]} channels (shape {chw.shape}) for "
             f"'{os.fspath(path)}'; valid: 1 (gray) or 3 (RGB) channels"
         )
@@ -960,14 +960,14 @@ _DECODERS: dict[str, Callable[[bytes, str, AxesPolicy], tuple[np.ndarray, tuple[
 def _chw_for_writing(array: np.ndarray, writer: str, path: ImagePath) -> np.ndarray:
     array = np.asarray(array)
     if array.dtype.kind not in "buif":
-        raise ValueError(
+        raise ImageWriteError(
             f"{writer} cannot store dtype {array.dtype} for '{os.fspath(path)}'; valid: "
             f"boolean, integer or floating point arrays"
         )
     if array.ndim == 2:
         return array[np.newaxis]
     if array.ndim != 3:
-        raise ValueError(
+        raise ImageWriteError(
             f"{writer} needs an array of shape (C, H, W) or (H, W) for "
             f"'{os.fspath(path)}'; got shape {array.shape}"
         )

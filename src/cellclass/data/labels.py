@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, TaskSpec
-from cellclass.errors import LabelError
+from cellclass.errors import LabelError, SpecError
 
 
 def natural_key(value: str) -> tuple:
@@ -110,8 +110,19 @@ def fit_encoder(task: TaskSpec, labels: Sequence[str | list[str] | None]) -> Tas
 
 
 def fit_encoders(spec: DatasetSpec, frame: pd.DataFrame | None = None) -> dict[str, TaskEncoder]:
-    """Fit an encoder per task on the whole manifest (``frame`` defaults to all rows)."""
+    """Fit an encoder per task on the whole manifest (``frame`` defaults to all rows).
+
+    Raises:
+        SpecError: When there is no row (a header-only manifest, or filters that keep none).
+        LabelError: When a task has no label at all.
+    """
     frame = spec.load_manifest() if frame is None else frame
+    if frame.empty:
+        source = str(spec.manifest_path or spec.image_root)
+        why = (f"no row of {source!r} satisfies {' and '.join(spec.where)!r}" if spec.where
+               else f"{source!r} has no labeled row" if spec.drop_unlabeled
+               else f"the manifest {source!r} has no row (a header only)")
+        raise SpecError(f"dataset {spec.name!r} has nothing to train on: {why}; valid: at least one row per class")
     return {t.name: fit_encoder(t, spec.labels(frame, t.name)) for t in spec.tasks}
 
 

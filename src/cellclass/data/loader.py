@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cellclass.allocator import return_large_buffers
 from cellclass.data.augment import AugmentConfig, BatchAugment
+from cellclass.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,15 @@ class BatchLoader:
         channels_last: Return channels-last tensors.
 
     Raises:
-        ValueError: When ``workers`` is negative or ``max_memory_mb`` not positive.
+        ConfigError: When ``workers`` is negative or ``max_memory_mb`` not positive.
     """
 
     def __init__(self, images: Any, *, batch_size: int, augment: BatchAugment | None = None, workers: int = 0,
                  max_memory_mb: float = 512, channels_last: bool = False) -> None:
         if workers < 0:
-            raise ValueError(f"loader workers = {workers!r} is invalid; valid: an integer >= 0")
+            raise ConfigError(f"loader workers = {workers!r} is invalid; valid: an integer >= 0")
         if max_memory_mb <= 0:
-            raise ValueError(f"loader max_memory_mb = {max_memory_mb!r} is invalid; valid: a number > 0")
+            raise ConfigError(f"loader max_memory_mb = {max_memory_mb!r} is invalid; valid: a number > 0")
         self.augment = augment
         self.workers = int(workers)
         _bound_mapped_pages(images, max_memory_mb)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from cellclass.errors import ConfigError, NormalizationError
+
 log = logging.getLogger(__name__)
 
 MODES = ("percentile", "image", "group", "none")
@@ -65,17 +67,17 @@ class Normalizer:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"normalization mode {self.mode!r} is invalid; valid: {', '.join(MODES)}"
             )
         if not 0.0 <= self.low < self.high <= 100.0:
-            raise ValueError(
+            raise ConfigError(
                 f"percentiles must satisfy 0 <= low < high <= 100; got low={self.low}, "
                 f"high={self.high}"
             )
         self.clip_range = tuple(float(v) for v in self.clip_range)
         if len(self.clip_range) != 2 or self.clip_range[0] >= self.clip_range[1]:
-            raise ValueError(f"clip_range must be (min, max) with min < max; got {self.clip_range}")
+            raise ConfigError(f"clip_range must be (min, max) with min < max; got {self.clip_range}")
         self._unseen_logged: set[str] = set()
 
     @property
@@ -116,22 +118,22 @@ class Normalizer:
             ``self``, fitted.
 
         Raises:
-            ValueError: When there is no image, an image is not ``(C, H, W)``, channel
+            NormalizationError: When there is no image, an image is not ``(C, H, W)``, channel
                 counts differ, or ``group`` mode lacks (enough) groups.
         """
         if not self.needs_fit:
             return self
         if self.mode == "group" and groups is None:
-            raise ValueError(
+            raise NormalizationError(
                 "normalization mode 'group' needs the group of every training image (groups=...)"
             )
         if max_pixels_per_image < 1 or max_pixels < 1:
-            raise ValueError(
+            raise NormalizationError(
                 f"max_pixels_per_image and max_pixels must be >= 1; got "
                 f"{max_pixels_per_image}, {max_pixels}"
             )
         if self.mode == "group" and hasattr(images, "__len__") and len(images) != len(groups):
-            raise ValueError(
+            raise NormalizationError(
                 f"got {len(groups)} groups for {len(images)} images; give one group per image"
             )
         rng = np.random.default_rng(seed)
@@ -145,14 +147,14 @@ class Normalizer:
             if n_channels is None:
                 n_channels = image.shape[0]
             elif image.shape[0] != n_channels:
-                raise ValueError(
+                raise NormalizationError(
                     f"training image {i} has {image.shape[0]} channels; the images before "
                     f"it have {n_channels}"
                 )
             group = None
             if self.mode == "group":
                 if i >= len(groups):
-                    raise ValueError(
+                    raise NormalizationError(
                         f"got {len(groups)} groups for more images; give one group per image"
                     )
                 group = str(groups[i])
@@ -170,9 +172,9 @@ class Normalizer:
                 ]
                 kept = sum(len(b) for _, b in blocks)
         if n_images == 0:
-            raise ValueError("Normalizer.fit got no image; pass the training images")
+            raise NormalizationError("Normalizer.fit got no image; pass the training images")
         if self.mode == "group" and len(groups) != n_images:
-            raise ValueError(
+            raise NormalizationError(
                 f"got {len(groups)} groups for {n_images} images; give one group per image"
             )
 
@@ -215,7 +217,7 @@ class Normalizer:
             ``float32`` array of shape ``(C, H, W)``.
 
         Raises:
-            ValueError: When the image is not ``(C, H, W)``, its channel count differs
+            NormalizationError: When the image is not ``(C, H, W)``, its channel count differs
                 from the fitted one, or the normalizer needs a fit it did not get.
         """
         image = _as_chw(image, "image")
@@ -228,12 +230,12 @@ class Normalizer:
         """Normalize a batch ``(N, C, H, W)`` at once; returns ``float32 (N, C, H, W)``.
 
         Raises:
-            ValueError: As :meth:`transform`, and when ``groups`` does not give one group
+            NormalizationError: As :meth:`transform`, and when ``groups`` does not give one group
                 per image.
         """
         images = np.asarray(images)
         if images.ndim != 4:
-            raise ValueError(f"transform_batch expects shape (N, C, H, W); got {images.shape}")
+            raise NormalizationError(f"transform_batch expects shape (N, C, H, W); got {images.shape}")
         n, c = images.shape[:2]
         self._check_ready(c)
         x = images.astype(np.float32)
@@ -243,7 +245,7 @@ class Normalizer:
             lo, hi = np.percentile(x.reshape(n, c, -1), [self.low, self.high], axis=2)
         elif self.mode == "group":
             if groups is not None and len(groups) != n:
-                raise ValueError(f"got {len(groups)} groups for {n} images; give one per image")
+                raise NormalizationError(f"got {len(groups)} groups for {n} images; give one per image")
             pairs = [self._group_stats(g) for g in (groups if groups is not None else [None] * n)]
             lo = np.stack([p[0] for p in pairs])
             hi = np.stack([p[1] for p in pairs])
@@ -268,12 +270,12 @@ class Normalizer:
 
     def _check_ready(self, n_channels: int) -> None:
         if not self.is_fitted:
-            raise ValueError(
+            raise NormalizationError(
                 f"Normalizer(mode={self.mode!r}) is not fitted: call fit() on the training "
                 "images, or load saved statistics with Normalizer.from_dict()"
             )
         if self.n_channels_ is not None and n_channels != self.n_channels_:
-            raise ValueError(
+            raise NormalizationError(
                 f"image has {n_channels} channel(s) but the normalizer was fitted on "
                 f"{self.n_channels_}"
             )
@@ -301,13 +303,13 @@ class Normalizer:
         """Rebuild a normalizer saved with :meth:`to_dict`.
 
         Raises:
-            ValueError: On an unknown key or invalid parameters.
+            ConfigError: On an unknown key or invalid parameters.
         """
         valid = ("mode", "low", "high", "clip", "clip_range", "n_channels", "low_values",
                  "high_values", "groups")
         unknown = sorted(set(data) - set(valid))
         if unknown:
-            raise ValueError(f"unknown normalizer key(s) {unknown}; valid: {', '.join(valid)}")
+            raise ConfigError(f"unknown normalizer key(s) {unknown}; valid: {', '.join(valid)}")
         params = {k: data[k] for k in ("mode", "low", "high", "clip", "clip_range") if k in data}
         norm = cls(**params)
         norm.n_channels_ = data.get("n_channels")
@@ -323,7 +325,7 @@ class Normalizer:
 def _as_chw(image: np.ndarray, what: str) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3:
-        raise ValueError(f"{what} must have shape (C, H, W); got shape {image.shape}")
+        raise NormalizationError(f"{what} must have shape (C, H, W); got shape {image.shape}")
     return image
 
 

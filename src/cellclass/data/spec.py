@@ -12,8 +12,11 @@ Manifests are read as text (``dtype=str``) so labels stay exactly as written: a 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ import yaml
 
 from cellclass.data.axes import AxesPolicy
 from cellclass.errors import ImageReadError, LabelError, SpecError
+from cellclass.textfiles import UTF8_HINT, load_yaml, utf8_position
 
 TASK_TYPES = ("single", "multilabel", "binary")
 ROW_COLUMN = "_row"
@@ -484,7 +488,8 @@ class DatasetSpec:
             apply_drop: Drop unlabeled rows when the spec says so.
 
         Raises:
-            SpecError: When the manifest is missing or lacks a required column.
+            SpecError: When the manifest is missing, empty (no header), not UTF-8, not
+                valid CSV, or lacks a required column.
         """
         if self.layout == "folder":
             frame = self._scan_folder()
@@ -494,12 +499,7 @@ class DatasetSpec:
             path = self.manifest_path
             if not path.is_file():
                 raise SpecError(f"manifest {str(path)!r} of dataset {self.name!r} does not exist")
-            sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-            try:
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
-            except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-                raise SpecError(f"cannot parse manifest {str(path)!r}: {exc}") from None
-            frame.columns = [str(c).strip() for c in frame.columns]
+            frame = read_manifest_csv(path)
         missing = [c for c in self.required_columns() if c not in frame.columns]
         if missing:
             raise SpecError(
@@ -668,13 +668,70 @@ class DatasetSpec:
         path = Path(path)
         if not path.is_file():
             raise SpecError(f"dataset spec {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SpecError(f"dataset spec {str(path)!r} is not valid YAML: {exc}") from None
+        data = load_yaml(path, "dataset spec", SpecError)
         if not isinstance(data, dict):
             raise SpecError(f"dataset spec {str(path)!r} must hold a mapping, got {type(data).__name__}")
         return cls.from_dict(data, base_dir=path.resolve().parent)
+
+
+def read_manifest_csv(path: Path) -> pd.DataFrame:
+    """Read a manifest (a CSV; tab-separated for ``.tsv`` and ``.tab``) as text columns.
+
+    Raises:
+        SpecError: When the file is empty (no header), not UTF-8 (the message names the
+            data row and line of the first bad byte) or not valid CSV.
+    """
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    data = path.read_bytes()
+    valid = "valid: a CSV with a header row of column names and one row per image"
+    if not data.strip():
+        raise SpecError(f"manifest {str(path)!r} is empty ({len(data)} bytes); {valid}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line, column = utf8_position(data, exc.start)
+        row = _data_row_at(data[: exc.start], sep)
+        where = f"data row {row} (line {line}, column {column})" if row else f"the header (line {line}, column {column})"
+        raise SpecError(f"manifest {str(path)!r} is not UTF-8 text: {where} holds the byte "
+                        f"0x{data[exc.start]:02x}; {UTF8_HINT}") from None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            # index_col=False: a row with more fields than the header must not turn the
+            # first column into an index and shift every value one column to the left.
+            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, sep=sep, index_col=False)
+    except pd.errors.EmptyDataError:
+        raise SpecError(f"manifest {str(path)!r} holds no header row; {valid}") from None
+    except pd.errors.ParserError as exc:
+        reason = str(exc).strip().splitlines()[-1].removeprefix("Error tokenizing data. C error: ")
+        raise SpecError(f"manifest {str(path)!r} is not valid CSV: {reason}; valid: the same number of "
+                        f"fields in every row (quote a field that holds {sep!r})") from None
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+        _check_extra_fields(path, text, sep)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _check_extra_fields(path: Path, text: str, sep: str) -> None:
+    """Refuse a row with more non-empty fields than the header (empty trailing ones are ignored)."""
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    header = next(reader)
+    row = 0
+    for record in reader:
+        if not record:
+            continue
+        row += 1
+        if len(record) > len(header) and any(v.strip() for v in record[len(header):]):
+            raise SpecError(
+                f"manifest {str(path)!r}: data row {row} (line {reader.line_num}) has {len(record)} fields, the "
+                f"header {len(header)}; valid: one field per header column (quote a field that holds {sep!r})"
+            )
+
+
+def _data_row_at(before: bytes, sep: str) -> int:
+    """Data row (1-based; 0 for the header) of the line that follows the complete lines of ``before``."""
+    complete = before[: before.rfind(b"\n") + 1].decode("utf-8-sig")
+    return sum(1 for record in csv.reader(io.StringIO(complete), delimiter=sep) if record)
 
 
 def parse_task_option(option: str) -> tuple[str, str, str]:

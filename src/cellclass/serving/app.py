@@ -17,19 +17,35 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Query, Request, Response, UploadFile
+from fastapi import (
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+    params,
+)
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match
 
 from cellclass.errors import CellclassError
 from cellclass.serving import schemas
 from cellclass.serving.batching import MicroBatcher
 from cellclass.serving.contributions import (
+    MAX_JSON_DEPTH,
     ContributionStore,
     dataset_definition,
     parse_json_field,
@@ -45,14 +61,18 @@ from cellclass.serving.errors import (
     ServiceError,
     UploadError,
 )
-from cellclass.serving.files import open_file_store
-from cellclass.serving.keys import ApiKey, KeyStore
+from cellclass.serving.files import open_file_store, private_folder
+from cellclass.serving.keys import KEY_ID_PATTERN, ApiKey, KeyStore
 from cellclass.serving.settings import ServeSettings
 from cellclass.serving.uploads import ACCEPTED_EXTENSIONS, Upload, decode_upload
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"
+_bearer = HTTPBearer(auto_error=False, description="An API key made by `cellclass keys create --role ROLE`.")
+_MAX_JSON_BODY = 64 * 1024
+_MAX_OFFSET = 2**31 - 1
+ContributionId = Annotated[str, PathParam(min_length=1, max_length=64, description="A contribution's id.")]
 _MEDIA_TYPES = {".tif": "image/tiff", ".tiff": "image/tiff", ".png": "image/png", ".npy": "application/octet-stream"}
 
 
@@ -115,9 +135,10 @@ class Service:
         identity = {"name": predictor.identity.get("model"), "run": run_name, "epoch": predictor.identity.get("epoch"),
                     "checkpoint_sha256": sha, "backend": "onnxruntime" if backend is not None else "torch",
                     "tta": bool(predictor.tta)}
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(settings.state_dir, tighten=True)
         db = Database(settings.database_url)
         contributions = ContributionStore(db, open_file_store(settings.files_url))
+        contributions.remove_leftovers()
         definition = dataset_definition(spec, predictor.encoders, predictor.channels)
         ident = contributions.register_dataset(definition)
         batcher = MicroBatcher(predictor.predict_normalized, max_batch=settings.max_batch,
@@ -148,12 +169,21 @@ class Service:
         """Fit and normalize decoded images for the model.
 
         Raises:
-            UploadError: When an image has another channel count than the model expects.
+            UploadError: When an image has another channel count than the model expects, or
+                values that overflow float32 once normalized.
         """
         try:
-            return self.predictor.normalize(self.predictor.prepare(images))
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+                x = self.predictor.normalize(self.predictor.prepare(images))
         except CellclassError as exc:
             raise UploadError(str(exc)) from None
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        if not finite.all():
+            index = int(np.argmin(finite))
+            raise UploadError(f"image {index} has values so far from the training data's that they overflow "
+                              f"float32 after the model's normalization; valid: values in the range of the "
+                              f"images the model was trained on")
+        return x
 
     def saliency_png(self, upload: Upload, task: str | None, class_name: str | None) -> tuple[bytes, dict[str, str]]:
         """Grad-CAM overlay of one upload as PNG bytes, and headers describing it."""
@@ -195,13 +225,18 @@ class Service:
         return upload, labels, metadata
 
     def close(self) -> None:
-        """Release the database connections."""
+        """Release the database connections and the file store's lock."""
+        self.contributions.files.close()
         self.db.close()
 
 
 def _onnx_backend(settings: ServeSettings, predictor: Any, sha: str, threads: int) -> Any:
     """The ONNX Runtime backend the settings ask for, or None for torch."""
-    from cellclass.serving.onnx_model import METADATA_CHECKPOINT, OnnxBackend, onnx_metadata
+    from cellclass.serving.onnx_model import (
+        METADATA_CHECKPOINT,
+        OnnxBackend,
+        onnx_metadata,
+    )
 
     if settings.backend == "torch" or predictor.kind != "network":
         return None
@@ -224,26 +259,100 @@ def _onnx_backend(settings: ServeSettings, predictor: Any, sha: str, threads: in
     return OnnxBackend(path, list(predictor.encoders), threads=threads)
 
 
-# -- request size limit -------------------------------------------------------------------
-class BodySizeLimit:
-    """ASGI middleware answering 413 to request bodies over ``max_bytes``.
+# -- what a request must bring before its body is read ------------------------------------
+@dataclass(frozen=True)
+class KeyRequirement:
+    """The API key role an endpoint needs: a FastAPI dependency, also read by :class:`RequestGate`.
 
-    A declared ``Content-Length`` is checked before anything is read; a chunked body is
-    counted as it arrives, and the request is cut off once it passes the limit.
+    The gate verifies the key from the headers before the body is read and leaves the
+    record in ``request.state.api_key``; the dependency returns it (and declares the
+    bearer scheme in the OpenAPI document).
+
+    Attributes:
+        role: The weakest role allowed.
+        open_setting: Whether ``--open-predict`` lifts the requirement.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    role: str
+    open_setting: bool = False
+
+    async def __call__(self, request: Request,
+                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiKey | None:
+        """The verified key (None where the requirement is lifted)."""
+        if hasattr(request.state, "api_key"):
+            return request.state.api_key
+        return await self.verify(request.app.state.service,
+                                 credentials.credentials if credentials is not None else None)
+
+    async def verify(self, service: "Service", token: str | None) -> ApiKey | None:
+        """Check ``token`` against this requirement.
+
+        Raises:
+            AuthenticationError: For a missing, malformed, unknown or revoked key.
+            PermissionDeniedError: For a key whose role is too weak.
+        """
+        if self.open_setting and service.settings.open_predict:
+            return None
+        if service.db.dialect == "sqlite":  # a local lookup of microseconds: cheaper than a thread hop
+            return service.keys.verify(token, self.role)
+        return await run_in_threadpool(service.keys.verify, token, self.role)
+
+
+@dataclass(frozen=True)
+class _RouteRules:
+    requirement: KeyRequirement | None
+    max_body: int | None
+    allowed: tuple[str, ...] = ()  # the path's methods, when it exists but not for this method
+
+
+class RequestGate:
+    """ASGI middleware: the API key, then the body size, checked before the body is read.
+
+    For an endpoint that needs a key, the ``Authorization`` header is verified first: a
+    request without a valid key gets its 401 (or 403) at once, its body never read nor
+    spooled to disk. Then the body is bounded: ``upload_bytes`` for endpoints taking files,
+    ``json_bytes`` for endpoints taking a JSON body, no body at all being read elsewhere.
+    A declared ``Content-Length`` is checked before anything is read; a chunked body is
+    counted as it arrives and cut off once it passes the limit (413).
+
+    A path served for other methods than the request's gets its 405 here, with an
+    ``Allow`` header naming every method of the path (FastAPI's names only those of the
+    first route of the path).
+    """
+
+    def __init__(self, app: Any, upload_bytes: int, json_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes
+        self.json_bytes = json_bytes
+        self._rules: dict[int, _RouteRules] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        rules = self._rules_for(scope)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send, int(declared))
+        has_body = (declared not in (None, b"0")) or b"transfer-encoding" in headers
+        if rules.allowed:
+            await _send_json(send, 405, {"detail": "Method Not Allowed"}, close=has_body,
+                             extra=[(b"allow", ", ".join(rules.allowed).encode())])
+            return
+        if rules.requirement is not None:
+            scheme, token = get_authorization_scheme_param(headers.get(b"authorization", b"").decode("latin-1"))
+            try:
+                key = await rules.requirement.verify(scope["app"].state.service,
+                                                     token if scheme.lower() == "bearer" and token else None)
+            except ServiceError as exc:
+                await _send_error(send, exc, close=has_body)
+                return
+            scope.setdefault("state", {})["api_key"] = key
+        limit = rules.max_body
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_error(send, self._too_large(int(declared), limit), close=True)
             return
         state = {"received": 0, "rejected": False}
 
@@ -251,9 +360,9 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
-                if state["received"] > self.max_bytes and not state["rejected"]:
+                if state["received"] > limit and not state["rejected"]:
                     state["rejected"] = True
-                    await self._reject(send, state["received"])
+                    await _send_error(send, self._too_large(state["received"], limit), close=True)
                     return {"type": "http.disconnect"}
             return message
 
@@ -263,23 +372,81 @@ class BodySizeLimit:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    async def _reject(self, send: Any, size: int) -> None:
-        body = json.dumps({"detail": f"request body of {size:,}+ bytes is over the limit of {self.max_bytes:,} "
-                                     f"bytes (max_images x max_upload_bytes + 1 MiB)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    def _too_large(self, size: int, limit: int) -> PayloadTooLargeError:
+        what = ("one image at max_upload_bytes plus 1 MiB of form fields" if limit == self.upload_bytes
+                else "a JSON body")
+        return PayloadTooLargeError(f"request body of {size:,}+ bytes is over the limit of {limit:,} bytes ({what})")
+
+    def _rules_for(self, scope: dict[str, Any]) -> _RouteRules:
+        allowed: set[str] = set()
+        for route in scope["app"].router.routes:
+            if not isinstance(route, APIRoute):
+                continue
+            match = route.matches(scope)[0]
+            if match == Match.FULL:
+                break
+            if match == Match.PARTIAL:
+                allowed |= route.methods
+        else:
+            return _RouteRules(None, None, tuple(sorted(allowed)))
+        rules = self._rules.get(id(route))
+        if rules is None:
+            requirement = _requirement_of(route.dependant)
+            if not route.dependant.body_params:
+                max_body = None
+            elif any(isinstance(p.field_info, params.File) for p in route.dependant.body_params):
+                max_body = self.upload_bytes
+            else:
+                max_body = self.json_bytes
+            rules = self._rules[id(route)] = _RouteRules(requirement, max_body)
+        return rules
+
+
+def _requirement_of(dependant: Any) -> KeyRequirement | None:
+    """The :class:`KeyRequirement` among an endpoint's dependencies, if any."""
+    for dependency in dependant.dependencies:
+        if isinstance(dependency.call, KeyRequirement):
+            return dependency.call
+        found = _requirement_of(dependency)
+        if found is not None:
+            return found
+    return None
+
+
+async def _send_error(send: Any, exc: ServiceError, *, close: bool) -> None:
+    """Answer ``{"detail": message}`` with the error's status, as the app's handlers do."""
+    extra = [(b"www-authenticate", b"Bearer")] if isinstance(exc, AuthenticationError) else []
+    await _send_json(send, exc.status_code, {"detail": str(exc)}, close=close, extra=extra)
+
+
+async def _send_json(send: Any, status: int, content: dict[str, Any], *, close: bool,
+                     extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(content).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    if close:  # the unread body cannot be skipped on this connection
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 # -- the app ------------------------------------------------------------------------------
-_bearer = HTTPBearer(auto_error=False, description="An API key made by `cellclass keys create --role ROLE`.")
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorResponse, "description": text}
-    for code, text in ((401, "No key, or an unknown or revoked key."), (403, "The key's role may not do this."),
-                       (413, "Upload over the byte or pixel-count limit."), (415, "Not a TIFF, PNG or NPY image."),
-                       (422, "Invalid image, labels or parameters."))
+_ERROR_TEXTS = {
+    400: "The body is not parseable as its content type (malformed multipart or JSON).",
+    401: "No key, or an unknown, malformed or revoked key.",
+    403: "The key's role may not do this.",
+    404: "No such contribution among those the key may see.",
+    413: "Request body, image file or pixel count over its limit.",
+    415: "Not a TIFF, PNG or NPY image.",
+    422: "Invalid image, labels or parameters.",
 }
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of the given error statuses, each a ``{"detail": message}`` body."""
+    return {code: {"model": schemas.ErrorResponse, "description": _ERROR_TEXTS[code]} for code in codes}
+
+
+_UPLOAD_ERRORS = _errors(400, 401, 403, 413, 415, 422)
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -309,7 +476,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         version=_version(),
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestGate, upload_bytes=settings.max_request_bytes, json_bytes=_MAX_JSON_BODY)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
@@ -320,21 +487,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def _cellclass_error(_request: Request, exc: CellclassError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        form = request.headers.get("content-type", "").startswith(("multipart/", "application/x-www-form-urlencoded"))
+        return JSONResponse({"detail": validation_message(exc.errors(), form=form)}, status_code=422)
+
     def service_of(request: Request) -> Service:
         return request.app.state.service
 
     def requires(role: str, *, open_setting: bool = False) -> Any:
-        async def check(request: Request,
-                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiKey | None:
-            service = service_of(request)
-            if open_setting and service.settings.open_predict:
-                return None
-            token = credentials.credentials if credentials is not None else None
-            if service.db.dialect == "sqlite":  # a local lookup of microseconds: cheaper than a thread hop
-                return service.keys.verify(token, role)
-            return await run_in_threadpool(service.keys.verify, token, role)
-
-        return Depends(check)
+        return Depends(KeyRequirement(role, open_setting))
 
     async def read_upload(service: Service, upload: UploadFile) -> bytes:
         if upload.size is not None and upload.size > service.settings.max_upload_bytes:
@@ -385,10 +547,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
                        "accepted_extensions": list(ACCEPTED_EXTENSIONS)},
         }
 
-    @app.post("/v1/predict", response_model=schemas.PredictResponse, tags=["predict"], responses=_ERRORS)
+    @app.post("/v1/predict", response_model=schemas.PredictResponse, tags=["predict"], responses=_UPLOAD_ERRORS)
     async def predict(
         request: Request,
-        image: Annotated[list[UploadFile], File(description="Image file(s): TIFF, PNG or NPY; repeat the field for several.")],
+        image: Annotated[list[UploadFile], File(min_length=1, description=(
+            f"Image file(s): TIFF, PNG or NPY; repeat the field for several (at most {settings.max_images}, "
+            f"{settings.max_request_bytes:,} bytes in all)."))],
         _key: Annotated[ApiKey | None, requires("predict", open_setting=True)],
     ) -> dict[str, Any]:
         """Per-task probabilities and labels (tuned thresholds) for one or more images."""
@@ -409,13 +573,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 "predictions": [{"filename": u.filename, "tasks": r} for u, r in zip(uploads, results, strict=True)]}
 
     @app.post("/v1/saliency", tags=["predict"], response_class=Response, responses={
-        200: {"content": {"image/png": {}}, "description": "The image beside its Grad-CAM overlay."}, **_ERRORS})
+        200: {"content": {"image/png": {}}, "description": "The image beside its Grad-CAM overlay."}, **_UPLOAD_ERRORS})
     async def saliency(
         request: Request,
         image: Annotated[UploadFile, File(description="One image: TIFF, PNG or NPY.")],
         _key: Annotated[ApiKey | None, requires("predict", open_setting=True)],
-        task: Annotated[str | None, Form(description="Task to explain (default: the first).")] = None,
-        class_name: Annotated[str | None, Form(description="Class to explain (default: the predicted one).")] = None,
+        task: Annotated[str | None, Form(max_length=200, description="Task to explain (default: the first).")] = None,
+        class_name: Annotated[str | None, Form(max_length=200,
+                                               description="Class to explain (default: the predicted one).")] = None,
     ) -> Response:
         """Grad-CAM of the last convolutional layer: a PNG of the image and its overlay side by side."""
         service = service_of(request)
@@ -430,14 +595,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
     # -- contributions --------------------------------------------------------------------
     @app.post("/v1/contributions", status_code=201, response_model=schemas.Contribution, tags=["contributions"],
               responses={200: {"model": schemas.Contribution, "description": "The same contribution already existed."},
-                         **_ERRORS})
+                         **_UPLOAD_ERRORS})
     async def contribute(
         request: Request,
         response: Response,
         image: Annotated[UploadFile, File(description="The image: TIFF, PNG or NPY.")],
         key: Annotated[ApiKey, requires("contribute")],
-        labels: Annotated[str | None, Form(description='JSON object of task to label(s), e.g. {"particle_type": "Fe"}.')] = None,
-        metadata: Annotated[str | None, Form(description="Optional JSON object (plate, well, microscope, ...).")] = None,
+        labels: Annotated[str, Form(max_length=settings.max_metadata_bytes, description=(
+            'JSON object of task to label(s), e.g. {"particle_type": "Fe"}; nested at most '
+            f'{MAX_JSON_DEPTH} levels, at most {settings.max_metadata_bytes:,} bytes.'))],
+        metadata: Annotated[str | None, Form(max_length=settings.max_metadata_bytes, description=(
+            "Optional JSON object (plate, well, microscope, ...): standard JSON (no NaN or Infinity), "
+            f"nested at most {MAX_JSON_DEPTH} levels, at most {settings.max_metadata_bytes:,} bytes."))] = None,
     ) -> dict[str, Any]:
         """Contribute a labelled image; it waits as ``pending`` until a curator accepts or rejects it."""
         service = service_of(request)
@@ -451,14 +620,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
             response.status_code = 200
         return {**record, "duplicate": not created}
 
-    @app.get("/v1/contributions", response_model=schemas.ContributionList, tags=["contributions"], responses=_ERRORS)
+    @app.get("/v1/contributions", response_model=schemas.ContributionList, tags=["contributions"],
+             responses=_errors(401, 403, 422))
     async def list_contributions(
         request: Request,
         key: Annotated[ApiKey, requires("contribute")],
-        status: Annotated[str | None, Query(description="pending, accepted or rejected.")] = None,
-        contributor: Annotated[str | None, Query(description="Key id (curators only).")] = None,
+        status: Annotated[Literal["pending", "accepted", "rejected"] | None, Query(description="Review status.")] = None,
+        contributor: Annotated[str | None, Query(pattern=KEY_ID_PATTERN, description="Key id (curators only).")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=_MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
         """Curators see every contribution; a contribute key sees its own."""
         service = service_of(request)
@@ -479,16 +649,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return record
 
     @app.get("/v1/contributions/{contribution_id}", response_model=schemas.Contribution, tags=["contributions"],
-             responses=_ERRORS)
-    async def get_contribution(request: Request, contribution_id: str,
+             responses=_errors(401, 403, 404, 422))
+    async def get_contribution(request: Request, contribution_id: ContributionId,
                                key: Annotated[ApiKey, requires("contribute")]) -> dict[str, Any]:
         """One contribution (curators: any; contributors: their own)."""
         return await visible(service_of(request), contribution_id, key)
 
     @app.get("/v1/contributions/{contribution_id}/image", tags=["contributions"], response_class=Response,
              responses={200: {"content": {"image/tiff": {}, "image/png": {}, "application/octet-stream": {}}},
-                        **_ERRORS})
-    async def contribution_image(request: Request, contribution_id: str,
+                        **_errors(401, 403, 404, 422)})
+    async def contribution_image(request: Request, contribution_id: ContributionId,
                                  key: Annotated[ApiKey, requires("contribute")]) -> Response:
         """The contributed file, as uploaded."""
         service = service_of(request)
@@ -505,25 +675,52 @@ def create_app(settings: ServeSettings) -> FastAPI:
             contribution_id, status, reviewer=key.key_id, note=note))
 
     @app.post("/v1/contributions/{contribution_id}/accept", response_model=schemas.Contribution,
-              tags=["contributions"], responses=_ERRORS)
-    async def accept(request: Request, contribution_id: str, key: Annotated[ApiKey, requires("curate")],
+              tags=["contributions"], responses=_errors(400, 401, 403, 404, 413, 422))
+    async def accept(request: Request, contribution_id: ContributionId, key: Annotated[ApiKey, requires("curate")],
                      body: schemas.Review | None = None) -> dict[str, Any]:
         """Accept a contribution into the next training export (curators)."""
         return await review(request, contribution_id, "accepted", key, body)
 
     @app.post("/v1/contributions/{contribution_id}/reject", response_model=schemas.Contribution,
-              tags=["contributions"], responses=_ERRORS)
-    async def reject(request: Request, contribution_id: str, key: Annotated[ApiKey, requires("curate")],
+              tags=["contributions"], responses=_errors(400, 401, 403, 404, 413, 422))
+    async def reject(request: Request, contribution_id: ContributionId, key: Annotated[ApiKey, requires("curate")],
                      body: schemas.Review | None = None) -> dict[str, Any]:
         """Reject a contribution (curators)."""
         return await review(request, contribution_id, "rejected", key, body)
 
-    @app.get("/v1/keys/me", response_model=schemas.KeyInfo, tags=["keys"], responses=_ERRORS)
+    @app.get("/v1/keys/me", response_model=schemas.KeyInfo, tags=["keys"], responses=_errors(401))
     async def whoami(key: Annotated[ApiKey, requires("predict")]) -> dict[str, Any]:
         """The calling key's id, role and name."""
         return {"key_id": key.key_id, "role": key.role, "name": key.name}
 
     return app
+
+
+def validation_message(errors: Sequence[dict[str, Any]], *, form: bool = False) -> str:
+    """One line from FastAPI's validation errors: which parameter, what was wrong, the value received.
+
+    Example: ``query parameter 'offset': Input should be less than or equal to 2147483647,
+    got '9223372036854775808'``.
+
+    Args:
+        errors: ``RequestValidationError.errors()``.
+        form: Whether the body is a form (its fields are then named form fields).
+    """
+    places = {"query": "query parameter", "path": "path parameter", "header": "header", "cookie": "cookie",
+              "body": "form field" if form else "JSON body field"}
+    parts = []
+    for error in errors[:5]:
+        location = [str(part) for part in error.get("loc", ())]
+        place = places.get(location[0], location[0]) if location else "request"
+        name = ".".join(location[1:]) or "(the body)"
+        received = "nothing" if error.get("type") == "missing" else _shorten(repr(error.get("input")))
+        parts.append(f"{place} {name!r}: {error.get('msg', 'invalid')}, got {received}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _version() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 from cellclass.serving.database import Database
 from cellclass.serving.errors import ExportError, NotFoundError, UploadError
-from cellclass.serving.files import FileStore
+from cellclass.serving.files import FileStore, LocalFileStore
 from cellclass.serving.keys import now
 from cellclass.serving.uploads import Upload
 
@@ -123,24 +124,107 @@ def _label_text(value: Any) -> str:
     return str(value).strip()
 
 
-def parse_json_field(text: str | None, field: str, *, max_bytes: int, required: bool) -> Any:
-    """Parse a multipart form field holding JSON.
+MAX_JSON_DEPTH = 16
+"""Deepest nesting of arrays and objects accepted in a JSON form field."""
+
+
+def parse_json_field(text: str | None, field: str, *, max_bytes: int, required: bool,
+                     max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse a multipart form field holding JSON: standard JSON only, bounded in size and depth.
+
+    NaN, Infinity and numbers that overflow to infinity (``1e999``) are refused rather than
+    stored as the non-standard JSON Python would write for them; so are strings that are
+    not valid Unicode (lone surrogates such as ``"\\ud800"``), which no response could encode.
 
     Raises:
-        UploadError: When it is missing (and required), too long or not valid JSON.
+        UploadError: When it is missing (and required), too long, nested deeper than
+            ``max_depth``, not valid JSON, or holds a non-finite number or invalid string.
     """
     if text is None or text.strip() == "":
         if required:
             raise UploadError(f"the form field {field!r} is missing; valid: a JSON object, e.g. "
                               f'{{"particle_type": "Fe"}}')
         return None
-    if len(text.encode("utf-8")) > max_bytes:
-        raise UploadError(f"the form field {field!r} has {len(text.encode()):,} bytes; the limit is {max_bytes:,}")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise UploadError(f"the form field {field!r} has {size:,} bytes; the limit is {max_bytes:,}")
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise UploadError(f"the form field {field!r} nests arrays and objects {depth} levels deep; the limit "
+                          f"is {max_depth}")
     try:
-        return json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise UploadError(f"the form field {field!r} is not valid JSON ({exc.msg} at position {exc.pos}): "
                           f"{text[:80]!r}") from None
+    except ValueError as exc:  # a refused constant, float or integer
+        raise UploadError(f"the form field {field!r} {exc}; valid: standard JSON, whose numbers are finite "
+                          f"(integers of at most {_MAX_INT_DIGITS} digits)") from None
+    if not _valid_unicode(value):
+        raise UploadError(f"the form field {field!r} holds a string that is not valid Unicode (a lone "
+                          f"surrogate escape such as \\ud800); valid: UTF-8 text")
+    return value
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays and objects in JSON text, counted without parsing it.
+
+    Brackets inside strings do not count; text that is not JSON gets some number that
+    the parser then refuses anyway.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+_MAX_INT_DIGITS = 4300  # Python's own limit on converting digits to int
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"holds {name}, which is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"holds {text[:40]}, which overflows to infinity")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        raise ValueError(f"holds an integer of {digits:,} digits")
+    return int(text)
+
+
+def _valid_unicode(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_valid_unicode(k) and _valid_unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_valid_unicode(v) for v in value)
+    return True
 
 
 @dataclass(frozen=True)
@@ -183,6 +267,24 @@ class ContributionStore:
         return {r["dataset_id"]: json.loads(r["definition"]) for r in rows}
 
     # -- writes -------------------------------------------------------------------------
+    def remove_leftovers(self) -> list[Path] | None:
+        """Remove what a killed process left in a local file store: ``.tmp`` files, files no row points to.
+
+        Called when the service starts (see :meth:`LocalFileStore.remove_unreferenced`);
+        an S3 store has no partial objects and is left alone.
+
+        Returns:
+            The removed files, or None when the store was not looked at.
+        """
+        if not isinstance(self.files, LocalFileStore):
+            return None
+
+        def referenced() -> set[tuple[str, str]]:
+            rows = self.db.query("SELECT DISTINCT sha256, extension FROM contributions")
+            return {(r["sha256"], r["extension"]) for r in rows}
+
+        return self.files.remove_unreferenced(referenced)
+
     def add(self, upload: Upload, labels: Mapping[str, Any], metadata: Mapping[str, Any] | None, *,
             contributor: str, dataset: str, model: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         """Store one validated contribution with status ``pending``.

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 
 from cellclass.errors import MissingDependencyError
 from cellclass.serving.errors import StoreError
+from cellclass.serving.files import private_folder
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ class Database:
         if url.startswith("sqlite:///"):
             self.dialect = "sqlite"
             self.path: Path | None = Path(url[len("sqlite:///") :])
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_database_file(self.path)
         elif url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
             self.dialect = "postgresql"
             self.path = None
@@ -221,6 +224,25 @@ class Database:
                     f"database {_redact(self.url)!r} has schema version {rows[0]['value']}, newer "
                     f"than this cellclass understands ({SCHEMA_VERSION}); upgrade cellclass"
                 )
+
+
+def _private_database_file(path: Path) -> None:
+    """Create the SQLite file (and its folder) readable by this user only: 0600 in a 0700 folder.
+
+    SQLite gives its ``-wal`` and ``-shm`` files the database file's permissions. An
+    existing file that others may read is tightened, with a warning.
+    """
+    try:
+        private_folder(path.parent)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        elif os.name == "posix":
+            for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if companion.exists() and stat.S_IMODE(companion.stat().st_mode) & 0o077:
+                    os.chmod(companion, 0o600)
+                    log.warning("made %s private to its owner (mode 0600)", companion)
+    except OSError as exc:
+        raise StoreError(f"cannot create the database file {str(path)!r}: {exc}") from exc
 
 
 def _import_psycopg() -> Any:

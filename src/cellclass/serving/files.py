@@ -1,18 +1,29 @@
 """Content-addressed file stores for contributed images: a local folder or S3.
 
 A file is stored under its SHA-256, so the same image contributed twice is stored once,
-and its name cannot be chosen by the uploader. Writes are atomic: a local file is written
-to a temporary name and moved into place; an S3 object appears whole or not at all.
+and its name cannot be chosen by the uploader. Writes are atomic and durable: a local file
+is written to a temporary name, flushed to disk (``fsync``), moved into place and its
+folder flushed, all before the database row that points to it commits; an S3 object
+appears whole or not at all. Local folders are private to the service's user (0700,
+files 0600).
+
+A process killed between writing a file and committing its row leaves a file no row
+points to, or a ``.tmp`` file; :meth:`LocalFileStore.remove_unreferenced` removes them
+when the service starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import stat
+import tempfile
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
-from cellclass.atomic import atomic_write_bytes
 from cellclass.errors import MissingDependencyError
 from cellclass.serving.errors import NotFoundError, StoreError
 
@@ -20,6 +31,38 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _EXTENSION = re.compile(r"^\.[a-z0-9]{1,8}$")
+_CONTENT_NAME = re.compile(r"^([0-9a-f]{64})(\.[a-z0-9]{1,8})$")
+_TEMPORARY_NAME = re.compile(r"^\.[0-9a-f]{64}\.[a-z0-9]{1,8}\..+\.tmp$")
+_LOCK_NAME = ".lock"
+
+
+def private_folder(path: str | Path, *, tighten: bool = False) -> Path:
+    """Create ``path`` (and missing parents) readable by this user only (mode 0700).
+
+    Args:
+        path: The folder.
+        tighten: Also remove group and other permissions from an existing folder
+            (for the service's own state folder), with a warning.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if tighten and os.name == "posix":
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+            log.warning("made %s private to its owner (mode %04o, was %04o)", path, mode & 0o700, mode)
+    return path
+
+
+def _fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk, where the platform can."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FileStore(Protocol):
@@ -35,6 +78,9 @@ class FileStore(Protocol):
 
     def delete(self, sha256: str, extension: str) -> None:
         """Remove a stored file (no error when absent)."""
+
+    def close(self) -> None:
+        """Release what the store holds (connections, locks)."""
 
 
 def _relative_key(sha256: str, extension: str) -> str:
@@ -56,8 +102,9 @@ class LocalFileStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+        self._lock: Any = None
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_folder(self.root)
         except OSError as exc:
             raise StoreError(f"cannot create the file store folder {str(self.root)!r}: {exc}") from exc
 
@@ -66,11 +113,32 @@ class LocalFileStore:
         return self.root / _relative_key(sha256, extension)
 
     def put(self, sha256: str, extension: str, data: bytes) -> bool:
-        """Store ``data`` atomically unless an identical file is already there."""
+        """Store ``data`` atomically and durably unless an identical file is already there.
+
+        When this returns, the file's bytes and its name are on disk (``fsync`` of the
+        file, then of each folder that gained an entry), so a row committed afterwards
+        never points to a file a power cut could lose.
+        """
         path = self.path(sha256, extension)
         if path.is_file() and path.stat().st_size == len(data):
             return False
-        atomic_write_bytes(path, data)
+        gained = [path.parent]  # folders that gain an entry: the file's, and the parents of new folders
+        for folder in (path.parent.parent, path.parent):
+            if not folder.is_dir():
+                folder.mkdir(mode=0o700, exist_ok=True)
+                gained.append(folder.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for folder in dict.fromkeys(gained):
+            _fsync_folder(folder)
         return True
 
     def get(self, sha256: str, extension: str) -> bytes:
@@ -88,6 +156,74 @@ class LocalFileStore:
     def delete(self, sha256: str, extension: str) -> None:
         """Remove a stored file (no error when absent)."""
         self.path(sha256, extension).unlink(missing_ok=True)
+
+    def remove_unreferenced(self, referenced: Callable[[], Collection[tuple[str, str]]]) -> list[Path] | None:
+        """Remove what interrupted writes left: ``.tmp`` files and content files no row points to.
+
+        Only files named as this store names them (``ab/cd/<sha256>.<ext>`` and their
+        temporary ``.<sha256>.<ext>.*.tmp``) are considered; anything else in the folder is
+        left alone. Another server using the folder could be between writing a file and
+        committing its row, so nothing is removed while one does: every server holds a
+        shared lock on ``.lock`` in the folder from its start (POSIX ``flock``), and the
+        cleanup runs only under an exclusive one.
+
+        Args:
+            referenced: Gives ``(sha256, extension)`` of every file a database row points
+                to; called under the exclusive lock.
+
+        Returns:
+            The removed files, or None when another process holds the folder (or the
+            platform has no ``flock``) and nothing was looked at.
+        """
+        try:
+            import fcntl
+        except ImportError:
+            log.info("no flock on this platform: leftovers of interrupted writes in %s are not cleaned", self.root)
+            return None
+        if self._lock is None:
+            self._lock = open(self.root / _LOCK_NAME, "a+b")  # noqa: SIM115 (held until close())
+            os.chmod(self.root / _LOCK_NAME, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process uses the file store %s: leftovers of interrupted writes are left to it",
+                     self.root)
+            fcntl.flock(self._lock, fcntl.LOCK_SH)
+            return None
+        try:
+            removed = self._remove_leftovers(set(referenced()))
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_SH)  # held while serving, so a later server leaves ours alone
+        return removed
+
+    def _remove_leftovers(self, referenced: set[tuple[str, str]]) -> list[Path]:
+        removed = []
+        for path in sorted(self.root.glob("??/??/*")):
+            name = path.name
+            content = _CONTENT_NAME.match(name)
+            if content is not None:
+                sha256, extension = content.groups()
+                if (sha256, extension) in referenced or path.parent.name != sha256[2:4] \
+                        or path.parent.parent.name != sha256[:2]:
+                    continue
+            elif not _TEMPORARY_NAME.match(name):
+                continue
+            if not path.is_file() or path.is_symlink():
+                continue
+            path.unlink()
+            removed.append(path)
+            log.warning("removed %s: %s", path, "a file no contribution points to" if content
+                        else "a temporary file of an interrupted write")
+        if removed:
+            log.warning("removed %d leftover file(s) of interrupted writes from %s", len(removed), self.root)
+        return removed
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self._lock.close()
+            self._lock = None
 
 
 class S3FileStore:
@@ -157,6 +293,9 @@ class S3FileStore:
     def delete(self, sha256: str, extension: str) -> None:
         """Remove a stored object (no error when absent)."""
         self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256, extension))
+
+    def close(self) -> None:
+        """Nothing to release (boto3 clients close with the process)."""
 
 
 def open_file_store(url: str) -> FileStore:

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 ROLES = ("predict", "contribute", "curate")
 """Key roles, weakest first; each role includes the ones before it."""
 
+KEY_ID_PATTERN = "^[0-9a-f]{8}$"
+"""What a key id looks like (the public part of a key, recorded as a contribution's contributor)."""
+
 _KEY = re.compile(r"^cc_([0-9a-f]{8})_([A-Za-z0-9_-]{20,})$")
 
 

@@ -117,21 +117,24 @@ class Predictor:
         return read_image_bytes(data, name, axes=self.axes)
 
     # -- preprocessing ----------------------------------------------------------------
-    def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def prepare(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
         """Fit raw images to the model size: ``(N, C, S, S)`` float32 in original units.
 
+        Args:
+            images: Raw images, ``(C, H, W)`` or ``(H, W)``, each in its own dtype.
+            names: How error messages name each image (default ``image 0``, ``image 1`` ...).
+
         Raises:
-            ImageReadError: When an image's channel count does not match the model.
+            ImageReadError: When an image is refused by :func:`check_image` or its channel
+                count does not match the model.
         """
         out = []
         for i, image in enumerate(images):
-            image = np.asarray(image)
-            if image.ndim == 2:
-                image = image[None]
-            image = select_channels(image, self.channel_indices or None)
+            name = names[i] if names is not None else f"image {i}"
+            image = select_channels(check_image(image, name), self.channel_indices or None)
             if image.shape[0] != self.in_chans:
                 raise ImageReadError(
-                    f"image {i} has {image.shape[0]} channel(s); the model expects {self.in_chans}"
+                    f"{name} has {image.shape[0]} channel(s); the model expects {self.in_chans}"
                     + (f" ({', '.join(self.channels)})" if self.channels else "")
                 )
             out.append(fit_image(image, self.image_size, self.fit))
@@ -231,6 +234,35 @@ class Predictor:
                 for task in self.encoders
             })
         return results
+
+
+def check_image(image: np.ndarray, name: str) -> np.ndarray:
+    """``image`` as ``(C, H, W)``, when a model can read it.
+
+    Args:
+        image: A raw image, ``(C, H, W)`` or ``(H, W)``.
+        name: How the message names the image (``"image 'a.tif'"``).
+
+    Raises:
+        ImageReadError: When the image is not 2-D or 3-D numeric, has no pixel, or holds
+            NaN or infinite values (a prediction of them would be meaningless).
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3 or image.dtype.kind not in "buif":
+        raise ImageReadError(f"{name} is an array of shape {image.shape} and dtype {image.dtype}; "
+                             "valid: a numeric image of shape (C, H, W) or (H, W)")
+    if image.size == 0:
+        raise ImageReadError(f"{name} is empty (shape {image.shape}); valid: an image with at least one pixel")
+    if image.dtype.kind == "f":
+        finite = np.isfinite(image)
+        if not finite.all():
+            n_nan = int(np.isnan(image).sum())
+            n_inf = int(finite.size - finite.sum()) - n_nan
+            raise ImageReadError(f"{name} holds {n_nan} NaN and {n_inf} infinite pixel value(s) of "
+                                 f"{image.size}; valid: finite pixel values")
+    return image
 
 
 def _dihedral_numpy(x: np.ndarray, k: int) -> np.ndarray:

@@ -58,7 +58,8 @@ class ServeSettings(BaseModel):
         threads: Intra-op threads of torch and ONNX Runtime; None uses every available core.
         max_batch: Most images the micro-batcher runs at once.
         max_wait_ms: Longest wait for more requests before a batch runs.
-        max_upload_bytes: Largest accepted image file.
+        max_upload_bytes: Largest accepted image file (the default fits one image of
+            ``max_pixels`` 16-bit values); a request's body may hold 1 MiB more.
         max_pixels: Largest accepted image, in values (height x width x channels).
         max_images: Most images in one request.
         max_metadata_bytes: Largest ``metadata`` JSON of a contribution.
@@ -99,8 +100,12 @@ class ServeSettings(BaseModel):
 
     @property
     def max_request_bytes(self) -> int:
-        """Largest request body: every image at its limit plus room for the form fields."""
-        return self.max_images * self.max_upload_bytes + 1024 * 1024
+        """Largest upload request body: one image at ``max_upload_bytes`` plus 1 MiB for the form fields.
+
+        Several images in one request share it: what one image can need bounds what a
+        request may make the server receive, however many images it carries.
+        """
+        return self.max_upload_bytes + 1024 * 1024
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:

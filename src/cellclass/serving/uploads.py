@@ -9,7 +9,9 @@ An upload is refused, with a message saying what was wrong and what is valid, wh
   pixel limit (HTTP 413). The header is read *before* decoding, so a decompression bomb
   (a few kilobytes of PNG declaring 50000 x 50000 pixels) is refused without allocating
   its pixels;
-- it cannot be decoded, or holds NaN or infinite values (HTTP 422).
+- it cannot be decoded, holds no pixel values (a ``(0, 8)`` array), holds NaN or infinite
+  values, or holds floating-point values beyond float32's range, which the model's float32
+  input would turn into infinities (HTTP 422).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _KIND = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".npy": "NPY"}
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 _MAX_TIFF_PAGES = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,8 @@ def decode_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixe
             and channels); None refuses stacks.
 
     Raises:
-        UploadError: For a bad name, an unreadable or undecodable file, or non-finite values.
+        UploadError: For a bad name, an unreadable or undecodable file, no pixel values,
+            non-finite values or values beyond float32's range.
         UnsupportedMediaError: For a file that is not a TIFF, PNG or NPY image.
         PayloadTooLargeError: For a file over the byte or pixel limits.
     """
@@ -176,6 +180,29 @@ def decode_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixe
         raise PayloadTooLargeError(
             f"image {name!r} has {image.size:,} pixel values; the limit is {max_pixels:,}"
         )
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise UploadError(f"image {name!r} holds NaN or infinite values; valid: finite pixel values")
+    check_values(image, name)
     return Upload(name, extension, bytes(data), image, hashlib.sha256(data).hexdigest())
+
+
+def check_values(image: np.ndarray, name: str) -> None:
+    """Refuse a decoded image the model cannot read: no pixels, NaN or infinity, values beyond float32.
+
+    The model reads float32, so a float64 value over float32's largest (about 3.4e38)
+    would silently become infinite; it is refused rather than clipped, since no scaling
+    would keep what the value meant.
+
+    Raises:
+        UploadError: Naming the image, what it holds and what is valid.
+    """
+    if image.size == 0:
+        raise UploadError(f"image {name!r} holds no pixel values (shape {tuple(image.shape)}); valid: an "
+                          f"image of at least 1 x 1 pixels")
+    if image.dtype.kind != "f":
+        return
+    if not np.isfinite(image).all():
+        raise UploadError(f"image {name!r} holds NaN or infinite values; valid: finite pixel values")
+    largest = max(abs(float(image.max())), abs(float(image.min())))
+    if image.dtype.itemsize > 4 and largest > _FLOAT32_MAX:
+        raise UploadError(f"image {name!r} holds {image.dtype} values up to {largest:.3g} in magnitude, beyond "
+                          f"float32's range, which the model reads; valid: magnitudes up to {_FLOAT32_MAX:.3g} "
+                          f"(rescale the image first)")

@@ -8,7 +8,7 @@ Written to the sweep folder after every sweep command (a re-run refreshes it):
   for ``cellclass train --config``; ``best.json``: the best trial in short;
 - ``plots/history.png`` (value per trial and best so far) and ``plots/importance.png``
   (Optuna's parameter importances, drawn with matplotlib; they need two completed trials);
-- ``report.html`` and ``sweep.json`` (the summary).
+- ``report.html`` and ``sweep.json`` (the summary, with each failed trial's error).
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def write_sweep_report(study: Any, out: str | Path, space: SweepSpace, base: Map
         "remaining": max(0, n_trials - finished), "counts": counts, "best": best,
         "importances": importances, "importance_note": note, "files": files,
         "retired": sum(len(t.system_attrs.get("retry_history", [])) for t in trials),
+        "failures": [{"trial": _root(t), "error": t.user_attrs.get("error") or "no error recorded"}
+                     for t in trials if t.state == TrialState.FAIL],
     }
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2, default=str))
     atomic_write_text(out / "report.html", _html(summary, table, space, base, out))

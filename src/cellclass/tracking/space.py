@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cellclass.errors import SweepError
+from cellclass.textfiles import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,8 @@ def _number(value: Any, what: str) -> float:
 def _field_types() -> dict[str, str]:
     from cellclass.training.config import TrainConfig
 
-    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    # An optional setting (``batch_size: int | None``, None meaning auto) takes the type's ranges.
+    return {f.name: str(f.type).removesuffix(" | None") for f in dataclasses.fields(TrainConfig)}
 
 
 @dataclass(frozen=True)
@@ -193,11 +193,7 @@ class SweepSpace:
         if not path.is_file():
             raise SweepError(f"sweep file {str(path)!r} does not exist; valid: a YAML file with method, "
                              "metric and parameters")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise SweepError(f"sweep file {str(path)!r} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml(path, "sweep file", SweepError), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "sweep") -> SweepSpace:

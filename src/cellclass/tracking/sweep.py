@@ -133,7 +133,8 @@ def run_sweep(
 
     Raises:
         SweepError: When the metric is not a validation metric, the study holds another
-            search, the storage cannot be opened, or a worker process failed.
+            search, the storage cannot be opened, or a trial failed unexpectedly (which
+            stops its worker); the message has one line per failed trial.
     """
     from cellclass.tracking.report import write_sweep_report
 
@@ -169,13 +170,18 @@ def run_sweep(
         job = SweepJob(spec=spec, base=base.to_dict(), space=space, out=out, storage=storage, study=study_name,
                        n_trials=target, folds=folds, tracker=tracker, tracking_uri=tracking_uri,
                        experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=seed)
-        failed: list[tuple[int, int | None]] = []
+        failed: list[str] = []
         with quiet_training():
             if n_jobs == 1:
-                work(job, 0, progress=progress)
+                try:
+                    work(job, 0, progress=progress)
+                except TrialCrash as exc:  # its error is in the study: reported below with the others
+                    log.debug("traceback of the failed trial", exc_info=exc.__cause__)
+                    failed = ["the sweep stopped at its failed trial"]
             else:
                 codes = _spawn_workers(job, n_jobs)
-                failed = [(k, c) for k, c in enumerate(codes) if c != 0]
+                crashed = [f"{k} (exit code {c})" for k, c in enumerate(codes) if c != 0]
+                failed = [f"worker process(es) {', '.join(crashed)} failed"] if crashed else []
         summary = write_sweep_report(optuna_study, out, space, job.base, n_trials=target,
                                      storage=_masked(storage), folds=folds)
         best = summary.get("best")
@@ -185,10 +191,19 @@ def run_sweep(
         sweep_tracker.log_metrics(totals, step=0)
         sweep_tracker.log_artifacts(out, exclude=("trials",))
     if failed:
-        raise SweepError(f"worker process(es) {', '.join(f'{k} (exit code {c})' for k, c in failed)} failed; "
-                         f"{summary['finished']} of {target} trial(s) finished; the report in {out} covers them. "
-                         "Re-run the same command to continue the study")
+        trials = "".join(f"{failure_line(f)}\n" for f in summary["failures"])
+        raise SweepError(f"{trials}{failed[0]}; {summary['finished']} of {target} trial(s) finished; the report "
+                         f"in {out} covers them. Re-run the same command to continue the study")
     return summary
+
+
+def failure_line(failure: Mapping[str, Any]) -> str:
+    """One failed trial of a report's ``failures``, in one line: ``trial 3 failed: ValueError: ...``."""
+    return f"trial {failure['trial']} failed: {failure['error']}"
+
+
+class TrialCrash(SweepError):
+    """A trial raised an unexpected error (recorded in the study); its worker stops."""
 
 
 def resolve_n_trials(space: SweepSpace, n_trials: int | None) -> int:
@@ -596,16 +611,17 @@ def run_trial(job: SweepJob, study: Any, storage: Any, trial: Any, params: dict[
             log.info("trial %d pruned (%s)", root, exc)
             return
         except CellclassError as exc:
-            _set_attrs(trial, {"error": str(exc), "tracked_run": tracker.run_id})
+            _set_attrs(trial, {"error": error_text(exc), "tracked_run": tracker.run_id})
             tracker.close("failed")
             study.tell(trial, state=TrialState.FAIL)
-            log.warning("trial %d failed: %s", root, exc)
+            log.warning("trial %d failed: %s", root, error_text(exc))
             return
-        except Exception as exc:
-            _set_attrs(trial, {"error": f"{type(exc).__name__}: {exc}", "tracked_run": tracker.run_id})
+        except Exception as exc:  # a bug, not a setting: this worker stops, its trial's error kept
+            _set_attrs(trial, {"error": error_text(exc), "tracked_run": tracker.run_id})
             tracker.close("failed")
             study.tell(trial, state=TrialState.FAIL)
-            raise
+            log.error("trial %d failed: %s", root, error_text(exc))
+            raise TrialCrash(f"trial {root} failed: {error_text(exc)}") from exc
         except BaseException:
             tracker.close("killed")  # left RUNNING: the next claim re-queues it
             raise
@@ -614,6 +630,11 @@ def run_trial(job: SweepJob, study: Any, storage: Any, trial: Any, params: dict[
         _finish_tracker(tracker, None, "COMPLETE", value)
         study.tell(trial, value)
     log.info("trial %d: %s = %.4f", root, job.space.metric, value)
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as one line: ``ValueError: what went wrong``."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _set_attrs(trial: Any, attrs: Mapping[str, Any]) -> None:
@@ -758,6 +779,9 @@ def _worker_main(job: SweepJob, worker: int, threads: int, barrier: Any, parent:
     try:
         with quiet_training():
             work(job, worker, barrier=barrier)
+    except TrialCrash as exc:  # logged in one line by run_trial; the traceback with --verbose
+        log.debug("traceback of the failed trial", exc_info=exc.__cause__)
+        sys.exit(1)
     except CellclassError as exc:
         log.error("error: %s", exc)
         sys.exit(2)

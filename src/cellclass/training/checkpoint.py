@@ -9,6 +9,7 @@ also holds the optimizer, scheduler and RNG states so ``--resume`` continues a r
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,15 @@ def load_checkpoint(source: str | Path, which: str = "best") -> dict[str, Any]:
     checkpoints of ``kind == "baseline"``; load checkpoints you trust.
     """
     path = find_checkpoint(source, which)
+    valid = "valid: a .ckpt file or a run folder made by `cellclass train`"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not one
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint ({path.stat().st_size} bytes, not a "
+                              f"torch archive); {valid}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {reason}; {valid}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a cellclass checkpoint (format {FORMAT})")
     if payload.get("kind") == "baseline":

@@ -14,11 +14,10 @@ from typing import Any
 
 import yaml
 
-from cellclass.errors import CellclassError
+from cellclass.errors import ConfigError
+from cellclass.textfiles import load_yaml
 
-
-class ConfigError(CellclassError):
-    """A configuration key or value is invalid."""
+__all__ = ["ConfigError", "TrainConfig", "parse_set_options"]
 
 
 @dataclass
@@ -32,7 +31,11 @@ class TrainConfig:
         fit: How images become square: ``pad``, ``resize`` or ``crop``.
         channels: Channel indices to keep (all when empty).
         epochs: Maximum epochs.
-        batch_size: Global batch size (split across devices under DDP).
+        batch_size: Global batch size (split across devices under DDP), or ``None``
+            (``auto``, the default): the largest power of two from 64 down to 8 that gives
+            an epoch at least 16 optimizer steps (see
+            :func:`cellclass.training.loop.auto_batch_size`). The size used is recorded
+            in the run.
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay (AdamW) or L2 (SGD).
         optimizer: ``adamw`` or ``sgd``.
@@ -94,7 +97,7 @@ class TrainConfig:
     fit: str = "pad"
     channels: list[int] = field(default_factory=list)
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int | None = None
     lr: float = 3e-3
     weight_decay: float = 0.05
     optimizer: str = "adamw"
@@ -137,8 +140,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._coerce_numbers()
+        if isinstance(self.batch_size, str):
+            self.batch_size = _auto_or_int("batch_size", self.batch_size)
         if isinstance(self.class_weights, bool):
             self.class_weights = "inverse" if self.class_weights else "none"
+        self._check_types()
+        self._check_ranges()
         choices = {
             "class_weights": ("none", "inverse", "sqrt"),
             "optimizer": ("adamw", "sgd"),
@@ -155,6 +162,8 @@ class TrainConfig:
         if self.split is not None and self.split not in ("group", "random", "predefined"):
             raise ConfigError(f"split = {self.split!r} is invalid; valid: group, random, predefined")
         for key in ("epochs", "batch_size", "image_size", "devices"):
+            if key == "batch_size" and self.batch_size is None:
+                continue
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid; valid: an integer >= 1")
         if self.loader_workers is not None and self.loader_workers < 0:
@@ -163,6 +172,53 @@ class TrainConfig:
             raise ConfigError(f"loader_memory_mb = {self.loader_memory_mb!r} is invalid; valid: an integer >= 1")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise ConfigError("val_fraction and test_fraction must each lie in [0, 1)")
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type (a float field takes an integer)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _matches(value, f.type):
+                raise ConfigError(f"{f.name} = {value!r} is invalid; valid: {_describe(f.type)}")
+            if f.type == "float":
+                setattr(self, f.name, float(value))
+            elif f.type.startswith("int") and isinstance(value, float):
+                setattr(self, f.name, int(value))  # 64.0, as a sweep may sample it
+            elif isinstance(value, tuple):
+                setattr(self, f.name, list(value))
+
+    def _check_ranges(self) -> None:
+        """Numbers lie where the training loop can use them."""
+        if not 0 <= self.norm_low < self.norm_high <= 100:
+            raise ConfigError(f"norm_low = {self.norm_low!r} and norm_high = {self.norm_high!r} are invalid; "
+                              "valid: percentiles with 0 <= norm_low < norm_high <= 100")
+        if self.lr <= 0:
+            raise ConfigError(f"lr = {self.lr!r} is invalid; valid: a number > 0")
+        bounds = {"weight_decay": (0, None), "intensity_scale": (0, None), "intensity_shift": (0, None),
+                  "warmup_fraction": (0, 1), "label_smoothing": (0, 1), "drop_rate": (0, 1)}
+        for key, (low, high) in bounds.items():
+            value = getattr(self, key)
+            if value < low or (high is not None and value >= high):
+                valid = f"a number >= {low}" + (f" and < {high}" if high is not None else "")
+                raise ConfigError(f"{key} = {value!r} is invalid; valid: {valid}")
+        for key in ("patience",):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid; valid: an integer >= 0")
+        for key in ("workers", "pixels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid; valid: an integer >= 1")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"val_fraction + test_fraction = {self.val_fraction} + {self.test_fraction} is "
+                              "invalid; valid: a sum < 1, leaving rows to train on")
+        if self.crop_scale is not None and (len(self.crop_scale) != 2
+                                            or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ConfigError(f"crop_scale = {self.crop_scale!r} is invalid; valid: [low, high] with "
+                              "0 < low <= high <= 1, or null for no crop")
+        negative = [c for c in self.channels if c < 0]
+        if negative:
+            raise ConfigError(f"channels = {self.channels!r} is invalid; valid: channel indices >= 0")
+        weights = {k: v for k, v in self.task_weights.items() if v < 0}
+        if weights:
+            raise ConfigError(f"task_weights = {self.task_weights!r} is invalid; valid: weights >= 0")
 
     def _coerce_numbers(self) -> None:
         """YAML 1.1 reads ``1e-3`` as text: convert numeric fields given as text."""
@@ -200,7 +256,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path, "config file", ConfigError) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping")
         return cls.from_dict(data)
@@ -208,6 +264,57 @@ class TrainConfig:
     def override(self, values: Mapping[str, Any]) -> TrainConfig:
         """A copy with ``values`` applied (validated again)."""
         return TrainConfig.from_dict({**self.to_dict(), **dict(values)})
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a field annotation written as text (``"list[int]"``, ``"str | None"``)."""
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        if option.startswith("list[") and isinstance(value, list | tuple):
+            if all(_matches(v, option[5:-1]) for v in value):
+                return True
+        elif option.startswith("dict[") and isinstance(value, dict):
+            key_type, value_type = (t.strip() for t in option[5:-1].split(","))
+            if all(_matches(k, key_type) and _matches(v, value_type) for k, v in value.items()):
+                return True
+        elif option in _SCALARS and _SCALARS[option][0](value):
+            return True
+    return False
+
+
+def _describe(annotation: str) -> str:
+    parts = []
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None":
+            parts.append("null")
+        elif option.startswith("list["):
+            parts.append(f"a list of {_describe(option[5:-1]).removeprefix('a ').removeprefix('an ')}s")
+        elif option.startswith("dict["):
+            parts.append(f"a mapping of names to {_describe(option[5:-1].split(',')[1].strip())}s"
+                         .replace("a mapping of names to a ", "a mapping of names to "))
+        else:
+            parts.append(_SCALARS[option][1])
+    return " or ".join(parts)
+
+
+_SCALARS: dict[str, tuple[Any, str]] = {
+    "int": (lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+            "an integer"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _auto_or_int(key: str, text: str) -> int | None:
+    """``auto`` (``None``) or an integer given as text."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{key} = {text!r} is invalid; valid: an integer >= 1 or auto") from None
 
 
 def parse_set_options(options: Iterable[str]) -> dict[str, Any]:

@@ -14,11 +14,13 @@ A run folder holds ``config.yaml`` (resolved configuration, dataset spec, split)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,19 @@ from cellclass.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1", "map", "roc_auc")
+
+AUTO_BATCH_MAX = 64
+"""Largest batch ``batch_size: auto`` picks (every set with 1,024 training images or more)."""
+AUTO_BATCH_MIN = 8
+"""Smallest batch ``batch_size: auto`` picks, however small the training set."""
+AUTO_MIN_STEPS = 16
+"""Optimizer steps an epoch should have under ``batch_size: auto``."""
+MIN_WARMUP_STEPS = 2
+"""Fewest warm-up steps of a one-cycle schedule: with fewer the rate cannot rise (and
+torch's ``OneCycleLR`` divides by zero at exactly one)."""
+RESUMABLE = {"epochs", "workers", "loader_workers", "loader_memory_mb", "cache", "cache_dir", "accelerator",
+             "precision", "channels_last"}
+"""Settings a resumed run may change: the epochs, and how this machine runs the same steps."""
 
 
 class TrainingError(CellclassError):
@@ -75,6 +90,100 @@ class PreparedData:
         if self.split_warning:
             info["warning"] = self.split_warning
         return info
+
+
+def auto_batch_size(n_train: int) -> int:
+    """The batch size of ``batch_size: auto`` for ``n_train`` training images.
+
+    The largest power of two from :data:`AUTO_BATCH_MAX` (64) down to :data:`AUTO_BATCH_MIN`
+    (8) that gives an epoch at least :data:`AUTO_MIN_STEPS` (16) optimizer steps: a set of
+    1,024 training images or more trains at 64, one of 206 at 8, so that a small set gets
+    enough updates to learn from instead of a handful per epoch.
+    """
+    batch = AUTO_BATCH_MAX
+    while batch > AUTO_BATCH_MIN and n_train // batch < AUTO_MIN_STEPS:
+        batch //= 2
+    return batch
+
+
+@dataclass
+class StepPlan:
+    """How a run steps through its epochs: batch size, steps and the learning-rate schedule.
+
+    Attributes:
+        batch_size: Global batch size used.
+        batch_size_from: ``auto`` (chosen by :func:`auto_batch_size`) or ``config``.
+        train_images: Training images per epoch.
+        steps_per_epoch: Optimizer steps per epoch (a last partial batch is dropped).
+        total_steps: Optimizer steps of the whole run.
+        schedule: Schedule used (``onecycle``, ``cosine`` or ``none``).
+        schedule_note: Why it is not the configured one (``None`` when it is).
+    """
+
+    batch_size: int
+    batch_size_from: str
+    train_images: int
+    steps_per_epoch: int
+    total_steps: int
+    schedule: str
+    schedule_note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (recorded in config.yaml, metrics.json and the checkpoints)."""
+        return dataclasses.asdict(self)
+
+
+def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
+    """Resolve the batch size (``auto`` or the configured one) and the schedule that fits.
+
+    One-cycle needs :data:`MIN_WARMUP_STEPS` warm-up steps; a run with fewer (a small set,
+    few epochs) decays the rate by cosine from its peak instead.
+    """
+    batch = config.batch_size if config.batch_size is not None else auto_batch_size(n_train)
+    per_rank = max(1, batch // world)
+    steps = max(1, (n_train // world) // per_rank)
+    total = steps * config.epochs
+    schedule, note = config.schedule, None
+    warmup = config.warmup_fraction * total
+    if schedule == "onecycle" and warmup < MIN_WARMUP_STEPS:
+        schedule = "cosine"
+        note = (f"onecycle needs at least {MIN_WARMUP_STEPS} warm-up steps, and {total} step(s) x "
+                f"warmup_fraction {config.warmup_fraction:g} give {warmup:.3g}: training with cosine decay from "
+                "the peak rate (no warm-up) instead")
+    return StepPlan(batch_size=batch, batch_size_from="config" if config.batch_size is not None else "auto",
+                    train_images=n_train, steps_per_epoch=steps, total_steps=total, schedule=schedule,
+                    schedule_note=note)
+
+
+def resumed_config(config: TrainConfig, saved: Mapping[str, Any], done_epochs: int, out: Path) -> TrainConfig:
+    """The configuration a resumed run continues with: ``config``, checked against the run's.
+
+    ``batch_size: auto`` takes the run's batch size. More epochs than are done extend the
+    run; the settings in :data:`RESUMABLE` may differ (how this machine runs); any other
+    difference is refused, as continuing would mix two configurations in one run.
+
+    Raises:
+        TrainingError: Naming each changed setting with the run's and the new value.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    before = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known}).to_dict()
+    if config.batch_size is None:
+        config = dataclasses.replace(config, batch_size=before["batch_size"])
+    now = config.to_dict()
+    changed = [k for k in now if k not in RESUMABLE and now[k] != before[k]]
+    if changed:
+        raise TrainingError(
+            f"cannot resume {str(out)!r} with changed settings: "
+            + "; ".join(f"{k} {before[k]!r} in the run, {now[k]!r} now" for k in changed)
+            + f"; valid: the run's settings, more epochs than the {done_epochs} done, or a new --out for a new run"
+        )
+    if config.epochs <= done_epochs and config.epochs != before["epochs"]:
+        runs = f", or the run's {before['epochs']}" if before["epochs"] > done_epochs else ""
+        raise TrainingError(f"epochs = {config.epochs} is invalid to resume {str(out)!r}: {done_epochs} epoch(s) "
+                            f"are done; valid: more than {done_epochs}{runs}")
+    if config.epochs != before["epochs"]:
+        log.info("resuming %s with epochs %d (was %d)", out, config.epochs, before["epochs"])
+    return config
 
 
 def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapping[str, Any] | None = None,
@@ -133,9 +242,11 @@ def train(
 
     Raises:
         TrainingError: When the run folder holds a finished or interrupted run and
-            ``resume`` was not asked, or ``resume`` was asked with nothing to resume.
+            ``resume`` was not asked, ``resume`` was asked with nothing to resume, or with
+            settings other than the run's (see :func:`resumed_config`).
     """
     from cellclass.models import create_model, is_baseline
+    from cellclass.training.checkpoint import load_checkpoint
 
     out = Path(out)
     last = out / "checkpoints" / "last.ckpt"
@@ -145,6 +256,10 @@ def train(
         raise TrainingError(
             f"run folder {str(out)!r} already holds a run; pass --resume to continue it or choose another --out"
         )
+    state = None
+    if resume:
+        state = load_checkpoint(out, "last")
+        config = resumed_config(config, state["config"], int(state["epoch"]), out)
     if not (config.monitor == "val_loss" or config.monitor.startswith("val/")):
         raise TrainingError(
             f"monitor {config.monitor!r} is not a validation metric; the best epoch is chosen on validation "
@@ -169,6 +284,18 @@ def train(
     if len(split.train) == 0 or len(split.val) == 0:
         raise TrainingError(f"the split left {len(split.train)} training and {len(split.val)} validation rows; "
                             "use more data or other fractions")
+    plan = None
+    if fabric is not None:  # networks: the batch size used is recorded in the config of the run
+        plan = plan_steps(config, len(split.train), fabric.world_size)
+        config = dataclasses.replace(config, batch_size=plan.batch_size)
+        chosen = (state or {}).get("steps") or {}
+        if chosen.get("batch_size") == plan.batch_size:  # resumed: as the run chose it
+            plan.batch_size_from = chosen.get("batch_size_from", plan.batch_size_from)
+        if is_main and plan.batch_size_from == "auto":
+            log.info("batch size auto: %d (%d training images, %d optimizer steps per epoch)",
+                     plan.batch_size, plan.train_images, plan.steps_per_epoch)
+        if is_main and plan.schedule_note:
+            log.warning("schedule: %s", plan.schedule_note)
 
     from cellclass.data.normalize import Normalizer
 
@@ -195,9 +322,11 @@ def train(
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_run_header(out, spec, config, data)
+        _write_run_header(out, spec, config, data, plan)
         if tracker is not None:
-            tracker.log_params({**config.to_dict(), "dataset": spec.name, "split": split.method})
+            steps = {} if plan is None else {"batch_size_from": plan.batch_size_from,
+                                             "steps_per_epoch": plan.steps_per_epoch, "schedule_used": plan.schedule}
+            tracker.log_params({**config.to_dict(), **steps, "dataset": spec.name, "split": split.method})
 
     common = {
         "model_config": model.config,
@@ -208,6 +337,7 @@ def train(
         "fit": config.fit,
         "normalizer": norm.to_dict(),
         "config": config.to_dict(),
+        "steps": None if plan is None else plan.to_dict(),
         "spec": spec.to_dict(),
         "run": str(out),
     }
@@ -218,11 +348,12 @@ def train(
         from cellclass.allocator import steady_allocator
 
         with steady_allocator():  # freed buffers stay in the process: no page faults per step
-            best_epoch = _fit_network(fabric, model, x, data, config, out, common, resume, progress, tracker)
+            best_epoch = _fit_network(fabric, model, x, data, config, plan, out, common, state, progress, tracker)
     seconds = time.perf_counter() - started
     if not is_main:
         return {}
-    return finish_run(out, data, x, config, best_epoch=best_epoch, train_seconds=seconds, tracker=tracker)
+    return finish_run(out, data, x, config, best_epoch=best_epoch, train_seconds=seconds, tracker=tracker,
+                      steps=plan)
 
 
 # -- set-up --------------------------------------------------------------------------
@@ -294,13 +425,13 @@ def _channel_names(spec: DatasetSpec, n: int, indices: list[int]) -> list[str]:
     return list(names)[:n] if len(names) >= n else [f"ch{i}" for i in range(n)]
 
 
-def _write_run_header(out: Path, spec: DatasetSpec, config: TrainConfig, data: PreparedData) -> None:
-    from cellclass.models import is_baseline
-
+def _write_run_header(out: Path, spec: DatasetSpec, config: TrainConfig, data: PreparedData,
+                      plan: StepPlan | None) -> None:
     split = data.split
     resolved = {
         "train": config.to_dict(),
-        "runtime": {"precision": resolve_precision(config) if not is_baseline(config.model) else None},
+        "runtime": {"precision": None if plan is None else resolve_precision(config),
+                    "steps": None if plan is None else plan.to_dict()},
         "dataset": {**spec.to_dict(), "base_dir": str(spec.base_dir)},
         "split": data.describe_split(),
     }
@@ -351,11 +482,12 @@ def _labeled(data: PreparedData, idx: np.ndarray) -> np.ndarray:
 
 # -- networks ------------------------------------------------------------------------
 def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, config: TrainConfig,
-                 out: Path, common: dict[str, Any], resume: bool, progress: ProgressFn | None,
-                 tracker: Tracker | None) -> int:
+                 plan: StepPlan, out: Path, common: dict[str, Any], state: Mapping[str, Any] | None,
+                 progress: ProgressFn | None, tracker: Tracker | None) -> int:
+    """Train epochs ``state["epoch"] + 1`` (or 1) to ``config.epochs``; return the best epoch."""
     import torch
 
-    from cellclass.training.checkpoint import load_checkpoint, save_checkpoint
+    from cellclass.training.checkpoint import save_checkpoint
     from cellclass.training.losses import build_loss, multitask_loss
 
     fabric.seed_everything(config.seed)
@@ -365,16 +497,15 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
     total_loss = multitask_loss(losses, config.task_weights)
 
     world = fabric.world_size
-    per_rank = max(1, config.batch_size // world)
+    per_rank = max(1, plan.batch_size // world)
     shard_len = len(train_idx) // world
-    steps = max(1, shard_len // per_rank)
-    total_steps = steps * config.epochs
+    steps = plan.steps_per_epoch
 
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(model, config, fabric.device)
-    scheduler = _scheduler(optimizer, config, total_steps)
-    model, optimizer = fabric.setup(model, optimizer)
+    inner_optimizer = _optimizer(model, config, fabric.device)
+    scheduler = _scheduler(inner_optimizer, config, plan.total_steps, plan.schedule)
+    model, optimizer = fabric.setup(model, inner_optimizer)
 
     order = torch.Generator().manual_seed(config.seed)
     augment = augmenter(config, fabric.global_rank)
@@ -387,11 +518,13 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
 
     monitor, mode = config.monitor, ("min" if "loss" in config.monitor else "max")
     best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 0
-    if resume:
-        state = load_checkpoint(out, "last")
+    if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["training_state"]["optimizer"])
-        scheduler.load_state_dict(state["training_state"]["scheduler"])
+        if state["config"]["epochs"] == config.epochs:
+            scheduler.load_state_dict(state["training_state"]["scheduler"])
+        else:  # more epochs: the schedule of the longer run, at the step reached
+            scheduler = _extended_scheduler(inner_optimizer, config, plan, state["epoch"] * steps)
         order.set_state(state["training_state"]["order_rng"])
         if augment is not None and state["training_state"].get("augment_rng") is not None:
             augment.generator.set_state(state["training_state"]["augment_rng"])
@@ -510,15 +643,41 @@ def _optimizer(model: Any, config: TrainConfig, device: Any = None) -> Any:
     return torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
 
 
-def _scheduler(optimizer: Any, config: TrainConfig, total_steps: int) -> Any:
+def _scheduler(optimizer: Any, config: TrainConfig, total_steps: int, schedule: str | None = None) -> Any:
+    """The learning-rate schedule over ``total_steps`` (``schedule``: one that fits, from
+    :func:`plan_steps`; ``config.schedule`` when not given)."""
     import torch
 
-    if config.schedule == "onecycle":
+    schedule = schedule or config.schedule
+    if schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
                                                    pct_start=config.warmup_fraction)
-    if config.schedule == "cosine":
+    if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _extended_scheduler(optimizer: Any, config: TrainConfig, plan: StepPlan, done: int) -> Any:
+    """The schedule of a run resumed with more epochs: built for the longer run, at step ``done``.
+
+    The loaded optimizer state carries the old schedule's values (rates, momenta); they are
+    reset to the configured ones first, as when the run started.
+    """
+    for group in optimizer.param_groups:
+        for key in ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"):
+            group.pop(key, None)
+        group["lr"] = config.lr
+        for key in ("betas", "momentum"):
+            if key in group and key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+    scheduler = _scheduler(optimizer, config, plan.total_steps, plan.schedule)
+    with warnings.catch_warnings():  # no optimizer step between these scheduler steps, by design
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for _ in range(done):
+            scheduler.step()
+    log.info("learning-rate schedule %s rebuilt for %d steps, continuing at step %d", plan.schedule,
+             plan.total_steps, done)
+    return scheduler
 
 
 def _evaluate_val(fabric: Any, model: Any, x: np.ndarray, data: PreparedData,
@@ -588,17 +747,20 @@ def _append_metrics(out: Path, row: Mapping[str, Any]) -> None:
 
 # -- final evaluation ----------------------------------------------------------------
 def finish_run(out: Path, data: PreparedData, x: np.ndarray, config: TrainConfig, *, best_epoch: int,
-               train_seconds: float, tracker: Tracker | None = None) -> dict[str, Any]:
-    """Tune thresholds on validation, evaluate the best checkpoint on test, write results."""
+               train_seconds: float, tracker: Tracker | None = None, steps: StepPlan | None = None) -> dict[str, Any]:
+    """Tune thresholds on validation, evaluate the best checkpoint on test, write results.
+
+    ``steps``: a network's batch size and schedule, recorded in ``metrics.json``.
+    """
     from cellclass.evaluation.report import write_evaluation
     from cellclass.serving.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(out, tta=config.tta)
-    result = write_evaluation(
-        out, predictor, data, x, threshold_method=config.threshold_method,
-        extra={"model": config.model, "best_epoch": best_epoch, "monitor": config.monitor,
-               "train_seconds": round(train_seconds, 2), "epochs_run": _epochs_run(out)},
-    )
+    extra: dict[str, Any] = {"model": config.model, "best_epoch": best_epoch, "monitor": config.monitor,
+                             "train_seconds": round(train_seconds, 2), "epochs_run": _epochs_run(out)}
+    if steps is not None:
+        extra.update(batch_size=steps.batch_size, steps=steps.to_dict())
+    result = write_evaluation(out, predictor, data, x, threshold_method=config.threshold_method, extra=extra)
     if tracker is not None:
         flat = {f"test/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
