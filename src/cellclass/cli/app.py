@@ -116,7 +116,7 @@ SpecArg = Annotated[
                         "or a folder (with --preset).", show_default=False),
 ]
 PresetOpt = Annotated[
-    str | None, typer.Option("--preset", help="Preset for a dataset folder: bps, hpa, rxrx1, folder, csv.")
+    str | None, typer.Option("--preset", help="Preset for a dataset folder: bps, hpa, rxrx1, folder, csv, plate.")
 ]
 ImageColOpt = Annotated[
     str | None, typer.Option("--image-col", help="Manifest column of image paths (relative to the manifest's folder).")

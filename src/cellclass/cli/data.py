@@ -64,6 +64,26 @@ def simulate_hpa_cmd(
     console.print(f"next: cellclass validate {out} --preset hpa")
 
 
+@simulate_app.command("plate")
+def simulate_plate_cmd(
+    out: Annotated[Path, typer.Argument(help="Output folder (plate.zarr + wells.csv).")],
+    rows: Annotated[int, typer.Option(min=1, max=26, help="Plate rows (A, B, ...).")] = 4,
+    cols: Annotated[int, typer.Option(min=1, max=48, help="Plate columns (1, 2, ...).")] = 6,
+    fields: Annotated[int, typer.Option(min=1, help="Fields of view per well.")] = 2,
+    image_size: Annotated[int, typer.Option("--image-size", min=16, help="Side of every field, in pixels.")] = 64,
+    z_planes: Annotated[int, typer.Option("--z-planes", min=1, help="Z planes per field (more than 1: Z stacks).")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a plate already in OUT.")] = False,
+) -> None:
+    """Simulate an OME-Zarr screening plate (needs the zarr extra): wells whose treatment shows in their fields."""
+    from cellclass.data.simulate_plate import simulate_plate
+
+    manifest = simulate_plate(out, rows=rows, cols=cols, fields=fields, image_size=image_size,
+                              z_planes=z_planes, seed=seed, overwrite=overwrite)
+    console.print(f"wrote a {rows}x{cols} plate, {fields} field(s) per well, to {out / 'plate.zarr'} and {manifest}")
+    console.print(f"next: cellclass validate {out} --preset plate" + (" --z max" if z_planes > 1 else ""))
+
+
 @app.command()
 def validate(
     spec: SpecArg,
