@@ -24,32 +24,34 @@ from cellclass.cli.output import (
 from cellclass.errors import OutputPathError
 
 
-@simulate_app.command("bps")
-def simulate_bps_cmd(
-    out: Annotated[Path, typer.Argument(help="Output folder (meta.csv + TIFF images).")],
-    n_images: Annotated[int, typer.Option("--n-images", min=1, help="Number of nuclei to write.")] = 680,
+_SIMULATIONS = {  # command: (images written by default, what an image is, the command's help)
+    "bps": (680, "images", "Simulate a NASA BPS-layout dataset: uint16 TIFF nuclei whose foci carry dose, particle "
+                           "and time signal (OUT: meta.csv + TIFF images)."),
+    "hpa": (200, "image sets", "Simulate a Human Protein Atlas-layout multi-label dataset: 4-channel PNG sets "
+                               "(OUT: train.csv + train/{Id}_{channel}.png)."),
+}
+
+
+def simulate(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Argument(help="Output folder (the images and their manifest).")],
+    n_images: Annotated[int | None, typer.Option("--n-images", min=1, help="Number of images to write "
+                                                 "(default: 680 nuclei with bps, 200 image sets with hpa).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
 ) -> None:
-    """Simulate a NASA BPS-layout dataset: uint16 TIFF nuclei whose foci carry dose, particle and time signal."""
-    from cellclass.data.simulate import simulate_bps
+    """Write the simulated dataset the command names (``simulate bps``, ``simulate hpa``)."""
+    from cellclass.data import simulate as simulators
 
-    meta = simulate_bps(out, n_images=n_images, seed=seed)
-    console.print(f"wrote {n_images} images and {meta}")
-    console.print(f"next: cellclass validate {out} --preset bps")
+    kind = ctx.info_name
+    default_n, what, _ = _SIMULATIONS[kind]
+    n_images = default_n if n_images is None else n_images
+    meta = getattr(simulators, f"simulate_{kind}")(out, n_images=n_images, seed=seed)
+    console.print(f"wrote {n_images} {what} and {meta}")
+    console.print(f"next: cellclass validate {out} --preset {kind}")
 
 
-@simulate_app.command("hpa")
-def simulate_hpa_cmd(
-    out: Annotated[Path, typer.Argument(help="Output folder (train.csv + train/{Id}_{channel}.png).")],
-    n_images: Annotated[int, typer.Option("--n-images", min=1, help="Number of 4-channel images.")] = 200,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-) -> None:
-    """Simulate a Human Protein Atlas-layout multi-label dataset (4-channel PNG sets)."""
-    from cellclass.data.simulate import simulate_hpa
-
-    meta = simulate_hpa(out, n_images=n_images, seed=seed)
-    console.print(f"wrote {n_images} image sets and {meta}")
-    console.print(f"next: cellclass validate {out} --preset hpa")
+for _kind, (_, _, _help) in _SIMULATIONS.items():
+    simulate_app.command(_kind, help=_help)(simulate)
 
 
 @app.command()
