@@ -33,7 +33,7 @@ TAKERS = {
 
 def group_params(group: type[OptionGroup]) -> dict[str, object]:
     """The click parameters a command taking only ``group`` has, by name."""
-    probe = typer.Typer()
+    probe = typer.Typer(add_completion=False)
 
     @probe.command()
     @takes_options
@@ -44,8 +44,9 @@ def group_params(group: type[OptionGroup]) -> dict[str, object]:
 
 
 def describe(param: object) -> tuple:
-    """What a user sees of an option: its names, help, default, type, flag and repetition."""
-    return (param.opts, param.help, param.default, type(param.type).__name__, param.is_flag, param.multiple)
+    """What a user sees of an option: its names, help, default, type, bounds, flag, repetition, panel."""
+    return (param.opts, param.help, param.default, param.type_descriptor.annotation, param.min, param.max,
+            param.is_flag, param.multiple, param.rich_help_panel)
 
 
 @pytest.mark.parametrize("group", list(TAKERS), ids=lambda g: g.__name__)
