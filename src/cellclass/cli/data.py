@@ -25,10 +25,10 @@ from cellclass.errors import OutputPathError
 
 
 _SIMULATIONS = {  # command: (images written by default, what an image is, the command's help)
-    "bps": (680, "images", "Simulate a NASA BPS-layout dataset: uint16 TIFF nuclei whose foci carry dose, particle "
-                           "and time signal (OUT: meta.csv + TIFF images)."),
-    "hpa": (200, "image sets", "Simulate a Human Protein Atlas-layout multi-label dataset: 4-channel PNG sets "
-                               "(OUT: train.csv + train/{Id}_{channel}.png)."),
+    "bps": (680, "images", ("Simulate a NASA BPS-layout dataset: uint16 TIFF nuclei whose foci carry dose, "
+                            "particle and time signal (OUT: meta.csv + TIFF images).")),
+    "hpa": (200, "image sets", ("Simulate a Human Protein Atlas-layout multi-label dataset: 4-channel PNG sets "
+                                "(OUT: train.csv + train/{Id}_{channel}.png).")),
 }
 
 
