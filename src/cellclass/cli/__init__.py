@@ -1,9 +1,12 @@
 """The ``cellclass`` command line: the only place in cellclass that prints.
 
-Commands live in sub-modules by concern, each registering on the one :data:`app`:
-``data`` (simulate, validate, inspect), ``cache`` (prepare, fetch), ``training`` (models,
-train, evaluate, predict, cv, compare, demo), ``sweep`` and ``serve`` (serve, keys,
-contributions, export).
+Commands live in sub-modules by concern, each registering on the one :data:`app`
+(``app``): ``data`` (simulate, validate, inspect), ``cache`` (prepare, fetch), ``training``
+(models, train, evaluate, predict, cv, compare), ``sweep``, ``serve`` (serve, keys,
+contributions, export) and ``demo``. The options several commands share are defined once
+in ``options``; what they print goes through ``output``. A command imports the library
+modules it runs in its body, so ``--help`` and a mistaken option answer without loading
+pandas or torch.
 
 Every error a user can cause ends the command with one line on stderr, ``error: ...``,
 and exit status 2: cellclass's own errors, mistaken options (click's usage errors) and
@@ -18,10 +21,10 @@ import logging
 import sys
 
 import typer
-from rich.markup import escape
 
-from cellclass.cli import cache, data, serve, sweep, training  # noqa: F401  (register their commands)
-from cellclass.cli.app import app, err_console
+from cellclass.cli import cache, data, demo, serve, sweep, training  # noqa: F401  (register their commands)
+from cellclass.cli.app import app
+from cellclass.cli.output import print_error
 from cellclass.errors import CellclassError
 
 log = logging.getLogger("cellclass.cli")
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int = USER_ERROR) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(message)
     sys.exit(code)
 
 

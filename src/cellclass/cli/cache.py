@@ -8,23 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cellclass.cli.app import (
-    DelimiterOpt,
-    DropUnlabeledOpt,
-    GroupOpt,
-    ImageColOpt,
-    PresetOpt,
-    SeriesOpt,
-    SpecArg,
-    TaskOpt,
-    TOpt,
-    WhereOpt,
-    ZOpt,
-    _progress,
-    _spec,
-    app,
-    console,
-)
+from cellclass.cli.app import app
+from cellclass.cli.options import DatasetOptions, SpecArg, takes_options
+from cellclass.cli.output import console, progress
 from cellclass.errors import CellclassError
 
 fetch_app = typer.Typer(help="Download public datasets (anonymous S3) and write a ready spec.", no_args_is_help=True)
@@ -42,16 +28,10 @@ def _numbers(option: str, text: str | None, kind: type = float) -> list:
 
 
 @app.command()
+@takes_options
 def prepare(
     spec: SpecArg,
-    preset: PresetOpt = None,
-    image_col: ImageColOpt = None,
-    task: TaskOpt = None,
-    group: GroupOpt = None,
-    delimiter: DelimiterOpt = None,
-    drop_unlabeled: DropUnlabeledOpt = False,
-    where: WhereOpt = None,
-    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
+    dataset: DatasetOptions,
     image_size: Annotated[int, typer.Option("--image-size", min=8, help="Side of the square images stored.")] = 64,
     fit: Annotated[str, typer.Option("--fit", help="pad, resize or crop.")] = "pad",
     channels: Annotated[str | None, typer.Option("--channels", help="Channel indices to keep, e.g. 0,2 (default: all).")] = None,
@@ -70,11 +50,11 @@ def prepare(
     """
     from cellclass.data.cache import CacheSettings, prepare_cache
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
+    ds = dataset.to_spec(spec)
     chosen = tuple(int(c) for c in _numbers("--channels", channels, int)) or None
     settings = CacheSettings(image_size, fit, chosen, dtype, hash_)
-    with _progress("preparing cache") as progress:
-        cache = prepare_cache(ds, settings, cache_dir=cache_dir, workers=workers, progress=progress, rebuild=rebuild)
+    with progress("preparing cache") as update:
+        cache = prepare_cache(ds, settings, cache_dir=cache_dir, workers=workers, progress=update, rebuild=rebuild)
     meta = cache.meta
     shape = "x".join(map(str, meta["shape"]))
     verb = "built" if cache.built else "up to date, reused"
@@ -108,10 +88,10 @@ def fetch_bps_cmd(
     from cellclass.data.fetch import fetch_bps
 
     chosen = [p.strip() for p in particles.split(",") if p.strip()] if particles else None
-    with _progress("downloading") as progress:
+    with progress("downloading") as update:
         result = fetch_bps(out, hours=_numbers("--hours", hours), doses=_numbers("--doses", doses),
                            particles=chosen, limit=limit, workers=workers, endpoint_url=endpoint_url,
-                           bucket=bucket, prefix=prefix, retries=retries, progress=progress)
+                           bucket=bucket, prefix=prefix, retries=retries, progress=update)
     console.print(f"{result.selected} image(s) selected: {result.downloaded} downloaded "
                   f"({result.bytes_downloaded / 2**20:.1f} MB), {result.skipped} already complete")
     if result.problems:

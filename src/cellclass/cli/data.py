@@ -9,72 +9,76 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cellclass.cli.app import (
-    DelimiterOpt,
-    DropUnlabeledOpt,
+from cellclass.cli.app import app, simulate_app
+from cellclass.cli.options import DatasetOptions, SpecArg, takes_options
+from cellclass.cli.output import (
     FormatOpt,
-    GroupOpt,
-    ImageColOpt,
-    PresetOpt,
-    SeriesOpt,
-    SpecArg,
-    TaskOpt,
     OutputFormat,
-    TOpt,
-    WhereOpt,
-    ZOpt,
-    _progress,
-    _spec,
-    app,
     check_output_file,
     console,
     err_console,
-    simulate_app,
+    progress,
     write_csv,
     write_json,
 )
 from cellclass.errors import OutputPathError
 
 
-@simulate_app.command("bps")
-def simulate_bps_cmd(
-    out: Annotated[Path, typer.Argument(help="Output folder (meta.csv + TIFF images).")],
-    n_images: Annotated[int, typer.Option("--n-images", min=1, help="Number of nuclei to write.")] = 680,
+_SIMULATIONS = {  # command: (images written by default, what an image is, the command's help)
+    "bps": (680, "images", ("Simulate a NASA BPS-layout dataset: uint16 TIFF nuclei whose foci carry dose, "
+                            "particle and time signal (OUT: meta.csv + TIFF images).")),
+    "hpa": (200, "image sets", ("Simulate a Human Protein Atlas-layout multi-label dataset: 4-channel PNG sets "
+                                "(OUT: train.csv + train/{Id}_{channel}.png).")),
+}
+
+
+def simulate(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Argument(help="Output folder (the images and their manifest).")],
+    n_images: Annotated[int | None, typer.Option("--n-images", min=1, help="Number of images to write "
+                                                 "(default: 680 nuclei with bps, 200 image sets with hpa).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
 ) -> None:
-    """Simulate a NASA BPS-layout dataset: uint16 TIFF nuclei whose foci carry dose, particle and time signal."""
-    from cellclass.data.simulate import simulate_bps
+    """Write the simulated dataset the command names (``simulate bps``, ``simulate hpa``)."""
+    from cellclass.data import simulate as simulators
 
-    meta = simulate_bps(out, n_images=n_images, seed=seed)
-    console.print(f"wrote {n_images} images and {meta}")
-    console.print(f"next: cellclass validate {out} --preset bps")
+    kind = ctx.info_name
+    default_n, what, _ = _SIMULATIONS[kind]
+    n_images = default_n if n_images is None else n_images
+    meta = getattr(simulators, f"simulate_{kind}")(out, n_images=n_images, seed=seed)
+    console.print(f"wrote {n_images} {what} and {meta}")
+    console.print(f"next: cellclass validate {out} --preset {kind}")
 
 
-@simulate_app.command("hpa")
-def simulate_hpa_cmd(
-    out: Annotated[Path, typer.Argument(help="Output folder (train.csv + train/{Id}_{channel}.png).")],
-    n_images: Annotated[int, typer.Option("--n-images", min=1, help="Number of 4-channel images.")] = 200,
+for _kind, (_, _, _help) in _SIMULATIONS.items():
+    simulate_app.command(_kind, help=_help)(simulate)
+
+
+@simulate_app.command("plate")
+def simulate_plate_cmd(
+    out: Annotated[Path, typer.Argument(help="Output folder (plate.zarr + wells.csv).")],
+    rows: Annotated[int, typer.Option(min=1, max=26, help="Plate rows (A, B, ...).")] = 4,
+    cols: Annotated[int, typer.Option(min=1, max=48, help="Plate columns (1, 2, ...).")] = 6,
+    fields: Annotated[int, typer.Option(min=1, help="Fields of view per well.")] = 2,
+    image_size: Annotated[int, typer.Option("--image-size", min=16, help="Side of every field, in pixels.")] = 64,
+    z_planes: Annotated[int, typer.Option("--z-planes", min=1, help="Z planes per field (more than 1: Z stacks).")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a plate already in OUT.")] = False,
 ) -> None:
-    """Simulate a Human Protein Atlas-layout multi-label dataset (4-channel PNG sets)."""
-    from cellclass.data.simulate import simulate_hpa
+    """Simulate an OME-Zarr screening plate (needs the zarr extra): wells whose treatment shows in their fields."""
+    from cellclass.data.simulate_plate import simulate_plate
 
-    meta = simulate_hpa(out, n_images=n_images, seed=seed)
-    console.print(f"wrote {n_images} image sets and {meta}")
-    console.print(f"next: cellclass validate {out} --preset hpa")
+    manifest = simulate_plate(out, rows=rows, cols=cols, fields=fields, image_size=image_size,
+                              z_planes=z_planes, seed=seed, overwrite=overwrite)
+    console.print(f"wrote a {rows}x{cols} plate, {fields} field(s) per well, to {out / 'plate.zarr'} and {manifest}")
+    console.print(f"next: cellclass validate {out} --preset plate" + (" --z max" if z_planes > 1 else ""))
 
 
 @app.command()
+@takes_options
 def validate(
     spec: SpecArg,
-    preset: PresetOpt = None,
-    image_col: ImageColOpt = None,
-    task: TaskOpt = None,
-    group: GroupOpt = None,
-    delimiter: DelimiterOpt = None,
-    drop_unlabeled: DropUnlabeledOpt = False,
-    where: WhereOpt = None,
-    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
+    dataset: DatasetOptions,
     write_clean: Annotated[Path | None, typer.Option("--write-clean", help="Write a manifest of the good rows here.")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write every problem to this CSV.")] = None,
     no_images: Annotated[bool, typer.Option("--no-images", help="Check metadata only, do not decode images.")] = False,
@@ -89,15 +93,15 @@ def validate(
     from cellclass.data.validate import validate as run_validate
     from cellclass.data.validate import write_clean_manifest
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
+    ds = dataset.to_spec(spec)
     sources = [p for p in (spec, ds.manifest_path) if p is not None]
     for option, path in (("--write-clean", write_clean), ("--report", report)):
         if path is not None:
             check_output_file(path, option, inputs=sources)
     if write_clean is not None and report is not None and write_clean.resolve() == report.resolve():
         raise OutputPathError(f"--write-clean and --report are both {str(report)!r}; valid: two different files")
-    with _progress("validating") as progress:
-        result = run_validate(ds, check_images=not no_images, workers=workers, progress=progress)
+    with progress("validating") as update:
+        result = run_validate(ds, check_images=not no_images, workers=workers, progress=update)
     notes = console if output is OutputFormat.table else err_console
     if output is OutputFormat.json:
         write_json({"dataset": ds.name, **result.to_dict()})
@@ -143,16 +147,10 @@ def _print_problems(result: Any) -> None:
 
 
 @app.command()
+@takes_options
 def inspect(
     spec: SpecArg,
-    preset: PresetOpt = None,
-    image_col: ImageColOpt = None,
-    task: TaskOpt = None,
-    group: GroupOpt = None,
-    delimiter: DelimiterOpt = None,
-    drop_unlabeled: DropUnlabeledOpt = False,
-    where: WhereOpt = None,
-    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
+    dataset: DatasetOptions,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for tables, plots and sample grids.")] = None,
     max_images: Annotated[int, typer.Option(min=1, help="Images sampled for intensity statistics.")] = 2000,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
@@ -161,15 +159,15 @@ def inspect(
     """Class counts, label co-occurrence, channel intensities, sample grids and the confound table."""
     from cellclass.data.inspect import inspect_dataset
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
-    with _progress("reading images") as progress:
-        result = inspect_dataset(ds, out, max_images=max_images, seed=seed, progress=progress)
+    ds = dataset.to_spec(spec)
+    with progress("reading images") as update:
+        result = inspect_dataset(ds, out, max_images=max_images, seed=seed, progress=update)
     if output is OutputFormat.json:
         write_json(result.to_dict())
     elif output is OutputFormat.csv:
         write_csv(_inspection_tables(result))
     else:
-        _print_inspection(result)
+        print_inspection(result)
     if out is not None:
         (console if output is OutputFormat.table else err_console).print(
             f"tables, plots and sample grids written to {out}")
@@ -192,7 +190,8 @@ def _inspection_tables(result: Any) -> dict[str, Any]:
     return tables
 
 
-def _print_inspection(result: Any) -> None:
+def print_inspection(result: Any) -> None:
+    """The inspection of a dataset as tables: classes, intensities, what was left out, confounds."""
     console.print(f"[bold]{escape(result.dataset)}[/bold]: {result.n_rows} rows, "
                   f"{result.images_found} images found")
     if result.metadata_only:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from cellclass.cli.app import app, console
+from cellclass.cli.app import app
+from cellclass.cli.output import console
 
 keys_app = typer.Typer(help="API keys of the prediction service (stored hashed).", no_args_is_help=True)
 contributions_app = typer.Typer(help="Contributed labelled images: list, export for training.", no_args_is_help=True)
@@ -31,12 +34,28 @@ FilesOpt = Annotated[
 ]
 
 
-def _database(state_dir: Path | None, database: str | None) -> Any:
+@contextmanager
+def _database(state_dir: Path | None, database: str | None) -> Iterator[tuple[Any, Any]]:
+    """The service's database (closed after use) and the settings that name it."""
     from cellclass.serving.database import Database
     from cellclass.serving.settings import ServeSettings
 
     settings = ServeSettings.from_env(run=Path("."), state_dir=state_dir, database=database)
-    return Database(settings.database_url), settings
+    db = Database(settings.database_url)
+    try:
+        yield db, settings
+    finally:
+        db.close()
+
+
+@contextmanager
+def _contributions(state_dir: Path | None, database: str | None, files: str | None) -> Iterator[Any]:
+    """The contribution store of the service's database and files."""
+    from cellclass.serving.contributions import ContributionStore
+    from cellclass.serving.files import open_file_store
+
+    with _database(state_dir, database) as (db, settings):
+        yield ContributionStore(db, open_file_store(files or settings.files_url))
 
 
 @app.command()
@@ -90,11 +109,8 @@ def keys_create(
     """Make an API key; the key is printed once, as the last line (only its hash is stored)."""
     from cellclass.serving.keys import KeyStore
 
-    db, settings = _database(state_dir, database)
-    try:
+    with _database(state_dir, database) as (db, settings):
         key, record = KeyStore(db).create(role, name)
-    finally:
-        db.close()
     console.print(f"created {record.role} key {record.key_id}" + (f" ({name})" if name else "")
                   + f" in {settings.database_url}; it is shown once:", highlight=False)
     typer.echo(key)
@@ -105,11 +121,8 @@ def keys_list(state_dir: StateDirOpt = None, database: DatabaseOpt = None) -> No
     """List API keys (ids, roles, names, times; never the keys)."""
     from cellclass.serving.keys import KeyStore
 
-    db, _ = _database(state_dir, database)
-    try:
+    with _database(state_dir, database) as (db, _):
         keys = KeyStore(db).list()
-    finally:
-        db.close()
     table = Table()
     for column in ("key id", "role", "name", "created", "revoked"):
         table.add_column(column)
@@ -127,11 +140,8 @@ def keys_revoke(
     """Revoke an API key; it stops working at once."""
     from cellclass.serving.keys import KeyStore
 
-    db, _ = _database(state_dir, database)
-    try:
+    with _database(state_dir, database) as (db, _):
         record = KeyStore(db).revoke(key_id)
-    finally:
-        db.close()
     console.print(f"revoked {record.role} key {record.key_id} at {record.revoked_at}", highlight=False)
 
 
@@ -144,15 +154,8 @@ def contributions_list(
     files: FilesOpt = None,
 ) -> None:
     """List contributions, oldest first."""
-    from cellclass.serving.contributions import ContributionStore
-    from cellclass.serving.files import open_file_store
-
-    db, settings = _database(state_dir, database)
-    try:
-        store = ContributionStore(db, open_file_store(files or settings.files_url))
+    with _contributions(state_dir, database, files) as store:
         items, total = store.list(status=status, limit=limit)
-    finally:
-        db.close()
     table = Table(title=f"{total} contribution(s)" + (f" {status}" if status else ""))
     for column in ("id", "status", "labels", "file", "contributor", "created"):
         table.add_column(column)
@@ -172,15 +175,8 @@ def contributions_export(
     files: FilesOpt = None,
 ) -> None:
     """Write contributions as a dataset `cellclass train` reads (accepted ones by default)."""
-    from cellclass.serving.contributions import ContributionStore
-    from cellclass.serving.files import open_file_store
-
-    db, settings = _database(state_dir, database)
-    try:
-        result = ContributionStore(db, open_file_store(files or settings.files_url)).export(
-            out, status=status, dataset=dataset)
-    finally:
-        db.close()
+    with _contributions(state_dir, database, files) as store:
+        result = store.export(out, status=status, dataset=dataset)
     console.print(f"{result.n_rows} {status} contribution(s), {result.n_images} image(s) written to {result.out}: "
                   f"{result.manifest.name}, {result.spec.name}", highlight=False)
     console.print(f"train on them with: cellclass train {result.spec} --out RUN", highlight=False)

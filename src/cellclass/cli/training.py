@@ -1,42 +1,29 @@
-"""Model commands: models, train, evaluate, predict, cv, compare, and the demo."""
+"""Model commands: models, train, evaluate, predict, cv, compare."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from cellclass.cli.app import (
-    DelimiterOpt,
-    DropUnlabeledOpt,
+from cellclass.cli.app import app
+from cellclass.cli.options import DatasetOptions, SpecArg, TrackerOptions, TrainOptions, takes_options
+from cellclass.cli.output import (
     FormatOpt,
-    GroupOpt,
-    ImageColOpt,
-    PresetOpt,
-    SeriesOpt,
-    SpecArg,
     OutputFormat,
-    TaskOpt,
-    TOpt,
-    WhereOpt,
-    ZOpt,
-    _progress,
-    _spec,
-    _stage_progress,
-    app,
     check_output_file,
     console,
     err_console,
+    metric_text,
+    print_error,
+    stage_progress,
     write_csv,
     write_json,
 )
-from cellclass.cli.data import _print_inspection
-from cellclass.errors import CellclassError
+from cellclass.errors import CellclassError, SpecError
 
 
 @app.command()
@@ -58,112 +45,36 @@ def models(
                       (" ..." if len(others) > 200 else ""))
 
 
-def build_config(config_file: Path | None, sets: list[str] | None, base: Any = None, **options: Any) -> Any:
-    """Defaults (or ``base``), then ``--config FILE``, then explicit options, then ``--set key=value``."""
-    import yaml
-
-    from cellclass.training.config import TrainConfig, parse_set_options
-
-    config = base if base is not None else TrainConfig()
-    if config_file:
-        from_file = TrainConfig.from_yaml(config_file)  # checks the file and its keys
-        given = yaml.safe_load(config_file.read_text()) or {}
-        config = config.override({k: getattr(from_file, k) for k in given})
-    explicit = {k: v for k, v in options.items() if v is not None}
-    return config.override({**explicit, **parse_set_options(sets or [])})
-
-
-ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name (see `cellclass models`).")]
-EpochsOpt = Annotated[int | None, typer.Option("--epochs", min=1, help="Maximum epochs.")]
-SizeOpt = Annotated[int | None, typer.Option("--image-size", min=8, help="Side of the square model input.")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Global batch size.")]
-LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
-SplitByOpt = Annotated[str | None, typer.Option("--split-by", help="Keep each value of this column on one side "
-                                                                   "(default: the spec's first group).")]
-SplitOpt = Annotated[str | None, typer.Option("--split", help="group, random (warns on grouped data) or predefined.")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file (keys of TrainConfig).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set lr=1e-3. Repeatable.")]
-DevicesOpt = Annotated[int | None, typer.Option("--devices", min=1, help="Processes/devices (DDP when > 1).")]
-StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="Fabric strategy: auto, ddp, ddp_spawn.")]
-PrecisionOpt = Annotated[str | None, typer.Option(
-    "--precision", help="32-true, bf16-mixed, 16-mixed or auto (the default: bf16-mixed on a GPU or a CPU with "
-    "native bfloat16, else 32-true).")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of split, weights and augmentation.")]
-PretrainedOpt = Annotated[str | None, typer.Option("--pretrained", help="Path to local weights (or 'hub').")]
-CacheOpt = Annotated[bool | None, typer.Option("--cache", help="Build the prepared image cache when no valid one exists "
-                                                               "(a valid one is always used; see `cellclass prepare`).")]
-TrackerOpt = Annotated[str, typer.Option("--tracker", help="Experiment tracker: mlflow (a local store "
-                                         "RUNS/mlflow.db beside the run folder unless --tracking-uri), "
-                                         "wandb (pip install 'cellclass[wandb]') or none.")]
-TrackingUriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow server or database URL "
-                                                    "(http://host:5000, sqlite:///x.db); W&B: server URL.")]
-ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment / W&B project "
-                                                   "(default: cellclass).")]
-
-
-def _run_tracker(name: str, uri: str | None, experiment: str | None, out: Path, job_type: str) -> Any:
-    """The tracker of one run folder ``out`` (its default local store sits beside it)."""
-    from cellclass.tracking import make_tracker
-
-    return make_tracker(name, uri, experiment, run_name=out.name, root=out.parent, job_type=job_type,
-                        record=None if name == "none" else out / "tracking.json")
-
-
 @app.command()
+@takes_options
 def train(
     spec: SpecArg,
     out: Annotated[Path, typer.Option("--out", help="Run folder.")],
-    preset: PresetOpt = None,
-    image_col: ImageColOpt = None,
-    task: TaskOpt = None,
-    group: GroupOpt = None,
-    delimiter: DelimiterOpt = None,
-    drop_unlabeled: DropUnlabeledOpt = False,
-    where: WhereOpt = None,
-    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
-    model: ModelOpt = None,
-    epochs: EpochsOpt = None,
-    image_size: SizeOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
-    split_by: SplitByOpt = None,
-    split: SplitOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    devices: DevicesOpt = None,
-    strategy: StrategyOpt = None,
-    precision: PrecisionOpt = None,
-    seed: SeedOpt = None,
-    pretrained: PretrainedOpt = None,
+    dataset: DatasetOptions,
+    training: TrainOptions,
+    tracking: TrackerOptions,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out with its settings; "
                                          "--epochs N (more than done) extends it, other changes are refused.")] = False,
-    cache: CacheOpt = None,
-    tracker: TrackerOpt = "mlflow",
-    tracking_uri: TrackingUriOpt = None,
-    experiment: ExperimentOpt = None,
 ) -> None:
     """Train a model, select its best epoch on validation, evaluate it on test, write the run folder."""
     from cellclass.training.loop import train as run_train
 
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
+    ds = dataset.to_spec(spec)
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
     base = None
     if resume and (out / "config.yaml").is_file():
         from cellclass.evaluation.evaluate import run_config
 
         base = run_config(out)  # the options given are checked against it (more epochs: applied)
-    cfg = build_config(config, set_, base, model=model, epochs=epochs, image_size=image_size,
-                       batch_size=batch_size, lr=lr, split_by=split_by, split=split, devices=devices,
-                       strategy=strategy, precision=precision, seed=seed,
-                       pretrained=(True if pretrained == "hub" else pretrained), cache=cache)
-    with _run_tracker(tracker, tracking_uri, experiment, out, "train") as run_tracker, \
-            _stage_progress() as progress:
-        result = run_train(ds, cfg, out, resume=resume, progress=progress, tracker=run_tracker)
+    config = training.to_config(base)
+    with tracking.open(out, "train") as tracker, stage_progress() as update:
+        result = run_train(ds, config, out, resume=resume, progress=update, tracker=tracker)
     if result:
-        _print_metrics(result, out)
+        print_metrics(result, out)
 
 
-def _print_metrics(result: dict[str, Any], out: Path) -> None:
+def print_metrics(result: dict[str, Any], out: Path) -> None:
+    """A run's metrics (its ``metrics.json``): how it was split and evaluated, a row per task."""
     split = result["split"]
     console.print(f"[bold]{result.get('model')}[/bold] on {result['dataset']}: split {split.get('method')}"
                   + (f" by {split['group_column']}" if split.get("group_column") else "")
@@ -174,34 +85,30 @@ def _print_metrics(result: dict[str, Any], out: Path) -> None:
     for col in ("task", "accuracy", "balanced acc.", "macro F1", "ROC-AUC"):
         table.add_column(col, justify="right")
     for task, m in result["tasks"].items():
-        table.add_row(task, *[_f(m.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")])
+        table.add_row(task, *[metric_text(m.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")])
     console.print(table)
     console.print(f"run folder: {out} (metrics.json, predictions.csv, plots/, report.html)")
 
 
-def _f(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
-
-
 @app.command()
+@takes_options
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder made by `cellclass train`.")],
+    dataset: DatasetOptions,
     data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this dataset instead of the run's test split.")] = None,
-    preset: PresetOpt = None,
-    image_col: ImageColOpt = None,
-    task: TaskOpt = None,
-    group: GroupOpt = None,
-    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/evaluation).")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
 ) -> None:
-    """Evaluate a run's best checkpoint on its test split or on another dataset."""
+    """Evaluate a run's best checkpoint on its test split or on another dataset (--data)."""
     from cellclass.evaluation.evaluate import evaluate_run
 
-    spec = _spec(data, preset, image_col, task, group, z=z, t=t, series=series) if data is not None else None
-    with _stage_progress() as progress:
-        result = evaluate_run(run, spec=spec, out=out, tta=tta, progress=progress)
-    _print_metrics(result, out or run / "evaluation")
+    if data is None and dataset.given():
+        raise SpecError(f"{', '.join(dataset.given())} given without --data; valid: the dataset options with "
+                        "--data SPEC (without --data the run's own test split is evaluated)")
+    spec = None if data is None else dataset.to_spec(data)
+    with stage_progress() as update:
+        result = evaluate_run(run, spec=spec, out=out, tta=tta, progress=update)
+    print_metrics(result, out or run / "evaluation")
 
 
 @app.command()
@@ -234,7 +141,7 @@ def predict(
                 prepared[i] = predictor.prepare([predictor.read_image(path)], names=[f"image {str(path)!r}"])
             except CellclassError as exc:
                 row["error"] = str(exc)
-                err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                print_error(str(exc))
             rows.append(row)
         if not prepared:
             continue
@@ -256,62 +163,47 @@ def predict(
 
 
 @app.command()
+@takes_options
 def cv(
     spec: SpecArg,
     out: Annotated[Path, typer.Option("--out", help="Folder for the fold runs and cv.json.")],
+    dataset: DatasetOptions,
+    training: TrainOptions,
+    tracking: TrackerOptions,
     folds: Annotated[int, typer.Option("--folds", min=2, help="Number of folds.")] = 5,
-    preset: PresetOpt = None,
-    image_col: ImageColOpt = None,
-    task: TaskOpt = None,
-    group: GroupOpt = None,
-    delimiter: DelimiterOpt = None,
-    drop_unlabeled: DropUnlabeledOpt = False,
-    where: WhereOpt = None,
-    z: ZOpt = None, t: TOpt = None, series: SeriesOpt = None,
-    model: ModelOpt = None,
-    epochs: EpochsOpt = None,
-    image_size: SizeOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
-    split_by: SplitByOpt = None,
-    split: SplitOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    seed: SeedOpt = None,
-    cache: CacheOpt = None,
-    tracker: TrackerOpt = "mlflow",
-    tracking_uri: TrackingUriOpt = None,
-    experiment: ExperimentOpt = None,
 ) -> None:
     """k-fold cross-validation (stratified group k-fold by default); reports mean and spread.
 
     Re-running the same command skips the folds already finished.
     """
     from cellclass.evaluation.crossval import cross_validate
-
-    ds = _spec(spec, preset, image_col, task, group, delimiter, drop_unlabeled, where, z, t, series)
-    ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
-    cfg = build_config(config, set_, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                       lr=lr, split_by=split_by, split=split, seed=seed, cache=cache)
     from cellclass.tracking.runs import FoldLogger, cv_progress
 
-    with _run_tracker(tracker, tracking_uri, experiment, out, "cv") as run_tracker:
-        run_tracker.log_params({**cfg.to_dict(), "folds": folds, "dataset": ds.name})
-        fold_logger = FoldLogger(run_tracker, out, folds)
-        with _stage_progress() as progress:
-            summary = cross_validate(ds, cfg, out, n_folds=folds, progress=cv_progress(fold_logger, progress))
+    ds = dataset.to_spec(spec)
+    ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
+    config = training.to_config()
+    with tracking.open(out, "cv") as tracker:
+        tracker.log_params({**config.to_dict(), "folds": folds, "dataset": ds.name})
+        fold_logger = FoldLogger(tracker, out, folds)
+        with stage_progress() as update:
+            summary = cross_validate(ds, config, out, n_folds=folds, progress=cv_progress(fold_logger, update))
         fold_logger.finish(summary)
-    table = Table(title=f"{cfg.model}: {folds}-fold cross-validation ({summary['split']['method']}"
-                        + (f" by {summary['split']['group']})" if summary["split"]["group"] else ")"))
+    _print_folds(summary, config.model, folds)
+    console.print(f"per-fold runs and cv.json in {out}")
+
+
+def _print_folds(summary: dict[str, Any], model: str, folds: int) -> None:
+    """Mean, spread and range of each metric over the folds of a cross-validation."""
+    split = summary["split"]
+    table = Table(title=f"{model}: {folds}-fold cross-validation ({split['method']}"
+                        + (f" by {split['group']})" if split["group"] else ")"))
     for col in ("task", "metric", "mean", "std", "min", "max"):
         table.add_column(col, justify="right")
     for task_name, metrics in summary["tasks"].items():
         for name in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
             if name in metrics:
-                m = metrics[name]
-                table.add_row(task_name, name, *[_f(m[k]) for k in ("mean", "std", "min", "max")])
+                table.add_row(task_name, name, *[metric_text(metrics[name][k]) for k in ("mean", "std", "min", "max")])
     console.print(table)
-    console.print(f"per-fold runs and cv.json in {out}")
 
 
 @app.command()
@@ -358,81 +250,3 @@ def compare(
         console.print(pairs)
     if out is not None:
         console.print(f"comparison written to {out}")
-
-
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data and results.")] = Path("demo"),
-    n_images: Annotated[int, typer.Option("--n-images", min=68, help="Simulated nuclei.")] = 680,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="LeNet-5 epochs.")] = 12,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-) -> None:
-    """The main job on built-in data (no download): simulate, validate, inspect, train, compare.
-
-    Simulates BPS nuclei, validates and inspects them, trains the MLP baseline and LeNet-5
-    on irradiated nuclei split by plate, compares the two, trains the sham-vs-sham
-    control that measures plate recognition, and ends with a small sweep of LeNet-5's
-    learning rate and batch size (4 trials, tracked in ``OUT/sweep/mlflow.db``).
-    """
-    from cellclass.data.inspect import inspect_dataset
-    from cellclass.data.presets import bps
-    from cellclass.data.simulate import simulate_bps
-    from cellclass.data.validate import validate as run_validate
-    from cellclass.evaluation.evaluate import compare_runs
-
-    data = out / "data"
-    console.rule("1. simulate a BPS-layout dataset")
-    if not (data / "meta.csv").is_file():
-        simulate_bps(data, n_images=n_images, seed=seed)
-    ds = bps(data)
-    console.print(f"{n_images} uint16 TIFF nuclei and meta.csv in {data}")
-    console.rule("2. validate")
-    with _progress("validating") as progress:
-        result = run_validate(ds, progress=progress)
-    console.print(f"{result.n_rows} rows, {len(result.problems)} problem(s); shapes "
-                  f"{dict(result.shapes.most_common(3))}; dtypes {dict(result.dtypes)}")
-    if not result.ok:
-        raise CellclassError(f"the simulated dataset has {len(result.problems)} problem(s): {result.problems[:3]}")
-    console.rule("3. inspect (class counts, intensities, confounds)")
-    with _progress("reading images") as progress:
-        report = inspect_dataset(ds, out / "inspect", progress=progress)
-    _print_inspection(report)
-    console.rule("4. particle type of irradiated nuclei (dose_Gy > 0): MLP baseline and LeNet-5, split by plate")
-    irradiated = dataclasses.replace(ds, where=["dose_Gy > 0"])
-    runs = [_demo_run(irradiated, out / "runs" / model, model, epochs, seed) for model in ("mlp", "lenet5")]
-    console.rule("5. compare on the same test images")
-    comparison = compare_runs(runs, metric="macro_f1", n_boot=1000, out=out / "compare")
-    for task_name, block in comparison["tasks"].items():
-        for row in block["table"]:
-            console.print(f"{task_name} {row['run']:>7}: macro F1 {row['macro_f1']:.3f} "
-                          f"[{row['macro_f1_ci_low']:.3f}, {row['macro_f1_ci_high']:.3f}], accuracy {row['accuracy']:.3f}")
-        for p in block["pairs"]:
-            console.print(f"{p['model_a']} - {p['model_b']}: macro F1 {p['delta']:+.3f} "
-                          f"(95% CI [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]), McNemar p = {p['mcnemar_p_value']:.3g}")
-    console.rule("6. sham-vs-sham control (dose_Gy == 0): the plate-recognition floor")
-    console.print("0 Gy Fe and 0 Gy X-ray nuclei had the same (sham) treatment and differ only by plate: a score "
-                  "above chance here would measure plate effects, not radiation.")
-    sham = dataclasses.replace(ds, where=["dose_Gy == 0"])
-    _demo_run(sham, out / "runs" / "sham_control_lenet5", "lenet5", epochs, seed)
-    console.rule("7. a small hyperparameter sweep: LeNet-5 over learning rate and batch size (Optuna, MLflow)")
-    from cellclass.cli.sweep import demo_sweep
-
-    demo_sweep(irradiated, out / "sweep", seed)
-    console.print(f"\nresults in {out}: inspect/, runs/*/report.html, compare/compare.json, sweep/report.html")
-
-
-def _demo_run(spec: Any, run: Path, model: str, epochs: int, seed: int) -> Path:
-    """Train (or resume, or reuse) one demo run on particle type and print its metrics."""
-    import json
-
-    from cellclass.training.config import TrainConfig
-    from cellclass.training.loop import train as run_train
-
-    cfg = TrainConfig(model=model, tasks=["particle_type"], epochs=epochs, seed=seed)
-    if not (run / "metrics.json").is_file():
-        with _stage_progress() as progress:
-            run_train(spec, cfg, run, resume=(run / "checkpoints" / "last.ckpt").is_file(), progress=progress)
-    _print_metrics(json.loads((run / "metrics.json").read_text()), run)
-    return run
-
-

@@ -19,7 +19,8 @@ settings (size, fit, channels, dtype), the image root and the ordered list of so
 files, so another row selection (``--where``) or setting gets its own cache. The
 *fingerprint* hashes every source file's size and modification time (``hash="stat"``,
 the default) or its bytes (``hash="content"``, for file systems whose times cannot be
-trusted). A cache whose fingerprint no longer matches the files is never used, and the
+trusted); for an OME-Zarr image, the files of its metadata and of its full-resolution
+chunks (:func:`cellclass.data.io.image_files`). A cache whose fingerprint no longer matches the files is never used, and the
 next build replaces it.
 
 **Atomicity.** A build writes into ``.partial-<slot>-<fingerprint>/`` and renames it into
@@ -60,6 +61,7 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
+from cellclass.data.io import image_files
 from cellclass.data.loading import FIT_MODES, fit_image, load_images, select_channels
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import CacheError, ImageReadError
@@ -322,13 +324,14 @@ class _Sources:
         for record, paths in zip(self.records, self.paths, strict=True):
             for p in paths:
                 try:
-                    st = os.stat(p)
+                    for f in image_files(p):  # an OME-Zarr image: its metadata and level-0 chunks
+                        st = os.stat(f)
+                        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
                 except OSError as exc:
                     raise ImageReadError(
                         f"row {record.get(ROW_COLUMN, '?')}: cannot read image {p!r}: {exc.strerror or exc} "
                         "(run `cellclass validate`)"
                     ) from None
-                h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
     def content_digest(self, workers: int = 4) -> str:
@@ -339,9 +342,10 @@ class _Sources:
                 record, p = item
                 h = hashlib.sha256()
                 try:
-                    with open(p, "rb") as handle:
-                        for block in iter(lambda: handle.read(2**20), b""):
-                            h.update(block)
+                    for f in image_files(p):
+                        with open(f, "rb") as handle:
+                            for block in iter(lambda handle=handle: handle.read(2**20), b""):
+                                h.update(block)
                 except OSError as exc:
                     raise ImageReadError(
                         f"row {record.get(ROW_COLUMN, '?')}: cannot read image {p!r}: {exc.strerror or exc} "

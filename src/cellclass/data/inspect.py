@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
-from cellclass.data.io import describe_image
+from cellclass.data.io import describe_image, image_exists
 from cellclass.data.labels import natural_key
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import ImageReadError
@@ -205,7 +205,7 @@ def inspect_dataset(
 
     rng = np.random.default_rng(seed)
     records = frame.to_dict("records")
-    exists = np.array([all(p.is_file() for p in spec.image_paths(r)) for r in records], dtype=bool)
+    exists = np.array([all(image_exists(p) for p in spec.image_paths(r)) for r in records], dtype=bool)
     report = InspectionReport(
         dataset=spec.name,
         n_rows=len(frame),

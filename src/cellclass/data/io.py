@@ -24,6 +24,11 @@ Supported files (see :data:`IMAGE_EXTENSIONS`):
 - **NPY** (``.npy``): loaded with ``allow_pickle=False``.
 - **JPEG** (``.jpg``, ``.jpeg``): decoded by ``imagecodecs.jpeg_decode`` (lossy by
   nature; read as stored).
+- **OME-Zarr** (a folder: ``cells.ome.zarr``, a plate's field ``plate.zarr/A/1/0``): the
+  full-resolution level, axes and channel names from the NGFF metadata, through
+  ``ome-zarr`` (the ``zarr`` extra; see :mod:`cellclass.data.omezarr`).
+- **Vendor formats** (``.czi``, ``.nd2``, ``.lif``): through ``bioio`` plugins (the
+  ``vendor`` extra; see :mod:`cellclass.data.vendor`).
 
 Where a 3-D array's layout is not recorded in the file (NPY arrays, TIFF pages written as a
 stack of gray pages), one rule decides: **a trailing axis of size <= 4 with a larger
@@ -54,6 +59,7 @@ import numpy as np
 import tifffile
 
 from cellclass.atomic import atomic_path, atomic_write_bytes
+from cellclass.data import omezarr, vendor
 from cellclass.data.axes import (
     AxesPolicy,
     ImageAxes,
@@ -69,6 +75,8 @@ __all__ = [
     "ImagePath",
     "describe_image",
     "expand_pattern",
+    "image_exists",
+    "image_files",
     "read_channel_set",
     "read_image",
     "read_image_bytes",
@@ -84,7 +92,8 @@ ImagePath = str | os.PathLike[str]
 IMAGE_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".png", ".npy", ".jpg", ".jpeg")
 """File extensions :func:`read_image` accepts (compared case-insensitively)."""
 
-_VALID_EXTENSIONS = ", ".join(IMAGE_EXTENSIONS)
+_VALID_EXTENSIONS = (", ".join(IMAGE_EXTENSIONS) + "; an OME-Zarr image folder (.zarr); "
+                     + ", ".join(vendor.VENDOR_EXTENSIONS) + " with the vendor extra")
 
 # Errors the third-party decoders raise for files they cannot decode. imagecodecs raises
 # RuntimeError subclasses (TiffError, PngError, ...); tifffile and numpy raise ValueError
@@ -114,7 +123,9 @@ def read_image(path: ImagePath, *, axes: AxesPolicy | None = None) -> np.ndarray
 
     Args:
         path: Image file; its extension (case-insensitive) picks the decoder and must be
-            one of :data:`IMAGE_EXTENSIONS`.
+            one of :data:`IMAGE_EXTENSIONS` or a vendor format (``.czi``, ``.nd2``,
+            ``.lif``); or an OME-Zarr image folder (``cells.ome.zarr``,
+            ``plate.zarr/A/1/0``).
         axes: What to do with a Z stack, a time series or several series, and which
             channels to keep by name (see :mod:`cellclass.data.axes`). None: such files
             are refused and every channel is kept.
@@ -134,8 +145,15 @@ def read_image(path: ImagePath, *, axes: AxesPolicy | None = None) -> np.ndarray
         ImageReadError: If the extension is not supported, the file is missing, empty,
             truncated or undecodable, or its array cannot be read as ``(C, H, W)``. The
             message names the path and the reason.
+        MissingDependencyError: For an OME-Zarr folder without the ``zarr`` extra, or a
+            vendor file without the ``vendor`` extra; the message names the extra.
     """
     name = os.fspath(path)
+    other = _other_reader(name)
+    if other is not None:
+        policy = _NO_POLICY if axes is None else axes
+        array, channel_names = other(name, policy)
+        return select_channels_by_name(array, channel_names, policy, name)
     decode = _decoder(name)
     return _decoded(decode, _read_bytes(name), name, axes)
 
@@ -157,6 +175,11 @@ def read_image_bytes(data: bytes, name: str, *, axes: AxesPolicy | None = None) 
         ImageReadError: If the extension is not supported, or the bytes are empty,
             truncated or undecodable.
     """
+    if _other_reader(name) is not None:
+        raise ImageReadError(
+            f"cannot decode image '{name}' from memory: OME-Zarr folders and vendor formats are "
+            f"read from disk; valid: {', '.join(IMAGE_EXTENSIONS)}"
+        )
     decode = _decoder(name)
     if not data:
         raise ImageReadError(f"cannot decode image '{name}': file is empty (0 bytes)")
@@ -174,6 +197,11 @@ def describe_image(path: ImagePath) -> ImageAxes:
         ImageReadError: If the file cannot be read or its metadata cannot be parsed.
     """
     name = os.fspath(path)
+    other = _other_reader(name)
+    if other is omezarr.read_zarr_image:
+        return omezarr.describe_zarr_image(name)
+    if other is vendor.read_with_bioio:
+        return vendor.describe_with_bioio(name)
     decode = _decoder(name)
     data = _read_bytes(name)
     if decode is _decode_tiff:
@@ -181,6 +209,28 @@ def describe_image(path: ImagePath) -> ImageAxes:
     array, _ = decode(data, name, _NO_POLICY)
     source = os.path.splitext(name)[1].lstrip(".").upper().replace("JPG", "JPEG")
     return ImageAxes(name, source, "CYX", tuple(array.shape), str(array.dtype), declared=False)
+
+
+def image_exists(path: ImagePath) -> bool:
+    """Whether ``path`` is there to read: a file, or an OME-Zarr image folder."""
+    name = os.fspath(path)
+    if os.path.isfile(name):
+        return True
+    return _other_reader(name) is omezarr.read_zarr_image and os.path.isdir(name)
+
+
+def image_files(path: ImagePath) -> list[str]:
+    """The files an image's pixels come from: the file itself, or for an OME-Zarr image its
+    metadata and full-resolution chunks (see :func:`cellclass.data.omezarr.zarr_image_files`).
+
+    Raises:
+        MissingDependencyError: For an OME-Zarr image without the ``zarr`` extra.
+        ImageReadError: For an OME-Zarr folder that holds no image.
+    """
+    name = os.fspath(path)
+    if _other_reader(name) is omezarr.read_zarr_image and os.path.isdir(name):
+        return omezarr.zarr_image_files(name)
+    return [name]
 
 
 def read_channel_set(paths: Sequence[ImagePath], *, axes: AxesPolicy | None = None) -> np.ndarray:
@@ -372,6 +422,16 @@ class _ChannelFields:
         if key == "channel":
             return self.channel
         return self._fields[key]
+
+
+def _other_reader(name: str) -> Callable[[str, AxesPolicy], tuple[np.ndarray, tuple[str, ...]]] | None:
+    """The reader of a format that is not decoded from bytes (OME-Zarr, bioio), if ``name`` is one."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in _DECODERS:  # the fast path: no file system call
+        return None
+    if ext in vendor.VENDOR_EXTENSIONS:
+        return vendor.read_with_bioio
+    return omezarr.read_zarr_image if omezarr.is_zarr_path(name) else None
 
 
 def _decoder(name: str) -> Callable[[bytes, str, AxesPolicy], tuple[np.ndarray, tuple[str, ...]]]:

@@ -9,6 +9,8 @@ Each preset takes the dataset's folder and returns a :class:`DatasetSpec`:
 - ``rxrx1``: RxRx1 (``metadata.csv``; six PNGs per site).
 - ``folder``: one sub-folder per class.
 - ``csv``: a generic ``Image,Label`` manifest.
+- ``plate``: OME-Zarr high-content-screening plates, one row per field, labels from a
+  ``wells.csv`` keyed by well (see :mod:`cellclass.data.plate`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from cellclass.data.spec import (
     ControlSpec,
     DatasetSpec,
     DerivedColumn,
     ImageSpec,
+    PlateSpec,
     TaskSpec,
     spec_from_manifest,
 )
-from cellclass.errors import SpecError
+from cellclass.errors import ImageReadError, SpecError
 
 HPA_CLASSES: list[str] = [
     "Nucleoplasm", "Nuclear membrane", "Nucleoli", "Nucleoli fibrillar center",
@@ -150,12 +155,74 @@ def csv(root: str | Path, *, manifest: str | None = None, image_col: str = "Imag
     return spec
 
 
+def plate(root: str | Path, *, manifest: str = "wells.csv", per: str = "field") -> DatasetSpec:
+    """OME-Zarr plates: one row per field (``per="well"``: per well), labels by well.
+
+    ``root`` is a plate folder (``plate.zarr``) with the labels CSV beside it, or a folder
+    holding plate folders and the labels CSV. The CSV (``manifest``) has a ``well`` column
+    (``A1``, ``A01``, ``A/1``), optionally a ``plate`` column, and one label column per
+    task; every other column is a task. Groups: ``well`` (the default split group), then
+    ``plate``. Channel names come from each field's ``omero`` metadata.
+
+    Raises:
+        SpecError: When there is no plate, no labels CSV or no label column in it.
+        MissingDependencyError: When the ``zarr`` extra is not installed.
+    """
+    from cellclass.data.omezarr import describe_zarr_image, plate_fields
+    from cellclass.data.plate import PLATE_COLUMNS, find_plates
+
+    root = Path(root)
+    plates = find_plates(root)
+    _, first = plate_fields(plates[0], first_only=True)
+    try:
+        channels = list(describe_zarr_image(plates[0] / first[0].path).channel_names) if first else []
+    except ImageReadError:  # a missing or broken field is validate's to report, row by row
+        channels = []
+    base = root.parent if plates == [root] else root
+    labels = base / manifest
+    if not labels.is_file():
+        raise SpecError(
+            f"preset 'plate' needs a labels CSV {str(labels)!r} keyed by well (columns well, and a "
+            f"label column such as treatment); write one, or a spec with layout: plate"
+        )
+    try:
+        header = [str(c).strip() for c in pd.read_csv(labels, dtype=str, nrows=0).columns]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot parse labels CSV {str(labels)!r}: {exc}") from None
+    tasks = [c for c in header if c not in PLATE_COLUMNS]
+    if not tasks:
+        raise SpecError(
+            f"labels CSV {str(labels)!r} has no label column (columns: {', '.join(header)}); valid: "
+            f"well, optionally plate, and one column per label task"
+        )
+    return DatasetSpec(
+        name=_plates_name(plates),
+        preset="plate",
+        layout="plate",
+        manifest=manifest,
+        image=ImageSpec(column="image", root=Path(root.name).as_posix() if base != root else ".",
+                        channels=channels or None),
+        tasks=[TaskSpec(t, [t]) for t in tasks],
+        groups=["well", "plate"],
+        plate=PlateSpec(per=per),
+        base_dir=base,
+    )
+
+
+def _plates_name(plates: list[Path]) -> str:
+    """A dataset name for plates: the plate's name, or their folder's."""
+    from cellclass.data.plate import plate_name
+
+    return plate_name(plates[0]) if len(plates) == 1 else plates[0].resolve().parent.name
+
+
 PRESETS: dict[str, Callable[..., DatasetSpec]] = {
     "bps": bps,
     "hpa": hpa,
     "rxrx1": rxrx1,
     "folder": folder,
     "csv": csv,
+    "plate": plate,
 }
 
 

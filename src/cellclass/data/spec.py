@@ -291,6 +291,32 @@ class DerivedColumn:
 
 
 @dataclass
+class PlateSpec:
+    """How a ``layout: plate`` dataset lists its rows (see :mod:`cellclass.data.plate`).
+
+    Attributes:
+        plates: OME-Zarr plate folders relative to ``image.root``; None: ``image.root``
+            itself if it is a plate, else every plate folder in it.
+        per: ``field`` (one row per field of view) or ``well`` (one per well, its first
+            field).
+        well_column: The labels CSV's well column (``A1``, ``A01``, ``A/1``).
+        plate_column: The labels CSV's plate column, where it has one; without it its
+            rows apply to every plate.
+    """
+
+    plates: list[str] | None = None
+    per: str = "field"
+    well_column: str = "well"
+    plate_column: str = "plate"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.plates, str):
+            self.plates = [self.plates]
+        if self.per not in ("field", "well"):
+            raise SpecError(f"plate.per {self.per!r} is invalid; valid: field, well")
+
+
+@dataclass
 class ControlSpec:
     """Rows that form a negative control, such as BPS's sham-irradiated (0 Gy) cells."""
 
@@ -356,8 +382,10 @@ class DatasetSpec:
         image: How rows point to images.
         tasks: Label tasks, in order.
         groups: Group columns (after derivation) that splits keep on one side.
-        layout: ``csv`` (a manifest file) or ``folder`` (one sub-folder per class under
-            ``image.root``; the manifest is built by listing them).
+        layout: ``csv`` (a manifest file), ``folder`` (one sub-folder per class under
+            ``image.root``; the manifest is built by listing them) or ``plate`` (OME-Zarr
+            plates under ``image.root``, one row per field; ``manifest``, if given, is a CSV
+            of labels keyed by well; see :mod:`cellclass.data.plate`).
         derive: Columns computed from others by regex (plate, well from file names).
         split_column: Column holding a predefined split (``train``/``val``/``test``).
         drop_unlabeled: Drop rows whose labels are all empty instead of reporting them.
@@ -365,6 +393,7 @@ class DatasetSpec:
         where: Row filters (``"dose_Gy > 0"``), all of which a row must satisfy; the
             ``_row`` numbers still refer to the manifest.
         preset: Name of the preset that built this spec, if any.
+        plate: How a ``plate`` layout lists its rows (:class:`PlateSpec`).
         base_dir: Folder relative paths start from (the YAML file's folder). Not saved.
     """
 
@@ -380,12 +409,15 @@ class DatasetSpec:
     controls: list[ControlSpec] = field(default_factory=list)
     where: list[str] = field(default_factory=list)
     preset: str | None = None
+    plate: PlateSpec | None = None
     base_dir: Path = field(default_factory=Path.cwd)
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir)
-        if self.layout not in ("csv", "folder"):
-            raise SpecError(f"layout {self.layout!r} is invalid; valid: csv, folder")
+        if self.layout not in ("csv", "folder", "plate"):
+            raise SpecError(f"layout {self.layout!r} is invalid; valid: csv, folder, plate")
+        if isinstance(self.plate, Mapping):
+            self.plate = PlateSpec(**_checked("plate", self.plate, PlateSpec))
         if self.layout == "csv" and not self.manifest:
             raise SpecError("a csv-layout spec needs 'manifest' (path of the CSV)")
         if not self.tasks:
@@ -461,6 +493,8 @@ class DatasetSpec:
         """
         if self.layout == "folder":
             frame = self._scan_folder()
+        elif self.layout == "plate":
+            frame = self._scan_plates()
         else:
             path = self.manifest_path
             if not path.is_file():
@@ -491,6 +525,13 @@ class DatasetSpec:
             for col in t.columns:
                 mask |= frame[col].astype(str).str.strip().ne("").to_numpy()
         return mask
+
+    def _scan_plates(self) -> pd.DataFrame:
+        from cellclass.data.plate import plate_manifest
+
+        plate = self.plate or PlateSpec()
+        return plate_manifest(self.image_root, plates=plate.plates, labels=self.manifest_path, per=plate.per,
+                              well_column=plate.well_column, plate_column=plate.plate_column)
 
     def _scan_folder(self) -> pd.DataFrame:
         from cellclass.data.io import IMAGE_EXTENSIONS

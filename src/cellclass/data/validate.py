@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellclass.data.io import image_exists
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, TaskSpec
 from cellclass.errors import ImageReadError, LabelError
 
@@ -387,7 +388,7 @@ def _file_reasons(paths: list[Path], root: Path) -> list[str]:
     """What is wrong with a row's image file(s) before decoding: missing files, folders, broken links."""
     missing, folders, broken = [], [], []
     for path in paths:
-        if path.is_file():
+        if image_exists(path):  # a file, or an OME-Zarr image folder
             continue
         if path.is_dir():
             folders.append(_rel(path, root))
