@@ -227,6 +227,7 @@ def _grid_study(tmp_path: Path, bps_dir: Path) -> tuple[SweepJob, Any, Any]:
     return job, storage, study
 
 
+@pytest.mark.slow
 def test_a_dead_workers_trial_is_queued_again_with_its_parameters_and_folder(tmp_path: Path, bps_dir: Path) -> None:
     job, storage, study = _grid_study(tmp_path, bps_dir)
     trial, params, first_root = claim(study, storage, job)
