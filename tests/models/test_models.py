@@ -42,7 +42,6 @@ def _outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
 # --- registry ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_list_models_holds_cellclass_and_timm_names() -> None:
     names = list_models()
     assert names[:4] == ["lenet5", "logreg", "mlp", "svm"]
