@@ -40,6 +40,7 @@ def _faults(mode: str) -> list[int]:
     return [int(v) for v in done.stdout.split()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(allocator._libc() is None, reason="not glibc: the settings are no-ops here")
 def test_steady_allocator_stops_page_faults_per_step() -> None:
     plain = _faults("plain")

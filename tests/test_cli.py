@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs the cellclass console script in a new process
+
 
 def test_help_and_version(cli) -> None:
     result = cli("--help")

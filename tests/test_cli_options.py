@@ -134,6 +134,7 @@ def lenet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cv_takes_devices_strategy_precision_and_pretrained(bps_dir: Path, lenet_weights: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     common = ["cv", bps_dir, "--preset", "bps", "--task", "particle_type", "--model", "lenet5", "--epochs", "1",

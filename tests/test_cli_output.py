@@ -87,6 +87,7 @@ def test_inspect_json_and_csv(bps_dir: Path, capsys: pytest.CaptureFixture[str])
     assert stats[["dtype", "channels", "images"]].values.tolist() == [["uint16", 1, 20]]
 
 
+@pytest.mark.slow
 def test_compare_json_and_csv(bps_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train(bps(bps_dir), TINY_CONFIG, tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")

@@ -70,6 +70,7 @@ def test_evaluate_on_the_run_and_on_another_plate(plate_run: tuple[Path, Path], 
     assert predictions.image.tolist() == ["plate.zarr/A/1/0", "plate.zarr/A/2/0", "plate.zarr/A/3/0"]
 
 
+@pytest.mark.slow
 def test_cli_plate_errors_are_one_line(cli, tmp_path: Path) -> None:
     missing = cli("validate", tmp_path, "--preset", "plate")
     assert missing.returncode == 2

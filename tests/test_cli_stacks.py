@@ -15,6 +15,8 @@ from cellclass.data.axes import AxesPolicy
 from cellclass.serving.predictor import Predictor
 from cellclass.training.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # every test runs the cellclass console script in a new process
+
 
 def write_hyperstacks(folder: Path, n: int, seed: int) -> Path:
     """ImageJ Z x C hyperstacks (5 x 2 x 16 x 16 uint16); class b has one bright slice in channel 1."""

@@ -3,14 +3,12 @@
 glibc serves large allocations with their own ``mmap`` (above a threshold it adjusts as it
 goes) and trims the top of its heap when enough is free there, so a training loop that
 allocates and frees the same batch-sized buffers every step keeps asking the kernel for
-fresh pages: measured here, 1 to 4,500 page faults per LeNet-5 step, swinging with the
-allocator's state, and up to a third of the step's time. Two settings, both through
-``mallopt`` (and no-ops where the C library is not glibc):
+fresh pages, and a small network's step spends a large, varying part of its time in page
+faults. Two settings, both through ``mallopt`` (and no-ops where the C library is not glibc):
 
 - :func:`steady_allocator` (training): buffers up to 32 MB come from the heap and freed
-  memory stays in the process, so after the first steps a step faults no page in. LeNet-5
-  trained 1.2x faster, and streaming 77k BPS images through the loader 2.2x faster with a
-  lower, flat peak memory (docs/benchmarks.md).
+  memory stays in the process, so after the first steps a step faults no page in: faster
+  steps and a flat peak memory (figures in docs/benchmarks.md).
 - :func:`return_large_buffers` (loader worker processes): every allocation above 1 MB gets
   its own ``mmap``, returned when freed, which keeps a worker's footprint flat.
 """
@@ -70,7 +68,7 @@ def return_large_buffers(threshold_bytes: int = 1 << 20) -> bool:
     """Serve every allocation above ``threshold_bytes`` with its own ``mmap``; whether it could.
 
     glibc raises its mmap threshold after each large ``free``, so batch-sized buffers of
-    varying sizes end up on the heap, which fragments and keeps growing: a worker streaming
-    77k images of 200 x 200 grew from 0.4 to 1.5 GB. A fixed threshold keeps it flat.
+    varying sizes end up on the heap, which fragments and keeps growing over an epoch. A
+    fixed threshold keeps a worker's footprint flat.
     """
     return _mallopt(_M_MMAP_THRESHOLD, threshold_bytes)

@@ -150,6 +150,7 @@ prepare_cache(bps(sys.argv[1]), CacheSettings(32), chunk_rows=4, workers=1,
 """
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_process_leaves_no_half_valid_cache(data: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(data)])
     progress = None
@@ -218,6 +219,7 @@ def test_cache_location_argument_environment_and_defaults(data: Path, tmp_path: 
     assert len(spec.load_manifest()) == 4 and cache.images.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_training_builds_then_reads_the_cache(data: Path, tmp_path: Path) -> None:
     from cellclass.data.cache import CachedImages as Reader
     from cellclass.training.config import TrainConfig
@@ -268,6 +270,7 @@ def test_build_errors_name_the_row_and_what_is_valid(data: Path) -> None:
         prepare_cache(spec, CacheSettings(32))
 
 
+@pytest.mark.slow
 def test_prepare_command_builds_then_reuses(data: Path, cli) -> None:
     first = cli("prepare", data, "--preset", "bps", "--image-size", "32")
     assert first.returncode == 0, first.stderr

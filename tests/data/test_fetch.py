@@ -27,7 +27,7 @@ PREFIX = "Microscopy/train"
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """URL of a moto S3 server started for this session on a free loopback port."""
+    """URL of a moto S3 server started for the test session on a free loopback port."""
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.is_file():
         pytest.skip(f"moto_server not found beside {sys.executable}; install the dev extra (moto[server])")
@@ -82,6 +82,7 @@ def _meta(bps_dir: Path) -> pd.DataFrame:
     return pd.read_csv(bps_dir / "meta.csv", dtype=str, keep_default_na=False)
 
 
+@pytest.mark.slow
 def test_fetch_with_filters_writes_checked_files_and_a_valid_spec(s3_endpoint: str, bucket: str, bps_dir: Path,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "bps"
@@ -104,6 +105,7 @@ def test_fetch_with_filters_writes_checked_files_and_a_valid_spec(s3_endpoint: s
     assert not list(out.glob(".*part*"))
 
 
+@pytest.mark.slow
 def test_an_interrupted_fetch_resumes_without_downloading_finished_files(s3_endpoint: str, bucket: str,
                                                                          tmp_path: Path) -> None:
     out = tmp_path / "bps"
@@ -126,6 +128,7 @@ def test_an_interrupted_fetch_resumes_without_downloading_finished_files(s3_endp
     assert again.downloaded == 0 and again.skipped == 68
 
 
+@pytest.mark.slow
 def test_a_corrupt_object_is_reported_and_not_kept(s3_endpoint: str, bucket: str, bps_dir: Path,
                                                    tmp_path: Path) -> None:
     names = select_bps_rows(_meta(bps_dir), limit=12).filename.tolist()
@@ -194,6 +197,7 @@ def test_selection_limits_spread_over_conditions(bps_dir: Path) -> None:
         select_bps_rows(meta, limit=0)
 
 
+@pytest.mark.slow
 def test_fetch_errors_say_what_to_check(s3_endpoint: str, bucket: str, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match=r"cannot download s3://no-such-bucket-x/Microscopy/train/meta.csv: "
                                          r"bucket 'no-such-bucket-x' does not exist; check --endpoint-url"):
@@ -209,6 +213,7 @@ def test_fetch_errors_say_what_to_check(s3_endpoint: str, bucket: str, tmp_path:
         fetch_bps(tmp_path / "d", retries=-1)
 
 
+@pytest.mark.slow
 def test_unsigned_client_reads_the_public_bucket(s3_endpoint: str, bucket: str) -> None:
     from botocore import UNSIGNED
 
@@ -218,6 +223,7 @@ def test_unsigned_client_reads_the_public_bucket(s3_endpoint: str, bucket: str) 
     assert [k["Key"] for k in keys] == [f"{PREFIX}/meta.csv"]
 
 
+@pytest.mark.slow
 def test_fetch_command_downloads_and_reports(s3_endpoint: str, bucket: str, tmp_path: Path, cli) -> None:
     out = tmp_path / "bps"
     done = cli("fetch", "bps", out, "--endpoint-url", s3_endpoint, "--bucket", bucket, "--hours", "4",

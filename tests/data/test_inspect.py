@@ -21,6 +21,7 @@ def test_association_measures_on_known_tables() -> None:
     assert cramers_v(np.array([[25, 25], [25, 25]])) == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_simulated_bps_full_inspection(bps_dir: Path, tmp_path: Path) -> None:
     report = inspect_dataset(bps(bps_dir), tmp_path / "out", max_images=50, samples_per_class=4)
     assert not report.metadata_only and report.images_checked == 50
@@ -36,6 +37,7 @@ def test_simulated_bps_full_inspection(bps_dir: Path, tmp_path: Path) -> None:
     assert data["n_rows"] == report.n_rows
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_real_bps_metadata_flags_the_plate_confound(shared_data: Path, tmp_path: Path) -> None:
     report = inspect_dataset(bps(shared_data / "bps_metadata"), tmp_path)

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from cellclass.data.presets import bps
 from cellclass.evaluation.crossval import cross_validate
 from cellclass.training.config import TrainConfig
 
 
+@pytest.mark.slow
 def test_group_kfold_covers_every_row_once_and_resumes(bps_dir: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(model="logreg", tasks=["particle_type"], image_size=16, workers=2, tta=False)
     summary = cross_validate(bps(bps_dir), cfg, tmp_path / "cv", n_folds=3)

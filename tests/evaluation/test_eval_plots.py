@@ -59,6 +59,7 @@ def test_learning_curves_from_dataframe_overwrites(tmp_path: Path) -> None:
     assert_png(plot_learning_curves(df, out))
 
 
+@pytest.mark.slow
 def test_confusion_matrix_with_many_classes(tmp_path: Path, single_task) -> None:
     y, p, classes = single_task
     cm = single_label_metrics(y, p, classes)["confusion_matrix"]
@@ -106,6 +107,7 @@ def test_comparison_with_and_without_ci(tmp_path: Path) -> None:
     assert_png(plot_comparison(bare, "accuracy", tmp_path / "cmp_bare.png"))
 
 
+@pytest.mark.slow
 def test_plots_from_threads(tmp_path: Path, single_task) -> None:
     y, p, classes = single_task
     cm = single_label_metrics(y, p, classes)["confusion_matrix"]

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from serve_helpers import Server, npy_bytes, tiff_bytes
 
+pytestmark = pytest.mark.slow  # every test trains its run through the CLI or starts `cellclass serve` (a real process)
+
 
 def png_bomb(side: int = 50000) -> bytes:
     """A PNG of a few hundred bytes whose header declares side x side pixels."""

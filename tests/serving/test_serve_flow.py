@@ -14,6 +14,8 @@ import pytest
 import yaml
 from serve_helpers import Server, make_key, npy_bytes, run_cellclass
 
+pytestmark = pytest.mark.slow  # every test trains its run through the CLI or starts `cellclass serve` (a real process)
+
 
 def test_accepted_contributions_export_and_train(server: Server, keys: dict[str, str], bps_images,
                                                  tmp_path: Path) -> None:

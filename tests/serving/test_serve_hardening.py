@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from serve_helpers import Server, make_key, npy_bytes
 
+pytestmark = pytest.mark.slow  # every test trains its run through the CLI or starts `cellclass serve` (a real process)
+
 FE = json.dumps({"particle_type": "Fe"})
 
 
@@ -220,7 +222,6 @@ def _stopped(server: Server) -> Iterator[None]:
         server.stop()
 
 
-@pytest.mark.slow
 def test_after_kill_9_in_a_burst_a_restart_keeps_every_accepted_one_and_removes_leftovers(
         served_run: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"

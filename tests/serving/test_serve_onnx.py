@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from serve_helpers import Server, run_cellclass
 
+pytestmark = pytest.mark.slow  # every test trains its run through the CLI or starts `cellclass serve` (a real process)
+
 
 @pytest.fixture(scope="module")
 def onnx_file(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -21,6 +21,8 @@ from cellclass.serving.database import Database
 from cellclass.serving.files import LocalFileStore
 from cellclass.serving.keys import KeyStore
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server and `cellclass serve`, each a real process
+
 
 def _pg_bin() -> Path | None:
     found = shutil.which("pg_ctl")

@@ -11,6 +11,8 @@ import pytest
 import tifffile
 from serve_helpers import Server, run_cellclass
 
+pytestmark = pytest.mark.slow  # every test trains its run through the CLI or starts `cellclass serve` (a real process)
+
 
 def _hyperstack(rng: np.random.Generator, bright: bool) -> np.ndarray:
     stack = rng.integers(100, 200, (5, 2, 16, 16)).astype(np.uint16)

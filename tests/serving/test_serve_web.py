@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from serve_helpers import Server
 
+pytestmark = pytest.mark.slow  # a real `cellclass serve` and a real browser
+
 CHROMIUM = Path("/usr/bin/chromium")
 # The flags this machine's Chromium needs: no sandbox as root, no GPU, and no background
 # connections (refused on a closed network).

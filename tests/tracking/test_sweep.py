@@ -67,6 +67,7 @@ def root(trial: Any) -> int:
     return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
+@pytest.mark.slow
 def test_wandb_grid_two_workers_killed_and_rerun_every_trial_once_in_mlflow(bps_dir: Path, tmp_path: Path,
                                                                             mlflow_store) -> None:
     """The must-show sweep: a W&B-format file, unchanged; 2 worker processes sharing one SQLite
@@ -176,6 +177,7 @@ def test_wandb_grid_two_workers_killed_and_rerun_every_trial_once_in_mlflow(bps_
     assert "Best trial" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_refuses_a_training_loss_objective(cli, bps_dir: Path, tmp_path: Path) -> None:
     sweep_file = tmp_path / "seed.yaml"
     sweep_file.write_text(WANDB_GRID.replace("val/macro_f1", "train_loss").replace("maximize", "minimize"))
@@ -187,6 +189,7 @@ def test_refuses_a_training_loss_objective(cli, bps_dir: Path, tmp_path: Path) -
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_one_trial_report_untracked_and_the_study_remembers_its_search(bps_dir: Path, tmp_path: Path) -> None:
     space = SweepSpace.from_dict({"method": "random", "metric": "val/macro_f1",
                                   "parameters": {"lr": {"min": 0.001, "max": 0.01}}})
@@ -224,6 +227,7 @@ def _grid_study(tmp_path: Path, bps_dir: Path) -> tuple[SweepJob, Any, Any]:
     return job, storage, study
 
 
+@pytest.mark.slow
 def test_a_dead_workers_trial_is_queued_again_with_its_parameters_and_folder(tmp_path: Path, bps_dir: Path) -> None:
     job, storage, study = _grid_study(tmp_path, bps_dir)
     trial, params, first_root = claim(study, storage, job)
@@ -341,8 +345,9 @@ parameters:
 """
 
 
+@pytest.mark.slow
 def test_small_set_trains_and_a_failed_workers_trial_is_reported_in_one_line(tmp_path: Path) -> None:
-    """The issue's sweep: 160 simulated nuclei (94 training images), --epochs 1 --image-size 64,
+    """A sweep on a small set: 160 simulated nuclei (94 training images), --epochs 1 --image-size 64,
     batches of 16: 5 optimizer steps, which one-cycle cannot warm up in (torch divided by zero).
     Trial 2's run folder is blocked by a file, a real error that no setting explains: its
     worker stops, and the sweep names the trial and the error in one line."""

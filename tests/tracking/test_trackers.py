@@ -62,6 +62,7 @@ def test_artifacts_leave_out_training_state_and_stores(tmp_path: Path) -> None:
     assert kept == {"config.yaml", "checkpoints/best.ckpt", "plots/a.png"}
 
 
+@pytest.mark.slow
 def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(bps_dir: Path, tmp_path: Path, mlflow_store) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -131,6 +132,7 @@ def test_wandb_goes_offline_without_an_api_key(monkeypatch: pytest.MonkeyPatch, 
     assert WandbTracker.mode() == "online"
 
 
+@pytest.mark.slow
 def test_no_tracker_writes_nothing(bps_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "runs" / "lenet"
     with make_tracker("none", root=run.parent) as tracker:
@@ -203,6 +205,7 @@ def invoke():
     return run
 
 
+@pytest.mark.slow
 def test_cli_train_tracks_in_mlflow_beside_the_run_folder(invoke, bps_dir: Path, tmp_path: Path,
                                                            mlflow_store) -> None:
     from mlflow.tracking import MlflowClient
@@ -228,6 +231,7 @@ def test_cli_train_tracks_in_mlflow_beside_the_run_folder(invoke, bps_dir: Path,
     assert not (quiet / "tracking.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_unknown_tracker(cli, bps_dir: Path, tmp_path: Path) -> None:
     bad = cli("train", bps_dir, "--preset", "bps", "--tracker", "neptune", "--out", tmp_path / "x")
     assert bad.returncode == 2 and "tracker 'neptune' is unknown; valid: mlflow, wandb, none" in bad.stderr

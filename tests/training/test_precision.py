@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,22 +16,81 @@ from cellclass.training import loop
 from cellclass.training.config import TrainConfig
 
 
-@pytest.mark.parametrize(("native", "expected"), [(True, "bf16-mixed"), (False, "32-true")])
-def test_auto_precision_on_a_cpu_follows_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool,
-                                                     expected: str) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+@pytest.mark.parametrize(("cuda", "accelerator", "native", "expected"), [
+    (False, "auto", True, "bf16-mixed"),
+    (False, "auto", False, "32-true"),
+    (True, "auto", False, "bf16-mixed"),  # a GPU runs bf16 natively whatever the CPU
+    (True, "cpu", False, "32-true"),  # told to train on the CPU: the CPU decides
+    (True, "cpu", True, "bf16-mixed"),
+])
+def test_auto_precision_follows_where_bf16_is_native(monkeypatch: pytest.MonkeyPatch, cuda: bool, accelerator: str,
+                                                     native: bool, expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
-    assert loop.resolve_precision(TrainConfig(precision="auto")) == expected
+    assert loop.resolve_precision(TrainConfig(precision="auto", accelerator=accelerator)) == expected
     assert loop.resolve_precision(TrainConfig(precision="32-true")) == "32-true"  # explicit: kept
     assert loop.resolve_precision(TrainConfig(precision="bf16-mixed")) == "bf16-mixed"
 
 
-def test_cpu_flags_are_read_from_cpuinfo() -> None:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    assert loop.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+# Excerpts of /proc/cpuinfo as Linux writes them on these processors, with what each has.
+_SAPPHIRE_RAPIDS = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+                    "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8\n\n")
+_ZEN4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n"
+         "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n\n")
+_SKYLAKE = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz\n"
+            "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n\n")
+_ZEN3 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7763 64-Core Processor\n"
+         "flags\t\t: fpu sse2 avx2 fma bmi2\nbugs\t\t: sysret_ss_attrs spectre_v1 spectre_v2\n\n")
+_AARCH64 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n\n"
 
 
+@pytest.mark.parametrize(("cpuinfo", "native"), [
+    (_SAPPHIRE_RAPIDS, True),  # AMX and AVX-512 BF16
+    (_ZEN4, True),  # AVX-512 BF16 without AMX
+    (_SAPPHIRE_RAPIDS.replace(" avx512_bf16", ""), True),  # AMX alone is enough
+    (_SKYLAKE, False),  # AVX-512 without its BF16 extension: bfloat16 is emulated
+    (_ZEN3, False),  # no AVX-512 at all
+    (_ZEN4 + _SKYLAKE.replace("processor\t: 0", "processor\t: 1"), True),  # the first processor's flags
+    (_AARCH64, False),  # only x86 flags are read
+    ("", False),
+], ids=["sapphire-rapids", "zen4", "amx-only", "skylake", "zen3", "two-processors", "aarch64", "empty"])
+@pytest.mark.usefixtures("fresh_flag_reader")
+def test_native_bf16_is_read_from_the_cpuinfo_flags(monkeypatch: pytest.MonkeyPatch, cpuinfo: str,
+                                                    native: bool) -> None:
+    opened = []
+
+    def fake_open(path: str, *args: object, **kwargs: object) -> io.StringIO:
+        opened.append(path)
+        return io.StringIO(cpuinfo)
+
+    _cpuinfo_reads(monkeypatch, fake_open)
+    assert loop.cpu_has_native_bf16() is native
+    assert opened == ["/proc/cpuinfo"]
+
+
+@pytest.mark.usefixtures("fresh_flag_reader")
+def test_native_bf16_is_false_without_cpuinfo(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(path: str, *args: object, **kwargs: object) -> io.StringIO:
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    _cpuinfo_reads(monkeypatch, missing)
+    assert loop.cpu_has_native_bf16() is False
+
+
+@pytest.fixture
+def fresh_flag_reader() -> Iterator[None]:
+    """The flag reader's cached answer dropped before and after the test (others see this machine's)."""
+    loop.cpu_has_native_bf16.cache_clear()
+    yield
+    loop.cpu_has_native_bf16.cache_clear()
+
+
+def _cpuinfo_reads(monkeypatch: pytest.MonkeyPatch, fake_open: Callable[..., io.StringIO]) -> None:
+    """Make the flag reader's module call ``fake_open`` where it opens ``/proc/cpuinfo``."""
+    monkeypatch.setattr(sys.modules[loop.cpu_has_native_bf16.__module__], "open", fake_open, raising=False)
+
+
+@pytest.mark.slow
 def test_the_run_records_the_precision_it_used(bps_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
     cfg = TrainConfig(model="lenet5", image_size=32, epochs=1, tasks=["particle_type"], tta=False)
@@ -37,6 +99,7 @@ def test_the_run_records_the_precision_it_used(bps_dir: Path, tmp_path: Path, mo
     assert recorded["train"]["precision"] == "auto" and recorded["runtime"]["precision"] == "32-true"
 
 
+@pytest.mark.slow
 def test_images_normalized_once_train_as_per_batch(bps_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # Within loader_memory_mb the loop normalizes every image once; with a bound below the

@@ -24,7 +24,7 @@ FAST = {"model": "lenet5", "tasks": ["particle_type"], "image_size": 64, "epochs
 
 @pytest.fixture(scope="module")
 def bps160(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The issue's set: 160 simulated BPS nuclei (94 training images in the plate split)."""
+    """A small set: 160 simulated BPS nuclei (94 training images in the plate split)."""
     from cellclass.data.simulate import simulate_bps
 
     out = tmp_path_factory.mktemp("bps160")
@@ -94,6 +94,7 @@ def test_auto_batch_size_on_the_real_sets(shared_data: Path) -> None:
     assert mito > 1900 and auto_batch_size(mito) == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("batch_size", "steps"), [(64, 1), (47, 2), (16, 5)])
 def test_a_run_of_few_steps_trains_on_a_schedule_that_fits(bps160: Path, tmp_path: Path, batch_size: int,
                                                            steps: int, caplog: pytest.LogCaptureFixture) -> None:
@@ -117,6 +118,7 @@ def test_enough_steps_keep_one_cycle(bps160: Path) -> None:
     assert (plan.total_steps, plan.schedule, plan.schedule_note) == (10, "onecycle", None)
 
 
+@pytest.mark.slow
 def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "auto"
     tracker = RecordingTracker()
@@ -131,6 +133,7 @@ def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path
     assert tracker.params["schedule_used"] == "onecycle" and tracker.params["steps_per_epoch"] == 11
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_the_run(bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(bps(bps160), TrainConfig(**FAST), out)  # auto: batch 8, 11 steps
@@ -147,6 +150,7 @@ def test_resume_with_more_epochs_extends_the_run(bps160: Path, tmp_path: Path) -
     assert lr[1] > lr[0] and lr[1] > lr[2]  # the rate rose again for the longer cycle, then fell
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_naming_each(bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(bps(bps160), TrainConfig(**{**FAST, "epochs": 2}), out)  # batch size auto: 8
@@ -163,6 +167,7 @@ def test_resume_refuses_changed_settings_naming_each(bps160: Path, tmp_path: Pat
     assert again["epochs_run"] == 2 and again["batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_cli_resume_applies_more_epochs_and_refuses_other_changes(cli, bps160: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     common = ["train", bps160, "--preset", "bps", "--task", "particle_type", "--model", "lenet5",

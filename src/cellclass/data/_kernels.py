@@ -5,14 +5,15 @@ rows straight from the source array (the normalized training images), crops and 
 them bilinearly, applies the sample's D4 element and intensity jitter, and writes the
 result once (the batch is read once and written once), where the same work as torch
 operations passes over the batch a dozen times (gathers of both taps, blends, transposes,
-the offset): on a small network that showed in the training throughput
-(``benchmarks/train_step.py``, docs/benchmarks.md). The values are those of ``augment._resample`` (same taps, same float32
-weights, same order of operations), which stays the path for other devices and dtypes; the
-crop boxes and jitter factors come from the same functions as there
-(``augment._box_from_uniforms``, ``augment._jitter_from_uniforms``), compiled here.
+the offset): on a small network that shows in the training throughput
+(``benchmarks/train_step.py``, figures in docs/benchmarks.md). The values are those of
+``augment._resample`` (same taps, same float32 weights, same order of operations), which
+stays the path for other devices and dtypes; the crop boxes and jitter factors come from
+the same functions as there (``augment._box_from_uniforms``,
+``augment._jitter_from_uniforms``), compiled here.
 
-Compiled on first use and cached beside this file (numba ``cache=True``), so a process
-after the first loads it in milliseconds.
+Compiled on first use and cached beside this file (numba ``cache=True``), so later
+processes load it without compiling.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ preprocessing once (decoding, channel selection, fitting to ``size x size``) and
 the result as one ``.npy`` array ``(N, C, S, S)`` plus an index. Training, evaluation and
 cross-validation then read batches from it (:class:`CachedImages`) instead of decoding
 files: reading a cached image costs about a memory copy, decoding a TIFF or a set of
-PNGs costs ten to a thousand times more (``benchmarks/data_path.py``).
+PNGs costs far more (``benchmarks/data_path.py``, figures in docs/benchmarks.md).
 
 **Dtype.** With ``dtype="keep"`` (the default) an integer image stays in its dtype: a
 uint16 BPS nucleus is stored as uint16, resized in float32 and rounded back (at most half

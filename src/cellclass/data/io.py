@@ -13,8 +13,8 @@ Supported files (see :data:`IMAGE_EXTENSIONS`):
   channels, in the declared order; Z, T and several series (positions) are handled as an
   :class:`~cellclass.data.axes.AxesPolicy` says, and refused without one
   (:class:`~cellclass.errors.StackError`); a pyramid is read at full resolution. Other
-  files are decoded by libtiff through ``imagecodecs.tiff_decode`` (about 10x faster than
-  tifffile on small images), falling back to ``tifffile`` where libtiff cannot decode the
+  files are decoded by libtiff through ``imagecodecs.tiff_decode`` (faster than tifffile
+  on small images), falling back to ``tifffile`` where libtiff cannot decode the
   file or would drop pages: a single 2-D page gives ``C = 1``, the pages of a multi-page
   file that declares no axes are its channels, the samples of an RGB page (interleaved
   or planar) are its channels. The file's structure is checked before decoding, so a

@@ -49,8 +49,7 @@ def default_workers(images: Any, devices: int = 1) -> int:
     None (0) for an in-memory array: reading it costs nothing, workers would only add
     start-up time. For a cache, a quarter of the cores per training process, at most
     four: none below four cores, where a worker could only run by preempting the
-    training threads (measured on 2 cores: LeNet-5 trained at 0.51-0.59 of a bare loop
-    with one worker, 0.74 with batches made in-line).
+    training threads, which slows training more than making the batches in-line.
     """
     if isinstance(getattr(images, "images", images), np.ndarray):
         return 0
@@ -112,9 +111,9 @@ def _bound_mapped_pages(images: Any, max_memory_mb: float) -> None:
     """Keep a prepared cache that fits in ``max_memory_mb`` mapped; release the others after each read.
 
     Releasing a cache's pages after every read bounds resident memory whatever its size,
-    but each read then faults its pages in again (measured: 0.46 ms of a 14 ms LeNet-5
-    step at 64 px). A cache no larger than the memory bound cannot map more than the
-    bound, so it stays mapped.
+    but each read then faults its pages in again, a visible part of a small network's
+    step. A cache no larger than the memory bound cannot map more than the bound, so it
+    stays mapped.
     """
     from cellclass.data.cache import CachedImages
 

@@ -292,7 +292,7 @@ def _render_bps(
 
     # Camera: shot noise and read noise (in electrons), gain, offset. Shot noise is drawn
     # in its Gaussian form N(n, n): every pixel holds over 100 electrons, where that is
-    # accurate, and it is three times faster than a Poisson draw.
+    # accurate, and cheaper to draw than a Poisson variate.
     noise = rng.standard_normal((height, width))
     noise *= np.sqrt(photons + _READ_NOISE_E**2)
     photons += noise

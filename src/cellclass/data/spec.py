@@ -252,7 +252,7 @@ class ImageSpec:
                 )
             series = int(value)
         select = self.channels_select if self.pattern is None else None
-        # Built once per setting, not once per image read: the fast path reads ~30k images/s.
+        # Built once per setting, not once per image read: building it would dominate a fast read.
         key = (self.z, self.t, series, tuple(select or ()), tuple(self.channels or ()))
         cached = self.__dict__.get("_policy")
         if cached is None or cached[0] != key:

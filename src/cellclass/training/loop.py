@@ -374,10 +374,9 @@ def resolve_precision(config: TrainConfig) -> str:
     """The Fabric precision a network trains in: ``config.precision``, or for ``auto``:
 
     ``bf16-mixed`` on a GPU, and on a CPU with native bfloat16 instructions (``avx512_bf16``
-    or ``amx_bf16``), where bf16 autocast with channels-last trains LeNet-5 1.2-2.0x and
-    ResNet18 1.5-2.3x faster than float32 at the same test accuracy
-    (``benchmarks/train_step.py``, docs/benchmarks.md); ``32-true`` on other CPUs, which
-    would only emulate bfloat16.
+    or ``amx_bf16``), where it trains faster than float32 at the same test accuracy
+    (``benchmarks/train_step.py``, figures in docs/benchmarks.md); ``32-true`` on other
+    CPUs, which would only emulate bfloat16.
     """
     if config.precision != "auto":
         return config.precision
@@ -635,9 +634,8 @@ def _optimizer(model: Any, config: TrainConfig, device: Any = None) -> Any:
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
-    # The fused kernel makes the same update in one pass over all parameters, in a
-    # quarter of the time of the per-tensor loop torch uses by default on a CPU (LeNet-5:
-    # 0.15 vs 0.6 ms a step): several percent of a small network's step.
+    # The fused kernel makes the same update in one pass over all parameters instead of
+    # torch's default per-tensor loop on a CPU, which shows in a small network's step.
     where = {torch.device(device).type} if device is not None else {p.device.type for p in decay + no_decay}
     fused = where <= {"cpu", "cuda"} and all(p.is_floating_point() for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
