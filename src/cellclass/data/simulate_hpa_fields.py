@@ -10,7 +10,7 @@ instance masks of the cells and of their nuclei, and every cell's labels, so tha
 segmentation, crops and a cell-level model aggregated to the field can all be scored.
 
 Cells sit on a jittered grid at confluence (neighbours touch and are split where they
-meet), about 60 to 90 pixels across, so a 512 x 512 field holds 20 to 45 of them. The
+meet), about 60 to 90 pixels across, so a 512 x 512 field holds about 20 to 45 of them. The
 per-cell look (channels, label patterns, co-occurring label sets, camera noise) is the
 one of :func:`cellclass.data.simulate.simulate_hpa`, drawn from its helpers.
 Deterministic by seed, whatever the number of worker processes.
