@@ -371,6 +371,8 @@ def test_make_crops_errors(dataset: DatasetSpec, tmp_path: Path) -> None:
         make_crops(dataset, tmp_path / "nowhere", tmp_path / "out", 16)
     with pytest.raises(CropError, match="masks must be a folder or a segmentation backend; got int"):
         make_crops(dataset, 3, tmp_path / "out", 16)
+    with pytest.raises(CropError, match="write_masks=True writes the masks a backend makes"):
+        make_crops(dataset, masks, tmp_path / "out", 16, write_masks=True)
     with pytest.raises(CropError, match="workers must be an integer >= 1; got 0"):
         make_crops(dataset, masks, tmp_path / "out", 16, workers=0)
     with pytest.raises(CropError, match="has no field to cut"):

@@ -613,7 +613,8 @@ def make_crops(
 
     Raises:
         CropError: On a setting out of range, no rows, two fields of one key, a manifest
-            column named like an added one, a missing or unfit mask file.
+            column named like an added one, a missing or unfit mask file, or
+            ``write_masks`` with a mask folder.
         ImageReadError: When a field cannot be read; the message names its row.
         OutputPathError: When ``cells.csv`` would replace the dataset's own manifest.
     """
@@ -626,6 +627,9 @@ def make_crops(
         if not folder.is_dir():
             raise CropError(f"mask folder {str(folder)!r} does not exist; valid: the output folder of "
                             f"`cellclass segment` (holding masks/), or a segmentation backend")
+        if write_masks:
+            raise CropError(f"write_masks=True writes the masks a backend makes, but the masks come from the folder "
+                            f"{str(folder)!r}; valid: write_masks=False with a mask folder")
         cutter = _CellCutter(settings, masks_dir=folder)
     else:
         raise CropError(f"masks must be a folder or a segmentation backend; got {type(masks).__name__}")
