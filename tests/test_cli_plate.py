@@ -13,9 +13,8 @@ pytest.importorskip("ome_zarr")
 
 
 @pytest.fixture(scope="module")
-def plate_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from conftest import run_cli
-
+def plate_run(tmp_path_factory: pytest.TempPathFactory, cli) -> tuple[Path, Path]:
+    run_cli = cli
     data = tmp_path_factory.mktemp("screen")
     made = run_cli("simulate", "plate", data, "--rows", "6", "--cols", "6", "--fields", "2", "--image-size", "32")
     assert made.returncode == 0, made.stdout + made.stderr
@@ -53,9 +52,8 @@ def test_training_keeps_every_well_on_one_side(plate_run: tuple[Path, Path]) -> 
 
 
 @pytest.mark.slow
-def test_evaluate_on_the_run_and_on_another_plate(plate_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from conftest import run_cli
-
+def test_evaluate_on_the_run_and_on_another_plate(plate_run: tuple[Path, Path], tmp_path: Path, cli) -> None:
+    run_cli = cli
     _, run = plate_run
     again = run_cli("evaluate", run, "--out", tmp_path / "eval")
     assert again.returncode == 0, again.stdout + again.stderr
