@@ -147,7 +147,7 @@ def crops(
         "--masks", help="The output folder of `cellclass segment` (masks/<field key>.tif per field; its masks/ "
                         "folder itself is taken too).", show_default=False)] = None,
     size: Annotated[int | None, typer.Option(
-        "--size", min=1, help="Side of the square crops, centred on each object  [default: 64]",
+        "--size", min=1, help="Side of the square crops, centred on each object (default: 64).",
         show_default=False)] = None,
     mask_neighbours: Annotated[bool, typer.Option(
         "--mask-neighbours", help="Set the pixels of other objects in a crop to 0.")] = False,
