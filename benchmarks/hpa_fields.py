@@ -20,7 +20,7 @@ both are scored the same way: per-class thresholds tuned for F1 on the validatio
 then field-level macro F1 on the test fields (over the classes present or predicted).
 ``ratio`` is a cell model's test macro F1 over the field model's.
 
-    python benchmarks/hpa_fields.py            # 300 fields of 512 x 512, 15 epochs: ~10 min on 2 cores
+    python benchmarks/hpa_fields.py            # 200 fields of 512 x 512, 10 epochs: ~10 min on 2 cores
     python benchmarks/hpa_fields.py --quick    # 24 fields of 256 x 256, 2 epochs: a smoke run, not a figure
 """
 
@@ -118,9 +118,9 @@ def segmentation_score(fields: Path, seg: Path, ids: list[str]) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="24 fields of 256 x 256, 2 epochs (a smoke run)")
-    parser.add_argument("--fields", type=int, help="number of fields (default 300; quick 24)")
+    parser.add_argument("--fields", type=int, help="number of fields (default 200; quick 24)")
     parser.add_argument("--size", type=int, help="field side in pixels (default 512; quick 256)")
-    parser.add_argument("--epochs", type=int, help="epochs of each model (default 15; quick 2)")
+    parser.add_argument("--epochs", type=int, help="epochs of each model (default 10; quick 2)")
     parser.add_argument("--field-size", type=int, default=256, help="side the field model sees (default 256)")
     parser.add_argument("--model", default="lenet5", help="network of both models (default lenet5)")
     parser.add_argument("--true-masks", action="store_true", help="crop around the true cells, not segmented ones")
@@ -130,9 +130,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     logging.getLogger("cellclass.evaluation.thresholds").setLevel(logging.WARNING)  # classes the fields never show
-    n = args.fields or (24 if args.quick else 300)
+    n = args.fields or (24 if args.quick else 200)
     size = args.size or (256 if args.quick else 512)
-    epochs = args.epochs or (2 if args.quick else 15)
+    epochs = args.epochs or (2 if args.quick else 10)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cellclass-hpa-fields-"))
     if args.workdir is not None and any(work.iterdir() if work.is_dir() else []):
         sys.exit(f"--workdir {work} is not empty; give a new or empty folder")
