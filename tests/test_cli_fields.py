@@ -95,6 +95,7 @@ def test_missing_cellpose_weights_name_the_file(small_fields: Path, tmp_path: Pa
     (["--membrane"], "--membrane shapes the cells grown on --cell-channel, which was not given"),
     (["--weights", "w.pt"], "--weights is given but --backend skimage takes none"),
     (["--diameter", "20"], "--diameter applies to --backend cellpose, not skimage"),
+    (["--masks", "../masks/{stem}.tif", "--nucleus-channel", "2"], "--masks reads the masks you have as they are"),
 ])
 def test_segment_option_mistakes(args: list[str], fragment: str, small_fields: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -98,6 +98,9 @@ def segment(
         given = "--membrane" if membrane else "--max-distance"
         raise SegmentationError(f"{given} shapes the cells grown on --cell-channel, which was not given; valid: "
                                 f"--cell-channel CHANNEL with it")
+    if name == "masks" and nucleus_channel is not None:
+        raise SegmentationError("--nucleus-channel chooses the channel a backend segments; --masks reads the masks "
+                                "you have as they are; valid: --masks PATTERN without --nucleus-channel")
     ds = dataset.to_spec(spec)
     ds.load_manifest()  # a bad manifest fails before a model is loaded
     nucleus = resolve_channel(ds, nucleus_channel, "--nucleus-channel")
