@@ -24,7 +24,7 @@ from cellclass.training.config import TrainConfig
 from cellclass.training.loop import train
 
 TAKERS = {
-    DatasetOptions: {"validate", "inspect", "prepare", "train", "evaluate", "cv", "sweep"},
+    DatasetOptions: {"validate", "inspect", "prepare", "segment", "crops", "train", "evaluate", "cv", "sweep"},
     TrainOptions: {"train", "cv", "sweep"},
     TrackerOptions: {"train", "cv", "sweep"},
 }
