@@ -20,15 +20,8 @@ import yaml
 from cellclass.data.presets import bps
 from cellclass.errors import SweepError
 from cellclass.tracking.space import SweepSpace
-from cellclass.tracking.sweep import (
-    SweepJob,
-    claim,
-    live_trials,
-    load_study,
-    open_storage,
-    open_study,
-    run_sweep,
-)
+from cellclass.tracking.study import live_trials, open_storage, open_study
+from cellclass.tracking.sweep import SweepJob, claim, load_study, run_sweep
 from cellclass.training.config import TrainConfig
 
 FAST = ["--image-size", "32", "--set", "tta=false", "--set", "workers=1", "--set", "channels_last=false"]
@@ -286,7 +279,7 @@ def test_worker_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None
 def test_database_row_lock_runs(tmp_path: Path) -> None:
     """The lock workers on several machines share (a row held FOR UPDATE; SQLite ignores the
     clause, PostgreSQL and MySQL honour it): created once, taken and released repeatedly."""
-    from cellclass.tracking.sweep import StudyLock
+    from cellclass.tracking.study import StudyLock
 
     lock = StudyLock(f"sqlite:///{tmp_path / 'shared.db'}", "study")
     for _ in range(2):

@@ -27,6 +27,7 @@ import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from cellclass.tracking.space import SweepSpace
+from cellclass.tracking.study import live_trials
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ def write_sweep_report(study: Any, out: str | Path, space: SweepSpace, base: Map
     """
     from optuna.trial import TrialState
 
-    from cellclass.tracking.sweep import live_trials
     from cellclass.training.config import TrainConfig
 
     out = Path(out)

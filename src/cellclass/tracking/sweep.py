@@ -35,37 +35,36 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from optuna.exceptions import StorageInternalError
 from optuna.samplers import BaseSampler
-from sqlalchemy.exc import SQLAlchemyError
 
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import CellclassError, SweepError
+from cellclass.tracking.report import write_sweep_report
 from cellclass.tracking.runs import FoldLogger, best_epoch_value, cv_progress
 from cellclass.tracking.space import SweepSpace
-from cellclass.tracking.trackers import Tracker, file_lock, make_tracker, sqlite_path
+from cellclass.tracking.study import (
+    Heartbeat,
+    StudyLock,
+    live_trials,
+    masked_url,
+    open_storage,
+    open_study,
+    quiet_optuna,
+    recover,
+    worker_identity,
+)
+from cellclass.tracking.trackers import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 30
-"""Seconds between a running trial's heartbeats in the study database."""
-GRACE_S = 120
-"""A trial whose heartbeat is this old is failed and queued again (other machines' workers)."""
-MAX_RETRIES = 3
-"""Times an interrupted trial is queued again before it stays failed."""
-
-# Settings that depend on the machine, not on the search: they may differ between the
-# runs (or machines) that share one study.
-_HARDWARE = {"workers", "devices", "accelerator", "precision", "strategy", "channels_last"}
 # Settings that change the prepared images or the split: a change means preparing again.
 _DATA_KEYS = ("image_size", "fit", "channels", "split", "split_by", "val_fraction", "test_fraction", "seed")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -136,8 +135,6 @@ def run_sweep(
             search, the storage cannot be opened, or a trial failed unexpectedly (which
             stops its worker); the message has one line per failed trial.
     """
-    from cellclass.tracking.report import write_sweep_report
-
     out = Path(out).resolve()
     if n_jobs < 1:
         raise SweepError(f"n_jobs = {n_jobs} is invalid; valid: an integer >= 1")
@@ -156,7 +153,7 @@ def run_sweep(
     seed = int(base.seed)
 
     optuna_study = open_study(storage, study_name, space, base.to_dict(), folds)
-    log.info("sweep %s: %d trial(s) in %s; %s %s", study_name, target, _masked(storage), space.goal, space.metric)
+    log.info("sweep %s: %d trial(s) in %s; %s %s", study_name, target, masked_url(storage), space.goal, space.metric)
 
     sweep_tracker = make_tracker(tracker, tracking_uri, experiment or study_name, run_name=study_name, root=out,
                                  tags={"cellclass.kind": "sweep", "cellclass.study": study_name}, group=study_name,
@@ -164,7 +161,7 @@ def run_sweep(
     with sweep_tracker:
         sweep_tracker.log_params({"sweep.method": space.method, "sweep.metric": space.metric,
                                   "sweep.goal": space.goal, "sweep.n_trials": target, "sweep.folds": folds,
-                                  "sweep.study": study_name, "sweep.storage": _masked(storage),
+                                  "sweep.study": study_name, "sweep.storage": masked_url(storage),
                                   **{f"sweep.space.{p.name}": p.describe() for p in space.parameters},
                                   **{f"base.{k}": v for k, v in base.to_dict().items()}})
         job = SweepJob(spec=spec, base=base.to_dict(), space=space, out=out, storage=storage, study=study_name,
@@ -183,7 +180,7 @@ def run_sweep(
                 crashed = [f"{k} (exit code {c})" for k, c in enumerate(codes) if c != 0]
                 failed = [f"worker process(es) {', '.join(crashed)} failed"] if crashed else []
         summary = write_sweep_report(optuna_study, out, space, job.base, n_trials=target,
-                                     storage=_masked(storage), folds=folds)
+                                     storage=masked_url(storage), folds=folds)
         best = summary.get("best")
         totals = {f"trials/{k.lower()}": v for k, v in summary["counts"].items()}
         if best is not None:
@@ -225,134 +222,6 @@ def resolve_n_trials(space: SweepSpace, n_trials: int | None) -> int:
     return n
 
 
-# -- study -----------------------------------------------------------------------------
-def open_storage(url: str) -> Any:
-    """An Optuna RDB storage with heartbeats and re-queueing of interrupted trials.
-
-    Raises:
-        SweepError: When the URL cannot be opened (the message hides any password).
-    """
-    import optuna
-    from optuna.storages import RDBStorage
-
-    engine_kwargs: dict[str, Any] = {}
-    db = sqlite_path(url)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                              grace_period=GRACE_S, heartbeat_stale_trial_callback=retry)
-    except ImportError as exc:
-        raise SweepError(f"study storage {_masked(url)!r} needs a database driver that is not installed ({exc}); "
-                         "for PostgreSQL: pip install 'cellclass[postgres]'") from exc
-    except Exception as exc:  # SQLAlchemy's argument and connection errors
-        raise SweepError(f"study storage {_masked(url)!r} cannot be opened: {exc}; valid: sqlite:///PATH.db, "
-                         "postgresql://USER:PASSWORD@HOST/DB, mysql://...") from exc
-
-
-def open_study(storage_url: str, name: str, space: SweepSpace, base: Mapping[str, Any], folds: int | None) -> Any:
-    """Create the study, or load it and check it holds the same search.
-
-    Raises:
-        SweepError: When the stored study was made by another sweep file, metric, train
-            options or number of folds.
-    """
-    import optuna
-
-    storage = open_storage(storage_url)
-    fingerprint = _jsonable({"space": space.fingerprint(), "folds": folds,
-                             "base": {k: v for k, v in base.items() if k not in _HARDWARE}})
-    with StudyLock(storage_url, name), _quiet_optuna():
-        study = optuna.create_study(study_name=name, storage=storage, direction=space.goal, load_if_exists=True)
-        stored = study.user_attrs.get("cellclass_sweep")
-        if stored is None:
-            study.set_user_attr("cellclass_sweep", fingerprint)
-        elif stored != fingerprint:
-            raise SweepError(f"study {name!r} in {_masked(storage_url)} holds trials of another search "
-                             f"({_difference(stored, fingerprint)}); valid: the same sweep file and train options "
-                             "to continue it, or another --study or --out for a new sweep")
-        if study.direction.name.lower() != space.goal:
-            raise SweepError(f"study {name!r} was created to {study.direction.name.lower()}; the sweep file asks to "
-                             f"{space.goal}; valid: another --study")
-    return study
-
-
-def _difference(stored: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    parts = []
-    for key in ("space", "folds"):
-        if stored.get(key) != now.get(key):
-            parts.append(f"{key}: {json.dumps(stored.get(key))[:200]} in the study, "
-                         f"{json.dumps(now.get(key))[:200]} now")
-    old, new = stored.get("base", {}), now.get("base", {})
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            parts.append(f"{key}: {old.get(key)!r} in the study, {new.get(key)!r} now")
-    return "; ".join(parts[:6])
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _masked(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # not a URL SQLAlchemy understands: show it as given
-        return url
-
-
-class StudyLock:
-    """Serialises trial claims between all workers of one study.
-
-    SQLite databases are local files: an exclusive lock file beside the database. Other
-    databases (shared by machines): a row of the table ``cellclass_sweep_locks`` held with
-    ``SELECT ... FOR UPDATE`` for the duration of the block.
-    """
-
-    def __init__(self, url: str, name: str) -> None:
-        self.url = url
-        self.name = name
-        self._db = sqlite_path(url)
-        self._engine: Any = None
-        self._stack: contextlib.ExitStack | None = None
-
-    def __enter__(self) -> Self:
-        self._stack = contextlib.ExitStack()
-        if self._db is not None:
-            self._stack.enter_context(file_lock(self._db.with_name(self._db.name + ".lock")))
-        elif not self.url.startswith("sqlite"):
-            self._stack.enter_context(self._row_lock())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._stack is not None:
-            self._stack.close()
-
-    @contextlib.contextmanager
-    def _row_lock(self) -> Iterator[None]:
-        import sqlalchemy as sa
-
-        if self._engine is None:
-            self._engine = sa.create_engine(self.url, pool_pre_ping=True)
-            meta = sa.MetaData()
-            self._table = sa.Table("cellclass_sweep_locks", meta, sa.Column("name", sa.String(255), primary_key=True))
-            meta.create_all(self._engine, checkfirst=True)
-            with contextlib.suppress(sa.exc.IntegrityError), self._engine.begin() as conn:
-                conn.execute(self._table.insert().values(name=self.name))
-        with self._engine.begin() as conn:
-            conn.execute(sa.select(self._table).where(self._table.c.name == self.name).with_for_update())
-            yield
-
-
 # -- workers ---------------------------------------------------------------------------
 def work(job: SweepJob, worker: int = 0, *, progress: ProgressFn | None = None, barrier: Any = None) -> int:
     """Claim and run trials until the study holds its target; return the trials run here."""
@@ -379,15 +248,9 @@ def load_study(job: SweepJob, storage: Any) -> Any:
     """The job's study with the sweep's sampler and pruner."""
     import optuna
 
-    with _quiet_optuna():
+    with quiet_optuna():
         return optuna.load_study(study_name=job.study, storage=storage,
                                  sampler=SweepSampler(job.space, job.seed, job.n_trials), pruner=make_pruner(job.space))
-
-
-def live_trials(trials: list[Any]) -> list[Any]:
-    """A study's trials less the retired ones (failed originals of re-queued trials)."""
-    retired = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return [t for t in trials if t.number not in retired]
 
 
 def claim(study: Any, storage: Any, job: SweepJob) -> tuple[Any, dict[str, Any], int] | None:
@@ -404,7 +267,7 @@ def claim(study: Any, storage: Any, job: SweepJob) -> tuple[Any, dict[str, Any],
     waiting = any(t.state == TrialState.WAITING for t in live)
     if not waiting and len(live) >= job.n_trials:
         return None
-    with _quiet_optuna(), warnings.catch_warnings():
+    with quiet_optuna(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         trial = study.ask()
     trial.set_user_attr("worker", worker_identity())
@@ -412,105 +275,6 @@ def claim(study: Any, storage: Any, job: SweepJob) -> tuple[Any, dict[str, Any],
     params = job.space.suggest(trial)
     root = int(storage.get_trial_system_attrs(trial._trial_id).get("failed_trial", trial.number))
     return trial, params, root
-
-
-def recover(study: Any, storage: Any, study_id: int) -> list[int]:
-    """Fail the RUNNING trials of dead workers and queue each again; return their numbers.
-
-    Dead workers of this machine are found by process id at once; those of other machines
-    by Optuna's heartbeat after :data:`GRACE_S` seconds. Call under :class:`StudyLock`.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    me = worker_identity()
-    requeue = storage.get_heartbeat_stale_trial_callback()
-    recovered = []
-    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-        who = t.user_attrs.get("worker")
-        # A claim names its worker before it releases the study lock, which the caller holds:
-        # a running trial with no worker is a claim cut short by its process's death.
-        if isinstance(who, dict) and not _is_dead(who, me):
-            continue
-        who = who if isinstance(who, dict) else {}
-        try:
-            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        log.warning("trial %d was left running by worker %s (pid %s), which is gone: running it again",
-                    t.system_attrs.get("failed_trial", t.number), who.get("host"), who.get("pid"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            requeue(study, storage.get_trial(t._trial_id))
-        recovered.append(t.number)
-    return recovered
-
-
-def worker_identity() -> dict[str, Any]:
-    """Host, boot, process id and process start time of this process."""
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "started": _start_time(os.getpid())}
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _is_dead(who: Mapping[str, Any], me: Mapping[str, Any]) -> bool:
-    """Whether the worker that claimed a trial is certainly gone (same machine only)."""
-    if who.get("host") != me["host"] or who.get("boot") != me["boot"]:
-        return False  # another machine: the heartbeat decides
-    pid = who.get("pid")
-    if not isinstance(pid, int):
-        return False
-    if pid == me["pid"]:
-        return who.get("started") == me["started"]  # this process claims one trial at a time
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    started = _start_time(pid)
-    return started is not None and who.get("started") is not None and started != who.get("started")
-
-
-class _Heartbeat:
-    """Records a running trial's heartbeat every :data:`HEARTBEAT_S` seconds."""
-
-    def __init__(self, storage: Any, trial_id: int) -> None:
-        self._storage, self._trial_id = storage, trial_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="sweep-heartbeat", daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._storage.record_heartbeat(self._trial_id)
-            except (StorageInternalError, SQLAlchemyError, OSError) as exc:  # a hiccup must not end the trial
-                log.debug("heartbeat failed: %s", exc)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 class DataCache:
@@ -598,7 +362,7 @@ def run_trial(job: SweepJob, study: Any, storage: Any, trial: Any, params: dict[
                                                "cellclass.trial": root, "optuna.trial_number": trial.number},
                            parent=job.parent_run_id, group=job.study,
                            record=None if job.tracker == "none" else folder / "tracking.json", job_type="trial")
-    with _Heartbeat(storage, trial._trial_id):
+    with Heartbeat(storage, trial._trial_id):
         try:
             cfg = TrainConfig.from_dict(job.base).override(params)
             pruning = PruningTracker(tracker, trial, job.space.metric, last_step=job.folds or cfg.epochs)
@@ -895,20 +659,8 @@ def quiet_training() -> Iterator[None]:
     for logger, _ in saved:
         logger.setLevel(logging.WARNING)
     try:
-        with _quiet_optuna():
+        with quiet_optuna():
             yield
     finally:
         for logger, level in saved:
             logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    import optuna
-
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(max(previous, optuna.logging.WARNING))
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(previous)
