@@ -522,92 +522,20 @@ def _store_dtype(source: np.dtype, settings: CacheSettings) -> np.dtype:
 def _build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: Path, slot: str,
            name: str, digest: str, workers: int, progress: ProgressFn | None,
            chunk_rows: int | None) -> PreparedCache:
-    records, n = sources.records, len(sources.records)
-    channels = list(settings.channels) if settings.channels is not None else None
+    """Write the cache ``name`` into ``root``: start (or resume) its partial folder, write
+    its rows chunk by chunk, describe it, and put it in place of the slot's stale caches."""
     stat_before = sources.stat_digest()
-    for stale in root.glob(f".partial-{slot}-*"):
-        if stale.name != f".partial-{name}":
-            shutil.rmtree(stale, ignore_errors=True)
-    partial = root / f".partial-{name}"
-    state = _read_state(partial, name)
-    first_raw = _read_row(spec, records[0])
-    first = fit_image(select_channels(first_raw, channels), settings.image_size, settings.fit)
-    dtype = _store_dtype(first_raw.dtype, settings)
-    shape = (n, *first.shape)
-    if state is not None and (tuple(state["shape"]) != shape or state["dtype"] != dtype.str):
-        log.info("discarding an interrupted build of another shape in %s", partial)
-        state = None
-    if state is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        offset = _create_array(partial / "images.npy", shape, dtype)
-        state = {"key": name, "shape": list(shape), "dtype": dtype.str, "offset": offset, "done": 0}
-        _write_state(partial, state)
-    done = resumed = int(state["done"])
-    if resumed:
-        log.info("resuming the interrupted build of %s at row %d of %d", name, resumed, n)
-    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-    chunk = chunk_rows or max(1, _CHUNK_BYTES // row_bytes)
+    build = _start_build(spec, sources, settings, root, slot, name)
     started = time.perf_counter()
-
-    def one(i: int) -> tuple[np.ndarray, np.ndarray]:
-        raw = first_raw if i == 0 else _read_row(spec, records[i])
-        if settings.dtype == "keep" and raw.dtype != first_raw.dtype and not np.can_cast(raw.dtype, dtype, "safe"):
-            raise CacheError(
-                f"row {records[i].get(ROW_COLUMN, '?')}: image dtype {raw.dtype} cannot be stored in the "
-                f"cache's {dtype} (from the first image) without loss; valid: images of one dtype, "
-                "or --dtype float32"
-            )
-        image = first if i == 0 else fit_image(select_channels(raw, channels), settings.image_size, settings.fit)
-        if image.shape != first.shape:
-            raise ImageReadError(
-                f"row {records[i].get(ROW_COLUMN, '?')}: image has {image.shape[0]} channel(s), the first "
-                f"row has {first.shape[0]}; run `cellclass validate`"
-            )
-        return raw, _to_dtype(image, dtype)
-
-    fd = os.open(partial / "images.npy", os.O_RDWR)
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            while done < n:
-                stop = min(n, done + chunk)
-                block = np.empty((stop - done, *shape[1:]), dtype=dtype)
-                described = []
-                for j, (raw, image) in enumerate(pool.map(one, range(done, stop))):
-                    block[j] = image
-                    described.append(["x".join(map(str, raw.shape)), str(raw.dtype)])
-                _pwrite_all(fd, memoryview(block).cast("B"), state["offset"] + done * row_bytes)
-                os.fsync(fd)  # the rows are on disk before the count that vouches for them
-                atomic_write_text(partial / f"rows-{done:012d}.json", json.dumps(described))
-                done = stop
-                _write_state(partial, {**state, "done": done})
-                if progress is not None:
-                    progress(done, n)
-    finally:
-        os.close(fd)
+    resumed = build.done
+    if resumed:
+        log.info("resuming the interrupted build of %s at row %d of %d", name, resumed, len(build.records))
+    _write_rows(build, workers, chunk_rows, progress)
     if sources._stat_digest() != stat_before:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(build.partial, ignore_errors=True)
         raise CacheError(f"source images of dataset {spec.name!r} changed while the cache was being "
                          "prepared; run `cellclass prepare` again once they are stable")
-    described = []
-    for part in sorted(partial.glob("rows-*.json")):
-        described += json.loads(part.read_text())
-        part.unlink()
-    if len(described) != n:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise CacheError(f"the interrupted build in {str(partial)!r} was inconsistent ({len(described)} rows "
-                         f"described for {n}); it was removed: run `cellclass prepare` again")
-    source_shapes = [d[0] for d in described]
-    source_dtypes = [d[1] for d in described]
-    index = pd.DataFrame({
-        "position": np.arange(n),
-        ROW_COLUMN: [r.get(ROW_COLUMN, i + 1) for i, r in enumerate(records)],
-        "image_id": [spec.image_id(r) for r in records],
-        "source_shape": source_shapes,
-        "source_dtype": source_dtypes,
-    })
-    with atomic_path(partial / "index.csv") as tmp:
-        index.to_csv(tmp, index=False)
+    _write_index(build)
     meta = {
         "format": FORMAT_VERSION,
         "key": name,
@@ -617,17 +545,158 @@ def _build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: 
         "hash": settings.hash,
         "fingerprint": digest,
         "n_files": sum(len(p) for p in sources.paths),
-        "shape": list(shape),
-        "dtype": dtype.str,
-        "source_dtype": str(first_raw.dtype),
+        "shape": list(build.shape),
+        "dtype": build.dtype.str,
+        "source_dtype": str(build.first_raw.dtype),
         "image_root": str(spec.image_root),
         "manifest": None if spec.manifest_path is None else str(spec.manifest_path),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "build_seconds": round(time.perf_counter() - started, 3),
         "resumed_from": resumed,
     }
-    atomic_write_text(partial / "meta.json", json.dumps(meta, indent=2))
-    (partial / "progress.json").unlink(missing_ok=True)
+    atomic_write_text(build.partial / "meta.json", json.dumps(meta, indent=2))
+    (build.partial / "progress.json").unlink(missing_ok=True)
+    final = _publish(build.partial, root, slot, name, settings)
+    log.info("prepared %d images %s %s in %s (%.1f s)", len(build.records), "x".join(map(str, build.shape[1:])),
+             build.dtype, final, meta["build_seconds"])
+    return PreparedCache(final, meta, built=True, resumed_from=resumed)
+
+
+@dataclass
+class _Build:
+    """A cache being written: its partial folder, its array's layout, and how far it got."""
+
+    spec: DatasetSpec
+    settings: CacheSettings
+    records: list[dict[str, Any]]
+    partial: Path
+    state: dict[str, Any]
+    first_raw: np.ndarray
+    first: np.ndarray
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.state["shape"])
+
+    @property
+    def done(self) -> int:
+        return int(self.state["done"])
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``i`` as decoded and as stored.
+
+        Raises:
+            CacheError: When its dtype does not fit the cache's without loss.
+            ImageReadError: When it cannot be read or has another channel count than the first.
+        """
+        record, settings = self.records[i], self.settings
+        raw = self.first_raw if i == 0 else _read_row(self.spec, record)
+        lossy = raw.dtype != self.first_raw.dtype and not np.can_cast(raw.dtype, self.dtype, "safe")
+        if settings.dtype == "keep" and lossy:
+            raise CacheError(
+                f"row {record.get(ROW_COLUMN, '?')}: image dtype {raw.dtype} cannot be stored in the "
+                f"cache's {self.dtype} (from the first image) without loss; valid: images of one dtype, "
+                "or --dtype float32"
+            )
+        channels = list(settings.channels) if settings.channels is not None else None
+        image = self.first if i == 0 else fit_image(select_channels(raw, channels), settings.image_size, settings.fit)
+        if image.shape != self.first.shape:
+            raise ImageReadError(
+                f"row {record.get(ROW_COLUMN, '?')}: image has {image.shape[0]} channel(s), the first "
+                f"row has {self.first.shape[0]}; run `cellclass validate`"
+            )
+        return raw, _to_dtype(image, self.dtype)
+
+
+def _start_build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: Path, slot: str,
+                 name: str) -> _Build:
+    """The partial folder of cache ``name``: an interrupted build of the same array resumed,
+    any other partial build of the slot removed, else a new sparse array."""
+    for stale in root.glob(f".partial-{slot}-*"):
+        if stale.name != f".partial-{name}":
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = root / f".partial-{name}"
+    state = _read_state(partial, name)
+    records = sources.records
+    channels = list(settings.channels) if settings.channels is not None else None
+    first_raw = _read_row(spec, records[0])
+    first = fit_image(select_channels(first_raw, channels), settings.image_size, settings.fit)
+    dtype = _store_dtype(first_raw.dtype, settings)
+    shape = (len(records), *first.shape)
+    if state is not None and (tuple(state["shape"]) != shape or state["dtype"] != dtype.str):
+        log.info("discarding an interrupted build of another shape in %s", partial)
+        state = None
+    if state is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        offset = _create_array(partial / "images.npy", shape, dtype)
+        state = {"key": name, "shape": list(shape), "dtype": dtype.str, "offset": offset, "done": 0}
+        _write_state(partial, state)
+    return _Build(spec, settings, records, partial, state, first_raw, first, dtype)
+
+
+def _write_rows(build: _Build, workers: int, chunk_rows: int | None, progress: ProgressFn | None) -> None:
+    """Decode and write the rows not yet done, a chunk at a time, each chunk on disk before
+    the progress file counts it (so that a build cut short resumes after its last chunk)."""
+    n, done, row_bytes = len(build.records), build.done, build.row_bytes
+    chunk = chunk_rows or max(1, _CHUNK_BYTES // row_bytes)
+    fd = os.open(build.partial / "images.npy", os.O_RDWR)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            while done < n:
+                stop = min(n, done + chunk)
+                block = np.empty((stop - done, *build.shape[1:]), dtype=build.dtype)
+                described = []
+                for j, (raw, image) in enumerate(pool.map(build.row, range(done, stop))):
+                    block[j] = image
+                    described.append(["x".join(map(str, raw.shape)), str(raw.dtype)])
+                _pwrite_all(fd, memoryview(block).cast("B"), build.state["offset"] + done * row_bytes)
+                os.fsync(fd)  # the rows are on disk before the count that vouches for them
+                atomic_write_text(build.partial / f"rows-{done:012d}.json", json.dumps(described))
+                done = stop
+                build.state = {**build.state, "done": done}
+                _write_state(build.partial, build.state)
+                if progress is not None:
+                    progress(done, n)
+    finally:
+        os.close(fd)
+
+
+def _write_index(build: _Build) -> None:
+    """``index.csv``: each row's position, manifest row, image id, and source shape and dtype.
+
+    Raises:
+        CacheError: When the chunks written do not describe every row (the partial folder
+            is removed).
+    """
+    n, records = len(build.records), build.records
+    described = []
+    for part in sorted(build.partial.glob("rows-*.json")):
+        described += json.loads(part.read_text())
+        part.unlink()
+    if len(described) != n:
+        shutil.rmtree(build.partial, ignore_errors=True)
+        raise CacheError(f"the interrupted build in {str(build.partial)!r} was inconsistent ({len(described)} rows "
+                         f"described for {n}); it was removed: run `cellclass prepare` again")
+    index = pd.DataFrame({
+        "position": np.arange(n),
+        ROW_COLUMN: [r.get(ROW_COLUMN, i + 1) for i, r in enumerate(records)],
+        "image_id": [build.spec.image_id(r) for r in records],
+        "source_shape": [d[0] for d in described],
+        "source_dtype": [d[1] for d in described],
+    })
+    with atomic_path(build.partial / "index.csv") as tmp:
+        index.to_csv(tmp, index=False)
+
+
+def _publish(partial: Path, root: Path, slot: str, name: str, settings: CacheSettings) -> Path:
+    """Rename the finished ``partial`` folder to ``root / name``; remove the slot's other caches
+    of the same fingerprint mode (stale versions of these rows and settings)."""
     final = root / name
     if final.exists():  # the same key built before and deleted in part: replace it whole
         shutil.rmtree(final)
@@ -638,9 +707,7 @@ def _build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: 
         if old != final and old.is_dir():
             log.info("removing the stale cache %s", old)
             shutil.rmtree(old, ignore_errors=True)
-    log.info("prepared %d images %s %s in %s (%.1f s)", n, "x".join(map(str, shape[1:])), dtype, final,
-             meta["build_seconds"])
-    return PreparedCache(final, meta, built=True, resumed_from=resumed)
+    return final
 
 
 def _read_row(spec: DatasetSpec, record: dict[str, Any]) -> np.ndarray:

@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from cellclass.data.io import read_image
+from cellclass.data.presets import bps
 from cellclass.errors import FetchError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -265,7 +267,42 @@ def fetch_bps(
     result = FetchResult(out=out, selected=len(selected))
     log.info("%d of %d rows of %s/meta.csv selected", len(selected), len(meta), where)
 
-    sizes = _list_sizes(client, bucket, prefix, where)
+    todo, present = _plan(selected, _list_sizes(client, bucket, prefix, where), out, where, result)
+    if progress is not None:
+        progress(len(selected) - len(todo), len(selected))
+    if result.skipped:
+        log.info("%d file(s) already complete in %s: skipped", result.skipped, out)
+    _download_all(client, bucket, prefix, out, todo, result, present, workers=workers, retries=retries,
+                  backoff=backoff, progress=progress, total=len(selected))
+
+    filters = {"hours": list(hours or []), "doses": list(doses or []), "particles": list(particles or []),
+               "limit": limit}
+    _write_outputs(out, selected[selected["filename"].isin(present)], result,
+                   {"source": where, "endpoint_url": endpoint_url, "filters": filters})
+    log.info("%d downloaded, %d already present, %d problem(s); spec written to %s",
+             result.downloaded, result.skipped, len(result.problems), result.spec)
+    return result
+
+
+def _write_outputs(out: Path, kept: pd.DataFrame, result: FetchResult, source: dict[str, Any]) -> None:
+    """The manifest of the complete files, the ``bps`` spec and ``fetch.json`` (what was
+    asked for, from where, and what came of it)."""
+    with atomic_path(out / "meta.csv") as tmp:
+        kept.to_csv(tmp, index=False)
+    result.manifest = out / "meta.csv"
+    result.spec = bps(out).to_yaml(out / "cellclass.yaml")
+    report = {
+        **source,
+        **{k: v for k, v in asdict(result).items() if k not in ("out", "manifest", "spec", "problems")},
+        "problems": [asdict(p) for p in result.problems],
+    }
+    atomic_write_text(out / "fetch.json", json.dumps(report, indent=2))
+
+
+def _plan(selected: pd.DataFrame, sizes: dict[str, int], out: Path, where: str,
+          result: FetchResult) -> tuple[list[tuple[str, int]], set[str]]:
+    """The selected files to download (name and listed size) and those already complete in
+    ``out``; a file the bucket does not list is a problem in ``result``."""
     todo: list[tuple[str, int]] = []
     present: set[str] = set()
     for name in selected["filename"]:
@@ -278,12 +315,16 @@ def fetch_bps(
             present.add(name)
         else:
             todo.append((name, expected))
-    total, done = len(selected), len(selected) - len(todo)
-    if progress is not None:
-        progress(done, total)
-    if result.skipped:
-        log.info("%d file(s) already complete in %s: skipped", result.skipped, out)
+    return todo, present
 
+
+def _download_all(client: Any, bucket: str, prefix: str, out: Path, todo: list[tuple[str, int]],
+                  result: FetchResult, present: set[str], *, workers: int, retries: int, backoff: float,
+                  progress: ProgressFn | None, total: int) -> None:
+    """Download ``todo`` in parallel into ``out``, adding each file to ``present`` or to
+    ``result``'s problems, and its bytes to ``result``; progress counts to ``total``, the
+    files selected."""
+    done = total - len(todo)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         pending: dict[Future, str] = {
@@ -307,26 +348,6 @@ def fetch_bps(
     finally:
         # On an interruption, files in flight finish (each is atomic); queued ones are dropped.
         pool.shutdown(wait=True, cancel_futures=True)
-
-    kept = selected[selected["filename"].isin(present)]
-    with atomic_path(out / "meta.csv") as tmp:
-        kept.to_csv(tmp, index=False)
-    from cellclass.data.presets import bps
-
-    result.manifest = out / "meta.csv"
-    result.spec = bps(out).to_yaml(out / "cellclass.yaml")
-    report = {
-        "source": where,
-        "endpoint_url": endpoint_url,
-        "filters": {"hours": list(hours or []), "doses": list(doses or []), "particles": list(particles or []),
-                    "limit": limit},
-        **{k: v for k, v in asdict(result).items() if k not in ("out", "manifest", "spec", "problems")},
-        "problems": [asdict(p) for p in result.problems],
-    }
-    atomic_write_text(out / "fetch.json", json.dumps(report, indent=2))
-    log.info("%d downloaded, %d already present, %d problem(s); spec written to %s",
-             result.downloaded, result.skipped, len(result.problems), result.spec)
-    return result
 
 
 def _parse_meta(raw: bytes, where: str) -> pd.DataFrame:
@@ -415,8 +436,6 @@ def _download(client: Any, bucket: str, key: str, dest: Path, expected: int, ret
         _Corrupt: When the object is missing, its size disagrees with the listing, it
             cannot be decoded, or every attempt failed.
     """
-    from cellclass.data.io import read_image
-
     boto_core_error, client_error = _client_errors()
     last = ""
     for attempt in range(retries + 1):

@@ -136,13 +136,7 @@ def run_sweep(
             stops its worker); the message has one line per failed trial.
     """
     out = Path(out).resolve()
-    if n_jobs < 1:
-        raise SweepError(f"n_jobs = {n_jobs} is invalid; valid: an integer >= 1")
-    if folds is not None and folds < 2:
-        raise SweepError(f"folds = {folds} is invalid; valid: an integer >= 2, or no folds for one run per trial")
-    if config.devices != 1:
-        raise SweepError(f"devices = {config.devices} is invalid in a sweep: a trial is one process; valid: "
-                         "devices = 1, with --n-jobs for parallel trials")
+    _check_sweep(config, n_jobs, folds)
     selected = spec.select_tasks(config.tasks)
     space.check_metric([t.name for t in selected.tasks])
     base = config.override({**space.constants, "monitor": space.metric})
@@ -150,7 +144,6 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').as_posix()}"
     study_name = study or out.name or "cellclass-sweep"
-    seed = int(base.seed)
 
     optuna_study = open_study(storage, study_name, space, base.to_dict(), folds)
     log.info("sweep %s: %d trial(s) in %s; %s %s", study_name, target, masked_url(storage), space.goal, space.metric)
@@ -159,26 +152,11 @@ def run_sweep(
                                  tags={"cellclass.kind": "sweep", "cellclass.study": study_name}, group=study_name,
                                  record=None if tracker == "none" else out / "tracking.json", job_type="sweep")
     with sweep_tracker:
-        sweep_tracker.log_params({"sweep.method": space.method, "sweep.metric": space.metric,
-                                  "sweep.goal": space.goal, "sweep.n_trials": target, "sweep.folds": folds,
-                                  "sweep.study": study_name, "sweep.storage": masked_url(storage),
-                                  **{f"sweep.space.{p.name}": p.describe() for p in space.parameters},
-                                  **{f"base.{k}": v for k, v in base.to_dict().items()}})
+        sweep_tracker.log_params(_sweep_params(space, base.to_dict(), target, folds, study_name, storage))
         job = SweepJob(spec=spec, base=base.to_dict(), space=space, out=out, storage=storage, study=study_name,
                        n_trials=target, folds=folds, tracker=tracker, tracking_uri=tracking_uri,
-                       experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=seed)
-        failed: list[str] = []
-        with quiet_training():
-            if n_jobs == 1:
-                try:
-                    work(job, 0, progress=progress)
-                except TrialCrash as exc:  # its error is in the study: reported below with the others
-                    log.debug("traceback of the failed trial", exc_info=exc.__cause__)
-                    failed = ["the sweep stopped at its failed trial"]
-            else:
-                codes = _spawn_workers(job, n_jobs)
-                crashed = [f"{k} (exit code {c})" for k, c in enumerate(codes) if c != 0]
-                failed = [f"worker process(es) {', '.join(crashed)} failed"] if crashed else []
+                       experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=int(base.seed))
+        failed = _run_workers(job, n_jobs, progress)
         summary = write_sweep_report(optuna_study, out, space, job.base, n_trials=target,
                                      storage=masked_url(storage), folds=folds)
         best = summary.get("best")
@@ -189,9 +167,46 @@ def run_sweep(
         sweep_tracker.log_artifacts(out, exclude=("trials",))
     if failed:
         trials = "".join(f"{failure_line(f)}\n" for f in summary["failures"])
-        raise SweepError(f"{trials}{failed[0]}; {summary['finished']} of {target} trial(s) finished; the report "
+        raise SweepError(f"{trials}{failed}; {summary['finished']} of {target} trial(s) finished; the report "
                          f"in {out} covers them. Re-run the same command to continue the study")
     return summary
+
+
+def _sweep_params(space: SweepSpace, base: Mapping[str, Any], target: int, folds: int | None, study: str,
+                  storage: str) -> dict[str, Any]:
+    """What the sweep's tracked run records as its parameters: the search and the base configuration."""
+    return {"sweep.method": space.method, "sweep.metric": space.metric, "sweep.goal": space.goal,
+            "sweep.n_trials": target, "sweep.folds": folds, "sweep.study": study,
+            "sweep.storage": masked_url(storage),
+            **{f"sweep.space.{p.name}": p.describe() for p in space.parameters},
+            **{f"base.{k}": v for k, v in base.items()}}
+
+
+def _check_sweep(config: Any, n_jobs: int, folds: int | None) -> None:
+    """The checks of :func:`run_sweep`'s arguments that need no study."""
+    if n_jobs < 1:
+        raise SweepError(f"n_jobs = {n_jobs} is invalid; valid: an integer >= 1")
+    if folds is not None and folds < 2:
+        raise SweepError(f"folds = {folds} is invalid; valid: an integer >= 2, or no folds for one run per trial")
+    if config.devices != 1:
+        raise SweepError(f"devices = {config.devices} is invalid in a sweep: a trial is one process; valid: "
+                         "devices = 1, with --n-jobs for parallel trials")
+
+
+def _run_workers(job: SweepJob, n_jobs: int, progress: ProgressFn | None) -> str | None:
+    """Run the job's trials in this process (``n_jobs`` 1) or in ``n_jobs`` worker processes;
+    return what failed, or ``None``. A failed trial's error is in the study."""
+    with quiet_training():
+        if n_jobs == 1:
+            try:
+                work(job, 0, progress=progress)
+            except TrialCrash as exc:  # its error is in the study: reported with the others
+                log.debug("traceback of the failed trial", exc_info=exc.__cause__)
+                return "the sweep stopped at its failed trial"
+            return None
+        codes = _spawn_workers(job, n_jobs)
+    crashed = [f"{k} (exit code {c})" for k, c in enumerate(codes) if c != 0]
+    return f"worker process(es) {', '.join(crashed)} failed" if crashed else None
 
 
 def failure_line(failure: Mapping[str, Any]) -> str:
