@@ -29,8 +29,8 @@ from cellclass.data.cache import (
     resolve_cache_dir,
 )
 from cellclass.data.io import write_tiff
-from cellclass.data.loading import load_images
 from cellclass.data.presets import bps, folder
+from cellclass.data.resize import load_images
 from cellclass.errors import CacheError, ImageReadError
 
 

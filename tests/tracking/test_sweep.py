@@ -243,7 +243,7 @@ def test_a_dead_workers_trial_is_queued_again_with_its_parameters_and_folder(tmp
 def test_cross_validation_objective(bps_dir: Path, tmp_path: Path, mlflow_store) -> None:
     from mlflow.tracking import MlflowClient
 
-    from cellclass.tracking.runs import best_epoch_value
+    from cellclass.tracking.sweep import best_epoch_value
 
     space = SweepSpace.from_dict({"method": "random", "metric": "val/macro_f1",
                                   "parameters": {"lr": {"min": 0.001, "max": 0.01}}})

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cellclass.data._draws import box_from_uniforms, jitter_from_uniforms
 from cellclass.data._kernels import augment_batch
-from cellclass.data.loading import checked_rows
+from cellclass.data.normalize import checked_rows
 from cellclass.errors import ConfigError
 
 DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)

@@ -11,7 +11,7 @@ PNGs costs far more (``benchmarks/data_path.py``, figures in docs/benchmarks.md)
 uint16 BPS nucleus is stored as uint16, resized in float32 and rounded back (at most half
 a grey level from the in-memory float path). Float sources are stored as float32; boolean
 ones as uint8. ``dtype="float32"`` stores exactly what
-:func:`cellclass.data.loading.load_images` returns. Normalization is *not* cached: it is
+:func:`cellclass.data.resize.load_images` returns. Normalization is *not* cached: it is
 fitted on each run's training split and applied per batch.
 
 **Key.** A cache lives in ``CACHE_DIR/<slot>-<fingerprint>/``. The *slot* hashes the
@@ -62,7 +62,7 @@ import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.io import image_files
-from cellclass.data.loading import FIT_MODES, fit_image, load_images, select_channels
+from cellclass.data.resize import FIT_MODES, fit_image, load_images, select_channels
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import CacheError, ImageReadError
 
@@ -106,7 +106,7 @@ class CacheSettings:
     Attributes:
         image_size: Side of the square images stored.
         fit: How images become square: ``pad``, ``resize`` or ``crop``
-            (see :func:`cellclass.data.loading.fit_image`).
+            (see :func:`cellclass.data.resize.fit_image`).
         channels: Channel indices kept, in order (all when ``None``).
         dtype: ``keep`` (the source's integer dtype, float32 for float sources) or
             ``float32``.
@@ -781,7 +781,7 @@ def images_for_training(
     Looks for a valid cache of these rows and settings (``dtype`` ``keep`` first, then
     ``float32``; either fingerprint). Without one, builds it when ``build`` is true, and
     otherwise decodes every image into memory with
-    :func:`~cellclass.data.loading.load_images`.
+    :func:`~cellclass.data.resize.load_images`.
 
     Returns:
         A :class:`CachedImages` reader over the cache, or an in-memory float32 array.

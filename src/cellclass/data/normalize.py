@@ -12,7 +12,8 @@ straight from the raw values (a uint16 pixel of 40000 is 40000.0, never squeezed
 * ``none``: no scaling, only the conversion to ``float32``.
 
 Fitted statistics are saved with :meth:`Normalizer.to_dict` inside every checkpoint, so
-prediction normalizes exactly as training did.
+prediction normalizes exactly as training did. A :class:`NormalizedView` normalizes the
+rows of an image array (in memory or a prepared cache) as they are read.
 """
 
 from __future__ import annotations
@@ -310,6 +311,64 @@ class Normalizer:
         }
         return norm
 
+
+def checked_rows(index: np.ndarray, n: int) -> np.ndarray:
+    """Integer row indices into ``n`` images, negatives counted from the end, as
+    ``np.arange(n)[index]`` gives them, without building that range.
+
+    Raises:
+        IndexError: When an index is outside ``-n .. n - 1``.
+    """
+    rows = np.where(index < 0, index + n, index)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(f"row index out of range for {n} images: rows must be indices into {n} images; "
+                         f"got {index!r}")
+    return rows
+
+
+class NormalizedView:
+    """An image array whose rows are normalized when read, so memory stays with the source.
+
+    The source may be an in-memory array or a memory-mapped cache; indexing with an int
+    array returns a float32 ``(n, C, H, W)`` batch normalized with ``normalizer``.
+    """
+
+    def __init__(self, images: np.ndarray, normalizer: Any, groups: np.ndarray | None = None) -> None:
+        self.images = images
+        self.normalizer = normalizer
+        self.groups = groups
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the underlying array."""
+        return tuple(self.images.shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
+            rows = checked_rows(index, len(self.images))
+        else:
+            rows = np.atleast_1d(np.arange(len(self.images))[index])
+        order = np.argsort(rows, kind="stable")
+        batch = np.asarray(self.images[rows[order]])
+        groups = None if self.groups is None else self.groups[rows[order]]
+        out = np.empty((len(rows), *batch.shape[1:]), dtype=np.float32)
+        out[order] = self.normalizer.transform_batch(batch, groups=groups)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Size of every row normalized (float32), in bytes."""
+        return int(np.prod(self.shape)) * 4
+
+    def materialize(self, chunk: int = 256) -> np.ndarray:
+        """Every row normalized, as one in-memory float32 array (read ``chunk`` rows at a time)."""
+        out = np.empty(self.shape, dtype=np.float32)
+        for start in range(0, len(self), chunk):
+            out[start : start + chunk] = self[np.arange(start, min(len(self), start + chunk))]
+        return out
 
 
 class _PixelSample:

@@ -6,7 +6,10 @@
   sweep optimises a validation metric.
 - :mod:`~cellclass.tracking.sweep`: :func:`run_sweep` on an Optuna study shared by worker
   processes (and machines), resumable after a kill.
-- :mod:`~cellclass.tracking.report`: the sweep report.
+- :mod:`~cellclass.tracking.study`: the Optuna study the workers share (storage, lock,
+  recovery of dead workers' trials).
+- :mod:`~cellclass.tracking.sweep_report`: the sweep report.
+- :mod:`~cellclass.tracking.folds`: a cross-validation's folds told to its tracker.
 
 Only light modules are imported here; MLflow, W&B and Optuna load when used.
 """

@@ -43,12 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from optuna.samplers import BaseSampler
 
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import CellclassError, SweepError
-from cellclass.tracking.report import write_sweep_report
-from cellclass.tracking.runs import FoldLogger, best_epoch_value, cv_progress
+from cellclass.tracking.folds import FoldLogger, cv_progress
 from cellclass.tracking.space import SweepSpace
 from cellclass.tracking.study import (
     Heartbeat,
@@ -61,6 +61,7 @@ from cellclass.tracking.study import (
     recover,
     worker_identity,
 )
+from cellclass.tracking.sweep_report import write_sweep_report
 from cellclass.tracking.trackers import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -435,6 +436,35 @@ def _finish_tracker(tracker: Tracker, folder: Path | None, state: str, value: fl
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def best_epoch_value(run: str | Path, metric: str) -> tuple[float, int]:
+    """The validation ``metric`` at the run's best epoch (chosen by the loop on its monitor).
+
+    Args:
+        run: Finished run folder (``metrics.json`` and ``metrics.csv``).
+        metric: Per-epoch validation metric, e.g. ``val/macro_f1``.
+
+    Returns:
+        ``(value, best_epoch)``.
+
+    Raises:
+        SweepError: When the run is unfinished or never recorded ``metric``.
+    """
+    run = Path(run)
+    try:
+        result = json.loads((run / "metrics.json").read_text())
+        table = pd.read_csv(run / "metrics.csv")
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"run folder {str(run)!r} holds no finished run ({exc})") from exc
+    epoch = int(result.get("best_epoch") or table["epoch"].max())
+    if metric not in table.columns:
+        valid = ", ".join(c for c in table.columns if c.startswith("val"))
+        raise SweepError(f"run {str(run)!r} did not record {metric!r} per epoch; valid: {valid}")
+    rows = table.loc[table["epoch"] == epoch, metric]
+    if rows.empty:
+        raise SweepError(f"run {str(run)!r} has no metrics.csv row for its best epoch {epoch}")
+    return float(rows.iloc[-1]), epoch
 
 
 def _single_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker, cache: DataCache,

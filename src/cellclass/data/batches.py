@@ -127,7 +127,7 @@ class BatchLoader:
 
     Args:
         images: Indexable by an int array, returning float32 ``(n, C, H, W)`` (a
-            :class:`~cellclass.data.loading.NormalizedView`).
+            :class:`~cellclass.data.normalize.NormalizedView`).
         batch_size: Rows per batch (sets the prefetch depth).
         augment: The loop's augmenter: its config is applied to every batch and its
             generator seeds each batch's draws. ``None``: no augmentation.
