@@ -283,7 +283,7 @@ def test_resume_after_an_interruption_does_only_the_rest(dataset: DatasetSpec, t
     masks = dataset.base_dir / "seg"
     fresh = make_crops(dataset, masks, tmp_path / "fresh", 16, mask_neighbours=True)
 
-    def stop_after_three(done: int, total: int) -> None:
+    def stop_after_three(stage: str, done: int, total: int) -> None:
         if done == 3:
             raise Interrupt
 
@@ -294,8 +294,8 @@ def test_resume_after_an_interruption_does_only_the_rest(dataset: DatasetSpec, t
     done_before = {p: p.stat().st_mtime_ns for p in (out / "crops").rglob("*.tif")}
     assert done_before
     calls = []
-    resumed = make_crops(dataset, masks, out, 16, mask_neighbours=True, progress=lambda d, t: calls.append(d))
-    assert resumed.n_processed == 3 and calls[0] == 3 and calls[-1] == 6
+    resumed = make_crops(dataset, masks, out, 16, mask_neighbours=True, progress=lambda *c: calls.append(c))
+    assert resumed.n_processed == 3 and calls[0] == ("cutting fields", 3, 6) and calls[-1] == ("cutting fields", 6, 6)
     assert (out / "cells.csv").read_bytes() == fresh.cells.read_bytes()
     assert (out / "fields_qc.csv").read_bytes() == fresh.fields_qc.read_bytes()
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())  # not cut again

@@ -51,7 +51,7 @@ import mmap
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +65,7 @@ from cellclass.data.io import image_files
 from cellclass.data.resize import FIT_MODES, fit_image, load_images, select_channels
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import CacheError, ImageReadError
+from cellclass.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ HASH_MODES = ("stat", "content")
 FORMAT_VERSION = 1
 _CHUNK_BYTES = 32 * 2**20
 
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -458,7 +458,7 @@ def prepare_cache(
             cache's rows follow it.
         cache_dir: Cache folder (see :func:`resolve_cache_dir`).
         workers: Decoding threads (the decoders release the GIL).
-        progress: Called as ``progress(rows_done, rows_total)`` after each chunk.
+        progress: Called as ``progress("preparing cache", rows_done, rows_total)`` after each chunk.
         rebuild: Build again even when a valid cache exists.
         chunk_rows: Rows decoded and written per chunk (default: about 32 MB worth).
 
@@ -662,7 +662,7 @@ def _write_rows(build: _Build, workers: int, chunk_rows: int | None, progress: P
                 build.state = {**build.state, "done": done}
                 _write_state(build.partial, build.state)
                 if progress is not None:
-                    progress(done, n)
+                    progress("preparing cache", done, n)
     finally:
         os.close(fd)
 

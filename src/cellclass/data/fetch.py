@@ -26,7 +26,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from cellclass.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from cellclass.data.io import read_image
 from cellclass.data.presets import bps
 from cellclass.errors import FetchError, ImageReadError
+from cellclass.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ BPS_COLUMNS = ("filename", "dose_Gy", "particle_type", "hr_post_exposure")
 SOURCE_MANIFEST = "meta.source.csv"
 """The bucket's full ``meta.csv``, kept beside the selection for provenance."""
 
-ProgressFn = Callable[[int, int], None]
 _CHUNK = 1 << 20
 
 
@@ -240,7 +240,7 @@ def fetch_bps(
         retries: Further attempts after a transient failure.
         backoff: Seconds before the first retry; doubled at each further one.
         client: An S3 client to use (default: :func:`make_client`, unsigned).
-        progress: Called as ``progress(files_done, files_total)``.
+        progress: Called as ``progress("downloading", files_done, files_total)``.
 
     Returns:
         What was downloaded, skipped and found corrupt, and the written manifest and spec.
@@ -269,7 +269,7 @@ def fetch_bps(
 
     todo, present = _plan(selected, _list_sizes(client, bucket, prefix, where), out, where, result)
     if progress is not None:
-        progress(len(selected) - len(todo), len(selected))
+        progress("downloading", len(selected) - len(todo), len(selected))
     if result.skipped:
         log.info("%d file(s) already complete in %s: skipped", result.skipped, out)
     _download_all(client, bucket, prefix, out, todo, result, present, workers=workers, retries=retries,
@@ -344,7 +344,7 @@ def _download_all(client: Any, bucket: str, prefix: str, out: Path, todo: list[t
                     log.warning("%s: %s", name, exc)
                 done += 1
                 if progress is not None:
-                    progress(done, total)
+                    progress("downloading", done, total)
     finally:
         # On an interruption, files in flight finish (each is atomic); queued ones are dropped.
         pool.shutdown(wait=True, cancel_futures=True)

@@ -9,7 +9,7 @@ split only, happens later (:mod:`cellclass.data.normalize`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import ImageReadError, SpecError
+from cellclass.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def load_images(
     mode: str = "pad",
     channels: Sequence[int] | None = None,
     workers: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """Decode every row's image and fit it to ``size``: a ``(N, C, size, size)`` float32 array.
 
@@ -115,5 +116,5 @@ def load_images(
                 )
             out[i] = array
             if progress is not None:
-                progress(i + 1, len(records))
+                progress("loading images", i + 1, len(records))
     return out

@@ -11,7 +11,7 @@ import difflib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,10 +23,10 @@ import pandas as pd
 from cellclass.data.io import image_exists
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, TaskSpec
 from cellclass.errors import ImageReadError, LabelError
+from cellclass.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
 
 PROBLEM_COLUMNS = ["row", "file", "field", "severity", "reason"]
 """Columns of :meth:`ValidationReport.to_frame` (and of ``validate --report``)."""
@@ -152,7 +152,7 @@ def validate(
         spec: Dataset to validate.
         check_images: Decode every image (otherwise only metadata is checked).
         workers: Decoding threads (decoders release the GIL).
-        progress: Called as ``progress(done, total)`` while images are decoded.
+        progress: Called as ``progress("validating", done, total)`` while images are decoded.
     """
     full = spec.load_manifest(apply_drop=False)
     frame = full
@@ -380,7 +380,7 @@ def _check_images(
             if info is not None:
                 infos[i] = info
             if progress is not None:
-                progress(done, total)
+                progress("validating", done, total)
     return problems, infos
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from cellclass.atomic import atomic_write_text
+from cellclass.progress import ProgressFn
 from cellclass.tracking.trackers import Tracker
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,7 @@ def _nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def cv_progress(logger: FoldLogger, progress: Callable[[str, int, int], None] | None
-                ) -> Callable[[str, int, int], None]:
+def cv_progress(logger: FoldLogger, progress: ProgressFn | None) -> ProgressFn:
     """A progress callback for :func:`~cellclass.evaluation.crossval.cross_validate` that also
     logs folds as they finish (checked when the stage changes: a new epoch or fold)."""
     last = {"stage": None}

@@ -38,7 +38,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from optuna.samplers import BaseSampler
 
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import CellclassError, SweepError
+from cellclass.progress import ProgressFn
 from cellclass.tracking.folds import FoldLogger, cv_progress
 from cellclass.tracking.space import SweepSpace
 from cellclass.tracking.study import (
@@ -69,8 +70,6 @@ log = logging.getLogger(__name__)
 # Settings that change the prepared images or the split: a change means preparing again.
 _DATA_KEYS = ("image_size", "fit", "channels", "split", "split_by", "val_fraction", "test_fraction", "seed")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass

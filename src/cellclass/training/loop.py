@@ -213,8 +213,7 @@ def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapp
     images = images_for_training(
         spec, frame, size=config.image_size, mode=config.fit, channels=config.channels or None,
         workers=config.workers, build=config.cache, cache_dir=config.cache_dir,
-        progress=(lambda d, t: progress("preparing cache" if config.cache else "loading images", d, t))
-        if progress else None,
+        progress=progress,
     )
     return PreparedData(spec, frame, encoders, targets, groups, split, warning, images, ids)
 
