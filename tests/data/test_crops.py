@@ -13,7 +13,6 @@ from cellclass.data.cache import CacheSettings, prepare_cache
 from cellclass.data.crops import (
     CELL_COLUMNS,
     GRID_COLUMNS,
-    CropError,
     QcThresholds,
     crop_cells,
     cut_montage,
@@ -30,7 +29,7 @@ from cellclass.data.simulate_fields import simulate_nuclei_field
 from cellclass.data.simulate_hpa_fields import simulate_hpa_fields
 from cellclass.data.spec import DatasetSpec, spec_from_manifest
 from cellclass.data.splits import make_split
-from cellclass.errors import ImageReadError, OutputPathError
+from cellclass.errors import CropError, ImageReadError, OutputPathError
 
 
 def square_labels(shape: tuple[int, int], boxes: dict[int, tuple[int, int, int, int]]) -> np.ndarray:

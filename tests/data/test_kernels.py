@@ -16,7 +16,11 @@ import torch
 
 from cellclass.data import augment
 from cellclass.data._kernels import augment_batch
-from cellclass.data.augment import intensity_jitter, random_dihedral, random_resized_crop
+from cellclass.data.augment import (
+    intensity_jitter,
+    random_dihedral,
+    random_resized_crop,
+)
 
 SCALE, RATIO = (0.4, 1.0), (3 / 4, 4 / 3)
 GAIN, SHIFT = 0.3, 0.2

@@ -19,12 +19,11 @@ from cellclass.data.simulate import (
     HPA_CHANNELS,
     HPA_CLASSES,
     HPA_RENDERED_CLASSES,
-    SimulationError,
     expected_foci,
     simulate_bps,
     simulate_hpa,
 )
-from cellclass.errors import CellclassError
+from cellclass.errors import CellclassError, SimulationError
 
 REAL_PLATES = {
     ("Fe", 0.0, 4): "P244", ("Fe", 0.0, 24): "P250", ("Fe", 0.0, 48): "P253",

@@ -69,7 +69,7 @@ from cellclass.data.io import read_image, write_tiff
 from cellclass.data.segment import Backend
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, ImageSpec
 from cellclass.data.vendor import VENDOR_EXTENSIONS
-from cellclass.errors import CellclassError, ImageReadError, OutputPathError
+from cellclass.errors import CropError, ImageReadError, OutputPathError
 from cellclass.progress import ProgressFn
 
 __all__ = [
@@ -80,7 +80,6 @@ __all__ = [
     "PAD_MODES",
     "QC_FLAGS",
     "CellProps",
-    "CropError",
     "CropResult",
     "QcThresholds",
     "crop_cells",
@@ -125,10 +124,6 @@ _IMAGE_SUFFIXES: tuple[str, ...] = tuple(sorted(
     key=len, reverse=True,
 ))
 _MARKER_VERSION = 1
-
-
-class CropError(CellclassError):
-    """Crops, tiles or their dataset cannot be made as asked (settings, masks, manifest)."""
 
 
 # --------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import tifffile
 
 from cellclass.atomic import atomic_write_bytes
 from cellclass.data.presets import HPA_CHANNELS, HPA_CLASSES
-from cellclass.errors import CellclassError
+from cellclass.errors import SimulationError
 from cellclass.progress import ProgressFn
 
 logger = logging.getLogger(__name__)
@@ -53,15 +53,9 @@ __all__ = [
     "HPA_CLASSES",
     "HPA_RENDERED_CLASSES",
     "BpsCondition",
-    "SimulationError",
     "simulate_bps",
     "simulate_hpa",
 ]
-
-
-
-class SimulationError(CellclassError, ValueError):
-    """A simulator argument is out of range or the output folder is already a dataset."""
 
 
 # --------------------------------------------------------------------------------------

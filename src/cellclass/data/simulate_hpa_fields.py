@@ -33,7 +33,6 @@ from cellclass.data.io import write_tiff
 from cellclass.data.presets import HPA_CHANNELS
 from cellclass.data.simulate import (
     HPA_RENDERED_CLASSES,
-    SimulationError,
     _check_output,
     _check_seed,
     _check_workers,
@@ -44,6 +43,7 @@ from cellclass.data.simulate import (
     _run_jobs,
     _smooth_noise,
 )
+from cellclass.errors import SimulationError
 from cellclass.progress import ProgressFn
 
 __all__ = ["HPA_RENDERED_CLASSES", "FieldCell", "simulate_hpa_fields"]

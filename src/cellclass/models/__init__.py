@@ -13,7 +13,12 @@ rebuilds the architecture).
 from cellclass.data.spec import TASK_TYPES
 
 # baselines and lenet register their models with the registry when imported
-from cellclass.models.baselines import LogRegBaseline, MLPBaseline, PixelBaseline, SVMBaseline
+from cellclass.models.baselines import (
+    LogRegBaseline,
+    MLPBaseline,
+    PixelBaseline,
+    SVMBaseline,
+)
 from cellclass.models.lenet import LeNet5
 from cellclass.models.network import MultiHeadNetwork
 from cellclass.models.registry import (

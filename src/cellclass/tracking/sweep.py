@@ -47,7 +47,7 @@ import pandas as pd
 from optuna.samplers import BaseSampler
 
 from cellclass.data.spec import DatasetSpec
-from cellclass.errors import CellclassError, SweepError
+from cellclass.errors import CellclassError, SweepError, TrialCrash
 from cellclass.progress import ProgressFn
 from cellclass.tracking.folds import FoldLogger, cv_progress
 from cellclass.tracking.space import SweepSpace
@@ -212,10 +212,6 @@ def _run_workers(job: SweepJob, n_jobs: int, progress: ProgressFn | None) -> str
 def failure_line(failure: Mapping[str, Any]) -> str:
     """One failed trial of a report's ``failures``, in one line: ``trial 3 failed: ValueError: ...``."""
     return f"trial {failure['trial']} failed: {failure['error']}"
-
-
-class TrialCrash(SweepError):
-    """A trial raised an unexpected error (recorded in the study); its worker stops."""
 
 
 def resolve_n_trials(space: SweepSpace, n_trials: int | None) -> int:
