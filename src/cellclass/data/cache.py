@@ -67,6 +67,11 @@ from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import CacheError, ImageReadError
 from cellclass.progress import ProgressFn
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -494,9 +499,7 @@ def prepare_cache(
 @contextlib.contextmanager
 def _slot_lock(root: Path, slot: str) -> Iterator[None]:
     """One build per slot at a time, across processes (released when a process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+    if fcntl is None:  # pragma: no cover - not POSIX: no cross-process lock
         yield
         return
     with open(root / f".lock-{slot}", "a+b") as handle:

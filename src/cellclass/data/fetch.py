@@ -32,8 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
 import numpy as np
 import pandas as pd
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from cellclass.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from cellclass.data.io import read_image
@@ -130,10 +134,6 @@ def make_client(endpoint_url: str | None = None, *, workers: int = 8, region: st
         signed: Sign requests with the environment's AWS credentials instead of sending
             anonymous (unsigned) ones; only for buckets that refuse anonymous reads.
     """
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
     options: dict[str, Any] = {
         "retries": {"max_attempts": 3, "mode": "standard"},
         "max_pool_connections": max(10, workers),
@@ -363,12 +363,6 @@ def _parse_meta(raw: bytes, where: str) -> pd.DataFrame:
     return meta
 
 
-def _client_errors() -> tuple[type[Exception], type[Exception]]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return BotoCoreError, ClientError
-
-
 def _status(exc: Exception) -> tuple[str, int]:
     response = getattr(exc, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
@@ -378,16 +372,14 @@ def _status(exc: Exception) -> tuple[str, int]:
 
 def _transient(exc: Exception) -> bool:
     """Whether a botocore error is worth retrying (5xx, throttling, connection trouble)."""
-    boto_core_error, client_error = _client_errors()
-    if isinstance(exc, client_error):
+    if isinstance(exc, ClientError):
         code, status = _status(exc)
         return status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout")
-    return isinstance(exc, boto_core_error)
+    return isinstance(exc, BotoCoreError)
 
 
 def _get_small(client: Any, bucket: str, key: str, retries: int, backoff: float, where: str) -> bytes:
     """Fetch a small object (the manifest) with retries."""
-    boto_core_error, client_error = _client_errors()
     for attempt in range(retries + 1):
         try:
             response = client.get_object(Bucket=bucket, Key=key)
@@ -395,8 +387,8 @@ def _get_small(client: Any, bucket: str, key: str, retries: int, backoff: float,
             if len(data) != int(response.get("ContentLength", len(data))):
                 raise _Retryable(f"received {len(data)} of {response['ContentLength']} bytes")
             return data
-        except (boto_core_error, client_error, _Retryable) as exc:
-            if isinstance(exc, (boto_core_error, client_error)) and not _transient(exc) or attempt == retries:
+        except (BotoCoreError, ClientError, _Retryable) as exc:
+            if isinstance(exc, (BotoCoreError, ClientError)) and not _transient(exc) or attempt == retries:
                 code, status = _status(exc)
                 hint = {"NoSuchBucket": f"bucket {bucket!r} does not exist",
                         "NoSuchKey": f"no object {key!r}"}.get(code, str(exc))
@@ -408,13 +400,12 @@ def _get_small(client: Any, bucket: str, key: str, retries: int, backoff: float,
 
 def _list_sizes(client: Any, bucket: str, prefix: str, where: str) -> dict[str, int]:
     """Size of every object directly under ``prefix``, by file name."""
-    boto_core_error, client_error = _client_errors()
     sizes: dict[str, int] = {}
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{prefix}/"}
     while True:
         try:
             page = client.list_objects_v2(**kwargs)
-        except (boto_core_error, client_error) as exc:
+        except (BotoCoreError, ClientError) as exc:
             raise FetchError(f"cannot list {where}/: {exc}") from None
         for item in page.get("Contents", []):
             name = item["Key"][len(prefix) + 1 :]
@@ -436,7 +427,6 @@ def _download(client: Any, bucket: str, key: str, dest: Path, expected: int, ret
         _Corrupt: When the object is missing, its size disagrees with the listing, it
             cannot be decoded, or every attempt failed.
     """
-    boto_core_error, client_error = _client_errors()
     last = ""
     for attempt in range(retries + 1):
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part{dest.suffix}")
@@ -462,8 +452,8 @@ def _download(client: Any, bucket: str, key: str, dest: Path, expected: int, ret
             return length
         except _Corrupt:
             raise
-        except (boto_core_error, client_error, _Retryable, OSError) as exc:
-            if isinstance(exc, client_error) and not _transient(exc):
+        except (BotoCoreError, ClientError, _Retryable, OSError) as exc:
+            if isinstance(exc, ClientError) and not _transient(exc):
                 code, status = _status(exc)
                 raise _Corrupt(f"cannot download: {code or status} ({exc})") from None
             last = str(exc)

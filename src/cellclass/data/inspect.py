@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.io import describe_image, image_exists
@@ -529,8 +530,6 @@ def _save_figure(fig: Any, path: Path) -> Path:
 
 
 def _plot_counts(task: str, counts: dict[str, int], path: Path) -> Path:
-    from matplotlib.figure import Figure
-
     names = list(counts)[:80]
     fig = Figure(figsize=(max(4.0, 0.3 * len(names) + 2), 3.5))
     ax = fig.subplots()
@@ -560,8 +559,6 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _plot_grid(images: list[np.ndarray], title: str, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
     cols = min(4, len(images))
     rows = math.ceil(len(images) / cols)
     fig = Figure(figsize=(2.0 * cols, 2.0 * rows + 0.4))

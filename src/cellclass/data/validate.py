@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellclass.atomic import atomic_path
 from cellclass.data.io import image_exists
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, TaskSpec
 from cellclass.errors import ImageReadError, LabelError
@@ -459,8 +460,6 @@ def write_clean_manifest(spec: DatasetSpec, report: ValidationReport, out: str |
     the original's, so the clean manifest works where it is written. Source files are
     not touched.
     """
-    from cellclass.atomic import atomic_path
-
     out = Path(out).resolve()
     frame = spec.load_manifest(apply_drop=True)
     keep = ~frame[ROW_COLUMN].isin(report.bad_rows)
@@ -477,8 +476,6 @@ def write_clean_manifest(spec: DatasetSpec, report: ValidationReport, out: str |
 
 
 def _relpath(path: Path, start: Path) -> str:
-    import os
-
     return Path(os.path.relpath(path, start)).as_posix()
 
 

@@ -41,6 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
 from cellclass.errors import ConfigError, SweepError
 from cellclass.textfiles import load_yaml
 from cellclass.training.config import TrainConfig
@@ -125,12 +131,6 @@ class Parameter:
 
     def distribution(self) -> Any:
         """The Optuna distribution of the parameter."""
-        from optuna.distributions import (
-            CategoricalDistribution,
-            FloatDistribution,
-            IntDistribution,
-        )
-
         if self.kind == "categorical":
             return CategoricalDistribution([self.encode(v) for v in self.values])
         if self.kind == "int":

@@ -29,9 +29,11 @@ How the count stays exact, with several workers and after a kill:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -43,11 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning_fabric  # noqa: F401  (it sets its loggers' levels when imported; quiet_training overrides them)
+import optuna
 import pandas as pd
-from optuna.samplers import BaseSampler
+import torch
+from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
+from optuna.trial import TrialState
 
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import CellclassError, SweepError, TrialCrash
+from cellclass.evaluation.crossval import cross_validate
 from cellclass.progress import ProgressFn
 from cellclass.tracking.folds import FoldLogger, cv_progress
 from cellclass.tracking.space import SweepSpace
@@ -64,6 +71,8 @@ from cellclass.tracking.study import (
 )
 from cellclass.tracking.sweep_report import write_sweep_report
 from cellclass.tracking.trackers import Tracker, make_tracker
+from cellclass.training.config import TrainConfig
+from cellclass.training.loop import prepare_data, train
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +266,6 @@ def work(job: SweepJob, worker: int = 0, *, progress: ProgressFn | None = None, 
 
 def load_study(job: SweepJob, storage: Any) -> Any:
     """The job's study with the sweep's sampler and pruner."""
-    import optuna
-
     with quiet_optuna():
         return optuna.load_study(study_name=job.study, storage=storage,
                                  sampler=SweepSampler(job.space, job.seed, job.n_trials), pruner=make_pruner(job.space))
@@ -270,8 +277,6 @@ def claim(study: Any, storage: Any, job: SweepJob) -> tuple[Any, dict[str, Any],
     Call under :class:`StudyLock`. Returns the trial, its configuration values and the
     number of the trial whose run folder it uses (its own, or the one it retries).
     """
-    from optuna.trial import TrialState
-
     study_id = storage.get_study_id_from_name(job.study)
     recover(study, storage, study_id)
     live = live_trials(storage.get_all_trials(study_id, deepcopy=False))
@@ -298,8 +303,6 @@ class DataCache:
 
     def get(self, spec: DatasetSpec, config: Any) -> Any:
         """Prepared data for ``spec`` (tasks already selected) and ``config``."""
-        from cellclass.training.loop import prepare_data
-
         key = json.dumps([spec.name, [t.name for t in spec.tasks], {k: getattr(config, k) for k in _DATA_KEYS}],
                          default=str)
         if key != self._key:
@@ -335,8 +338,6 @@ class PruningTracker(Tracker):
 
     def report(self, value: float, step: int) -> None:
         """Report an intermediate value; raise ``TrialPruned`` if the trial should stop."""
-        import optuna
-
         self.trial.report(value, step)
         if step < self.last_step and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: {self.metric} = {value:.4f}")
@@ -358,11 +359,6 @@ def run_trial(job: SweepJob, study: Any, storage: Any, trial: Any, params: dict[
     The run folder is ``OUT/trials/NNNN`` with ``NNNN`` the trial's number, or the number
     of the interrupted trial it runs again (whose checkpoint and tracked run it continues).
     """
-    import optuna
-    from optuna.trial import TrialState
-
-    from cellclass.training.config import TrainConfig
-
     folder = job.out / "trials" / f"{root:04d}"
     trial.set_user_attr("run_dir", folder.relative_to(job.out).as_posix())
     text = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
@@ -464,8 +460,6 @@ def best_epoch_value(run: str | Path, metric: str) -> tuple[float, int]:
 
 def _single_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker, cache: DataCache,
                   progress: ProgressFn | None) -> tuple[float, dict[str, Any]]:
-    from cellclass.training.loop import train
-
     spec = job.spec.select_tasks(cfg.tasks)
     # A trial run again after an interruption continues its folder from the last checkpoint;
     # when every epoch was done, that re-runs only the final evaluation (report, test figures,
@@ -482,8 +476,6 @@ def _single_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker
 
 def _cv_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker, cache: DataCache,
               progress: ProgressFn | None) -> tuple[float, dict[str, Any]]:
-    from cellclass.evaluation.crossval import cross_validate
-
     n = int(job.folds or 0)
     folder.mkdir(parents=True, exist_ok=True)
     for fold in folder.glob("fold_*"):  # an interrupted fold starts again; finished ones are kept
@@ -525,8 +517,6 @@ def threads_per_worker(n_jobs: int) -> int:
 
 
 def _spawn_workers(job: SweepJob, n_jobs: int) -> list[int | None]:
-    import multiprocessing
-
     ctx = multiprocessing.get_context("spawn")
     threads = threads_per_worker(n_jobs)
     level = logging.getLogger("cellclass").getEffectiveLevel()
@@ -571,8 +561,6 @@ def _worker_main(job: SweepJob, worker: int, threads: int, barrier: Any, parent:
     _die_with_parent(parent)
     for key in _THREAD_VARS:
         os.environ[key] = str(threads)
-    import torch
-
     torch.set_num_threads(threads)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[worker {worker}] %(message)s"))
@@ -594,8 +582,6 @@ def _worker_main(job: SweepJob, worker: int, threads: int, barrier: Any, parent:
 def _die_with_parent(parent: int) -> None:
     """End this worker when the sweep's main process dies (even by SIGKILL)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -615,8 +601,6 @@ def _die_with_parent(parent: int) -> None:
 # -- sampling and pruning --------------------------------------------------------------
 def make_pruner(space: SweepSpace) -> Any:
     """Optuna pruner of the sweep file (median by default)."""
-    import optuna
-
     spec = dict(space.pruner)
     kind = spec.pop("type", "median")
     if kind == "none":
@@ -645,8 +629,6 @@ class SweepSampler(BaseSampler):
         self._random: Any = None
 
     def _for(self, trial: Any) -> Any:
-        from optuna.samplers import GridSampler, RandomSampler, TPESampler
-
         if self._number != trial.number:
             seed = (self.seed * 1_000_003 + trial.number) % (2**31)
             self._random = RandomSampler(seed=seed)
@@ -691,8 +673,6 @@ def quiet_training() -> Iterator[None]:
     if logging.getLogger("cellclass").getEffectiveLevel() <= logging.DEBUG:
         yield
         return
-    with contextlib.suppress(ImportError):
-        import lightning_fabric  # noqa: F401  (it sets its loggers' levels when first imported)
     names = ("cellclass.data", "cellclass.training", "cellclass.evaluation", "cellclass.models",
              "lightning.fabric", "lightning_fabric")
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
