@@ -19,7 +19,6 @@ from cellclass.data.segment import (
     CellposeBackend,
     MaskFileBackend,
     NucleusParams,
-    SegmentationError,
     SkimageBackend,
     StarDistBackend,
     make_backend,
