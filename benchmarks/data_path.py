@@ -5,7 +5,7 @@ Simulates a BPS-layout set (single-channel 200 x 200 uint16 TIFFs) and an HPA-la
 
 - **raw decode**: ``DatasetSpec.read_image`` (cellclass's readers: imagecodecs TIFF/PNG)
   over every row, the files warm in the page cache;
-- **decode + fit**: the same plus :func:`~cellclass.data.loading.fit_image` to 128 px,
+- **decode + fit**: the same plus :func:`~cellclass.data.resize.fit_image` to 128 px,
   the per-image work ``prepare`` does once and a run without a cache does every time;
 - **cache read**: :class:`~cellclass.data.cache.CachedImages`, shuffled batches of 64
   rows, as the training loader reads them, from caches at the native size (the same
@@ -32,8 +32,8 @@ import numpy as np
 
 from _common import machine
 from cellclass.data.cache import CacheSettings, prepare_cache
-from cellclass.data.loading import fit_image
 from cellclass.data.presets import bps, hpa
+from cellclass.data.resize import fit_image
 from cellclass.data.simulate import simulate_bps, simulate_hpa
 
 

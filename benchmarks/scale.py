@@ -8,7 +8,7 @@ TIFFs, about 6 GB of pixels; ``--quick``: 5,000), then in this process:
 2. **fit**: the normalizer fitted over every cached image, one chunk at a time, as
    ``train`` does on its training split;
 3. **stream**: one epoch of shuffled batches of 64 through the
-   :class:`~cellclass.data.loader.BatchLoader` (worker processes as the default config
+   :class:`~cellclass.data.batches.BatchLoader` (worker processes as the default config
    picks them, batch augmentation on), with its memory bound set to ``--memory-mb``, under
    the allocator setting training runs under (:func:`~cellclass.allocator.steady_allocator`).
 
@@ -40,10 +40,9 @@ import numpy as np
 from cellclass.allocator import steady_allocator
 from _common import RssSampler, machine, peak_rss_mb, tree_rss_mb
 from cellclass.data.augment import BatchAugment
+from cellclass.data.batches import BatchLoader, default_workers
 from cellclass.data.cache import CacheSettings, iter_images, prepare_cache
-from cellclass.data.loader import BatchLoader, default_workers
-from cellclass.data.loading import NormalizedView
-from cellclass.data.normalize import Normalizer
+from cellclass.data.normalize import NormalizedView, Normalizer
 from cellclass.data.presets import bps
 
 SIZE = 200

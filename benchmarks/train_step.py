@@ -7,7 +7,7 @@ ratios):
 
 - **cellclass**: the prepared cache read by ``prepare_data``, normalization fitted on the
   training split (the images normalized once when they fit in ``loader_memory_mb``, as
-  here, else per batch), the streaming :class:`~cellclass.data.loader.BatchLoader` (worker
+  here, else per batch), the streaming :class:`~cellclass.data.batches.BatchLoader` (worker
   processes as configured by default, batch augmentation: random resized crop, D4,
   intensity jitter), and the Fabric step of ``training/loop.py`` (its fused AdamW,
   one-cycle schedule, class-weighted loss, channels-last), all with the defaults of
@@ -51,8 +51,8 @@ import torch.nn.functional as F
 
 from _common import machine
 from cellclass.allocator import steady_allocator
+from cellclass.data.batches import BatchLoader, default_workers
 from cellclass.data.cache import CachedImages, CacheSettings, iter_images, prepare_cache
-from cellclass.data.loader import BatchLoader, default_workers
 from cellclass.data.normalize import Normalizer
 from cellclass.data.presets import bps
 from cellclass.data.simulate import simulate_bps

@@ -70,3 +70,26 @@ class ImageWriteError(CellclassError, ValueError):
 
 class OutputPathError(CellclassError):
     """An output path cannot be used: it is one of the inputs, or a folder where a file is needed."""
+
+
+# Data preparation and sweeps
+
+
+class SimulationError(CellclassError, ValueError):
+    """A simulator argument is out of range or the output folder is already a dataset."""
+
+
+class PlateSimulationError(CellclassError, ValueError):
+    """A plate simulation was asked for with invalid settings."""
+
+
+class CropError(CellclassError):
+    """Crops, tiles or their dataset cannot be made as asked (settings, masks, manifest)."""
+
+
+class SegmentationError(CellclassError):
+    """A field, a parameter, a mask file or a backend cannot be segmented or used as asked."""
+
+
+class TrialCrash(SweepError):
+    """A trial raised an unexpected error (recorded in the study); its worker stops."""

@@ -29,8 +29,8 @@ from cellclass.data.cache import (
     resolve_cache_dir,
 )
 from cellclass.data.io import write_tiff
-from cellclass.data.loading import load_images
 from cellclass.data.presets import bps, folder
+from cellclass.data.resize import load_images
 from cellclass.errors import CacheError, ImageReadError
 
 
@@ -124,7 +124,7 @@ def test_an_interrupted_build_leaves_no_cache_and_resumes(data: Path) -> None:
     class Stop(Exception):
         pass
 
-    def stop_after_two_chunks(done: int, total: int) -> None:
+    def stop_after_two_chunks(stage: str, done: int, total: int) -> None:
         if done >= 20:
             raise Stop
 
@@ -146,7 +146,7 @@ import sys, time
 from cellclass.data.cache import CacheSettings, prepare_cache
 from cellclass.data.presets import bps
 prepare_cache(bps(sys.argv[1]), CacheSettings(32), chunk_rows=4, workers=1,
-              progress=lambda done, total: time.sleep(0.3))
+              progress=lambda stage, done, total: time.sleep(0.3))
 """
 
 

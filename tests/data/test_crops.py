@@ -13,7 +13,6 @@ from cellclass.data.cache import CacheSettings, prepare_cache
 from cellclass.data.crops import (
     CELL_COLUMNS,
     GRID_COLUMNS,
-    CropError,
     QcThresholds,
     crop_cells,
     cut_montage,
@@ -30,7 +29,7 @@ from cellclass.data.simulate_fields import simulate_nuclei_field
 from cellclass.data.simulate_hpa_fields import simulate_hpa_fields
 from cellclass.data.spec import DatasetSpec, spec_from_manifest
 from cellclass.data.splits import make_split
-from cellclass.errors import ImageReadError, OutputPathError
+from cellclass.errors import CropError, ImageReadError, OutputPathError
 
 
 def square_labels(shape: tuple[int, int], boxes: dict[int, tuple[int, int, int, int]]) -> np.ndarray:
@@ -283,7 +282,7 @@ def test_resume_after_an_interruption_does_only_the_rest(dataset: DatasetSpec, t
     masks = dataset.base_dir / "seg"
     fresh = make_crops(dataset, masks, tmp_path / "fresh", 16, mask_neighbours=True)
 
-    def stop_after_three(done: int, total: int) -> None:
+    def stop_after_three(stage: str, done: int, total: int) -> None:
         if done == 3:
             raise Interrupt
 
@@ -294,8 +293,8 @@ def test_resume_after_an_interruption_does_only_the_rest(dataset: DatasetSpec, t
     done_before = {p: p.stat().st_mtime_ns for p in (out / "crops").rglob("*.tif")}
     assert done_before
     calls = []
-    resumed = make_crops(dataset, masks, out, 16, mask_neighbours=True, progress=lambda d, t: calls.append(d))
-    assert resumed.n_processed == 3 and calls[0] == 3 and calls[-1] == 6
+    resumed = make_crops(dataset, masks, out, 16, mask_neighbours=True, progress=lambda *c: calls.append(c))
+    assert resumed.n_processed == 3 and calls[0] == ("cutting fields", 3, 6) and calls[-1] == ("cutting fields", 6, 6)
     assert (out / "cells.csv").read_bytes() == fresh.cells.read_bytes()
     assert (out / "fields_qc.csv").read_bytes() == fresh.fields_qc.read_bytes()
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())  # not cut again

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cellclass.data.augment import AugmentConfig
+from cellclass.data.batches import BatchLoader
 from cellclass.data.io import write_png, write_tiff
-from cellclass.data.loader import BatchLoader
 from cellclass.data.normalize import Normalizer
 from cellclass.errors import CellclassError, ConfigError, ImageWriteError, NormalizationError
 

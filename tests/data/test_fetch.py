@@ -86,9 +86,9 @@ def _meta(bps_dir: Path) -> pd.DataFrame:
 def test_fetch_with_filters_writes_checked_files_and_a_valid_spec(s3_endpoint: str, bucket: str, bps_dir: Path,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "bps"
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[str, int, int]] = []
     result = fetch_bps(out, hours=[4, 24], particles=["fe"], doses=[0.82, 0], endpoint_url=s3_endpoint,
-                       bucket=bucket, workers=4, progress=lambda d, t: seen.append((d, t)))
+                       bucket=bucket, workers=4, progress=lambda *call: seen.append(call))
     meta = _meta(bps_dir)
     expected = meta[(meta.particle_type == "Fe") & meta.hr_post_exposure.isin(["4", "24"])
                     & meta.dose_Gy.astype(float).isin([0.82, 0.0])]
@@ -96,7 +96,7 @@ def test_fetch_with_filters_writes_checked_files_and_a_valid_spec(s3_endpoint: s
     assert sorted(p.name for p in out.glob("*.tif")) == sorted(expected.filename)
     for name in expected.filename:
         assert (out / name).read_bytes() == (bps_dir / name).read_bytes()
-    assert seen[-1] == (len(expected), len(expected))
+    assert seen[-1] == ("downloading", len(expected), len(expected))
     assert pd.read_csv(out / "meta.csv", dtype=str)["filename"].tolist() == expected.filename.tolist()
     assert (out / "meta.source.csv").read_bytes() == (bps_dir / "meta.csv").read_bytes()
     report = validate(load_spec(result.spec))
@@ -113,7 +113,7 @@ def test_an_interrupted_fetch_resumes_without_downloading_finished_files(s3_endp
     class Interrupt(Exception):
         pass
 
-    def stop_after_ten(done: int, total: int) -> None:
+    def stop_after_ten(stage: str, done: int, total: int) -> None:
         if done >= 10:
             raise Interrupt
 

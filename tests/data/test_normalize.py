@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cellclass.data.normalize import Normalizer
+from cellclass.data.normalize import NormalizedView, Normalizer
 
 
 def ramp(c: int = 2, size: int = 16, top: int = 60000, dtype=np.uint16) -> np.ndarray:
@@ -130,3 +130,28 @@ def test_errors() -> None:
         Normalizer(mode="group").fit([image, image], groups=["a"])
     with pytest.raises(ValueError, match=r"unknown normalizer key\(s\) \['scale'\]"):
         Normalizer.from_dict({"mode": "none", "scale": 2})
+
+
+def test_normalized_view_matches_whole_array_normalization() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 60000, size=(10, 2, 4, 4)).astype(np.float32)
+    norm = Normalizer().fit(images)
+    view = NormalizedView(images, norm)
+    whole = norm.transform_batch(images)
+    idx = np.array([7, 2, 2, 9])
+    np.testing.assert_allclose(view[idx], whole[idx])
+    assert view.shape == images.shape and len(view) == 10
+    np.testing.assert_allclose(view[np.array([-1, 0])], whole[[9, 0]])
+    np.testing.assert_allclose(view[3:6], whole[3:6])
+    np.testing.assert_allclose(view[4], whole[4:5])
+    with pytest.raises(IndexError, match="out of range for 10 images"):
+        view[np.array([3, 10])]
+
+
+def test_materialized_view_is_the_normalized_array() -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 60000, size=(11, 2, 4, 4)).astype(np.uint16)
+    view = NormalizedView(images, Normalizer().fit(images))
+    whole = view.materialize(chunk=4)  # chunks that do not divide the rows
+    assert whole.dtype == np.float32 and whole.shape == images.shape and view.nbytes == whole.nbytes
+    np.testing.assert_array_equal(whole, view[np.arange(11)])

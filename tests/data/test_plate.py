@@ -17,13 +17,12 @@ from cellclass.data.plate import PLATE_COLUMNS, plate_manifest
 from cellclass.data.presets import load_spec, preset
 from cellclass.data.spec import DatasetSpec
 from cellclass.data.validate import validate
-from cellclass.errors import MissingDependencyError, SpecError
+from cellclass.errors import MissingDependencyError, PlateSimulationError, SpecError
 
 pytest.importorskip("ome_zarr")
 from cellclass.data.simulate_plate import (  # noqa: E402
     PLATE_CHANNELS,
     TREATMENTS,
-    PlateSimulationError,
     simulate_plate,
 )
 

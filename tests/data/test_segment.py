@@ -19,7 +19,6 @@ from cellclass.data.segment import (
     CellposeBackend,
     MaskFileBackend,
     NucleusParams,
-    SegmentationError,
     SkimageBackend,
     StarDistBackend,
     make_backend,
@@ -29,7 +28,7 @@ from cellclass.data.segment import (
     segment_nuclei,
 )
 from cellclass.data.simulate_fields import simulate_nuclei_field
-from cellclass.errors import MissingDependencyError, ModelError
+from cellclass.errors import MissingDependencyError, ModelError, SegmentationError
 from cellclass.evaluation._validation import EvaluationError
 from cellclass.evaluation.segmentation_metrics import (
     iou_matrix,

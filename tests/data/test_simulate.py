@@ -19,12 +19,11 @@ from cellclass.data.simulate import (
     HPA_CHANNELS,
     HPA_CLASSES,
     HPA_RENDERED_CLASSES,
-    SimulationError,
     expected_foci,
     simulate_bps,
     simulate_hpa,
 )
-from cellclass.errors import CellclassError
+from cellclass.errors import CellclassError, SimulationError
 
 REAL_PLATES = {
     ("Fe", 0.0, 4): "P244", ("Fe", 0.0, 24): "P250", ("Fe", 0.0, 48): "P253",
@@ -143,16 +142,16 @@ def test_bps_output_does_not_depend_on_workers(tmp_path: Path) -> None:
 
 
 def test_bps_size_jitter_and_progress(tmp_path: Path) -> None:
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[str, int, int]] = []
     meta = simulate_bps(
         tmp_path, n_images=34, image_size=(40, 60), size_jitter=0.25,
-        progress=lambda done, total: calls.append((done, total)),
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
     )
     shapes = {tifffile.imread(meta.parent / r["filename"]).shape for r in _read_csv(meta)}
     assert len(shapes) > 5
     assert all(30 <= h <= 50 and 45 <= w <= 75 for h, w in shapes)
-    assert calls and calls[-1] == (34, 34)
-    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert calls and calls[-1] == ("writing images", 34, 34)
+    assert [done for _, done, _ in calls] == sorted(done for _, done, _ in calls)
 
 
 def _bright_pixels(image: np.ndarray) -> int:

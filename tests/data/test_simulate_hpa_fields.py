@@ -11,8 +11,9 @@ import pytest
 from cellclass.data.io import read_image
 from cellclass.data.presets import HPA_CLASSES, hpa
 from cellclass.data.segment import CellParams, SkimageBackend, segment_cells
-from cellclass.data.simulate import HPA_RENDERED_CLASSES, SimulationError
+from cellclass.data.simulate import HPA_RENDERED_CLASSES
 from cellclass.data.simulate_hpa_fields import simulate_hpa_fields
+from cellclass.errors import SimulationError
 from cellclass.evaluation.segmentation_metrics import score_fields
 
 

@@ -25,6 +25,13 @@ def test_clean_simulated_set_has_no_problem(bps_dir: Path) -> None:
     assert report.dtypes == {"uint16": report.n_rows}
 
 
+def test_progress_counts_the_decoded_images(bps_dir: Path) -> None:
+    calls: list[tuple[str, int, int]] = []
+    report = validate(bps(bps_dir), workers=2, progress=lambda *call: calls.append(call))
+    assert calls[-1] == ("validating", report.n_rows, report.n_rows)
+    assert [done for _, done, _ in calls] == list(range(1, report.n_rows + 1))
+
+
 def test_all_four_faults_reported_with_rows_and_sources_untouched(corrupt_bps: tuple[Path, dict[str, int]]) -> None:
     data, rows = corrupt_bps
     before = _digest(data)

@@ -20,15 +20,8 @@ import yaml
 from cellclass.data.presets import bps
 from cellclass.errors import SweepError
 from cellclass.tracking.space import SweepSpace
-from cellclass.tracking.sweep import (
-    SweepJob,
-    claim,
-    live_trials,
-    load_study,
-    open_storage,
-    open_study,
-    run_sweep,
-)
+from cellclass.tracking.study import live_trials, open_storage, open_study
+from cellclass.tracking.sweep import SweepJob, claim, load_study, run_sweep
 from cellclass.training.config import TrainConfig
 
 FAST = ["--image-size", "32", "--set", "tta=false", "--set", "workers=1", "--set", "channels_last=false"]
@@ -250,7 +243,7 @@ def test_a_dead_workers_trial_is_queued_again_with_its_parameters_and_folder(tmp
 def test_cross_validation_objective(bps_dir: Path, tmp_path: Path, mlflow_store) -> None:
     from mlflow.tracking import MlflowClient
 
-    from cellclass.tracking.runs import best_epoch_value
+    from cellclass.tracking.sweep import best_epoch_value
 
     space = SweepSpace.from_dict({"method": "random", "metric": "val/macro_f1",
                                   "parameters": {"lr": {"min": 0.001, "max": 0.01}}})
@@ -286,7 +279,7 @@ def test_worker_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None
 def test_database_row_lock_runs(tmp_path: Path) -> None:
     """The lock workers on several machines share (a row held FOR UPDATE; SQLite ignores the
     clause, PostgreSQL and MySQL honour it): created once, taken and released repeatedly."""
-    from cellclass.tracking.sweep import StudyLock
+    from cellclass.tracking.study import StudyLock
 
     lock = StudyLock(f"sqlite:///{tmp_path / 'shared.db'}", "study")
     for _ in range(2):

@@ -13,7 +13,7 @@ import pytest
 from cellclass.data.presets import bps
 from cellclass.errors import MissingDependencyError, TrackingError
 from cellclass.tracking import MLflowTracker, NoTracker, make_tracker
-from cellclass.tracking.runs import FoldLogger
+from cellclass.tracking.folds import FoldLogger
 from cellclass.tracking.trackers import (
     artifact_files,
     default_tracking_uri,

@@ -105,7 +105,7 @@ def test_images_normalized_once_train_as_per_batch(bps_dir: Path, tmp_path: Path
     # Within loader_memory_mb the loop normalizes every image once; with a bound below the
     # data (68 images of 64 x 64 float32: 1.1 MB) it normalizes each batch as read. Same
     # seed, same batches: the same training.
-    from cellclass.data.loading import NormalizedView
+    from cellclass.data.normalize import NormalizedView
 
     materialized = []
     original = NormalizedView.materialize

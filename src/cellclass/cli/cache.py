@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cellclass.cli.app import app
 from cellclass.cli.options import DatasetOptions, SpecArg, takes_options
-from cellclass.cli.output import console, progress
+from cellclass.cli.output import console, stage_progress
 from cellclass.errors import CellclassError
 
 fetch_app = typer.Typer(help="Download public datasets (anonymous S3) and write a ready spec.", no_args_is_help=True)
@@ -53,7 +53,7 @@ def prepare(
     ds = dataset.to_spec(spec)
     chosen = tuple(int(c) for c in _numbers("--channels", channels, int)) or None
     settings = CacheSettings(image_size, fit, chosen, dtype, hash_)
-    with progress("preparing cache") as update:
+    with stage_progress() as update:
         cache = prepare_cache(ds, settings, cache_dir=cache_dir, workers=workers, progress=update, rebuild=rebuild)
     meta = cache.meta
     shape = "x".join(map(str, meta["shape"]))
@@ -88,7 +88,7 @@ def fetch_bps_cmd(
     from cellclass.data.fetch import fetch_bps
 
     chosen = [p.strip() for p in particles.split(",") if p.strip()] if particles else None
-    with progress("downloading") as update:
+    with stage_progress() as update:
         result = fetch_bps(out, hours=_numbers("--hours", hours), doses=_numbers("--doses", doses),
                            particles=chosen, limit=limit, workers=workers, endpoint_url=endpoint_url,
                            bucket=bucket, prefix=prefix, retries=retries, progress=update)

@@ -17,7 +17,7 @@ from cellclass.cli.output import (
     check_output_file,
     console,
     err_console,
-    progress,
+    stage_progress,
     write_csv,
     write_json,
 )
@@ -100,7 +100,7 @@ def validate(
             check_output_file(path, option, inputs=sources)
     if write_clean is not None and report is not None and write_clean.resolve() == report.resolve():
         raise OutputPathError(f"--write-clean and --report are both {str(report)!r}; valid: two different files")
-    with progress("validating") as update:
+    with stage_progress() as update:
         result = run_validate(ds, check_images=not no_images, workers=workers, progress=update)
     notes = console if output is OutputFormat.table else err_console
     if output is OutputFormat.json:
@@ -160,7 +160,7 @@ def inspect(
     from cellclass.data.inspect import inspect_dataset
 
     ds = dataset.to_spec(spec)
-    with progress("reading images") as update:
+    with stage_progress() as update:
         result = inspect_dataset(ds, out, max_images=max_images, seed=seed, progress=update)
     if output is OutputFormat.json:
         write_json(result.to_dict())

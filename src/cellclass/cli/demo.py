@@ -11,7 +11,7 @@ import typer
 
 from cellclass.cli.app import app
 from cellclass.cli.data import print_inspection
-from cellclass.cli.output import console, progress, stage_progress
+from cellclass.cli.output import console, stage_progress
 from cellclass.cli.sweep import print_sweep
 from cellclass.cli.training import print_metrics
 from cellclass.errors import CellclassError
@@ -35,7 +35,7 @@ def demo(
 
     ds = _demo_data(out / "data", n_images, seed)
     console.rule("3. inspect (class counts, intensities, confounds)")
-    with progress("reading images") as update:
+    with stage_progress() as update:
         report = inspect_dataset(ds, out / "inspect", progress=update)
     print_inspection(report)
     console.rule("4. particle type of irradiated nuclei (dose_Gy > 0): MLP baseline and LeNet-5, split by plate")
@@ -65,7 +65,7 @@ def _demo_data(data: Path, n_images: int, seed: int) -> Any:
     ds = bps(data)
     console.print(f"{n_images} uint16 TIFF nuclei and meta.csv in {data}")
     console.rule("2. validate")
-    with progress("validating") as update:
+    with stage_progress() as update:
         result = validate(ds, progress=update)
     console.print(f"{result.n_rows} rows, {len(result.problems)} problem(s); shapes "
                   f"{dict(result.shapes.most_common(3))}; dtypes {dict(result.dtypes)}")

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cellclass.cli.app import app, simulate_app
 from cellclass.cli.options import DatasetOptions, SpecArg, option_name, takes_options
-from cellclass.cli.output import console, progress
+from cellclass.cli.output import console, stage_progress
 
 _WEIGHTED_BACKENDS = {"cellpose": "a Cellpose model file", "stardist": "a StarDist model folder (config.json + weights)"}
 _BACKENDS = ("skimage", *_WEIGHTED_BACKENDS)
@@ -33,7 +33,7 @@ def simulate_hpa_fields_cmd(
     with the true cell and nucleus masks and every cell's labels."""
     from cellclass.data.simulate_hpa_fields import simulate_hpa_fields
 
-    with progress("simulating fields") as update:
+    with stage_progress() as update:
         manifest = simulate_hpa_fields(out, n_fields=n_fields, size=size, seed=seed, workers=workers,
                                        progress=update, overwrite=overwrite)
     with open(out / "cells_truth.csv") as handle:
@@ -91,7 +91,8 @@ def segment(
     settings, so an interrupted run resumes. `cellclass crops DATA --masks OUT` reads OUT.
     """
     from cellclass.data.masks import resolve_channel, segment_fields
-    from cellclass.data.segment import CellParams, SegmentationError, make_backend
+    from cellclass.data.segment import CellParams, make_backend
+    from cellclass.errors import SegmentationError
 
     name = _backend_name(backend, masks, weights, diameter)
     if cell_channel is None and (membrane or max_distance is not None):
@@ -117,7 +118,7 @@ def segment(
     else:
         chosen = make_backend("stardist", weights=weights, channel=nucleus)
     params = None if cells is None else CellParams(membrane=membrane, max_distance=max_distance)
-    with progress("segmenting") as update:
+    with stage_progress() as update:
         result = segment_fields(ds, chosen, out, cell_channel=cells, cell_params=params, workers=workers,
                                 progress=update)
 
@@ -205,7 +206,7 @@ def crops(
                             f"--order and --keep-empty, or crops around masked objects without --grid")
         tile = _tile(grid)
         ds = dataset.to_spec(spec)
-        with progress("cutting montages") as update:
+        with stage_progress() as update:
             result = make_grid_crops(ds, out, tile, skip_empty=not keep_empty, order=order, qc=qc, workers=workers,
                                      progress=update)
         side = f"{tile[0]} x {tile[1]}"
@@ -218,7 +219,7 @@ def crops(
         folder = _mask_folder(masks)
         ds = dataset.to_spec(spec)
         size = 64 if size is None else size
-        with progress("cutting fields") as update:
+        with stage_progress() as update:
             result = make_crops(ds, folder, out, size, mask_neighbours=mask_neighbours,
                                 mask_background=mask_background, border=border, pad=pad, min_area=min_area,
                                 max_area=max_area, qc=qc, workers=workers, progress=update)
@@ -242,7 +243,7 @@ def crops(
 
 def _backend_name(backend: str | None, masks: str | None, weights: Path | None, diameter: float | None) -> str:
     """The backend asked for, with the options that go with it checked."""
-    from cellclass.data.segment import SegmentationError
+    from cellclass.errors import SegmentationError
 
     if backend is not None and backend not in _BACKENDS:
         raise SegmentationError(f"--backend {backend!r} is unknown; valid: {', '.join(_BACKENDS)} (or --masks "
@@ -271,7 +272,7 @@ def _backend_name(backend: str | None, masks: str | None, weights: Path | None, 
 
 def _mask_folder(path: Path) -> Path:
     """The segmentation output folder (holding masks/) that ``--masks`` names."""
-    from cellclass.data.crops import CropError
+    from cellclass.errors import CropError
 
     if (path / "masks").is_dir():
         return path
@@ -285,7 +286,7 @@ def _mask_folder(path: Path) -> Path:
 
 def _tile(text: str) -> tuple[int, int]:
     """``--grid``: one side (``40``) or ``HxW`` (``40x32``)."""
-    from cellclass.data.crops import CropError
+    from cellclass.errors import CropError
 
     parts = text.lower().split("x")
     try:

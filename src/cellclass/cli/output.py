@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cellclass.errors import OutputPathError
+from cellclass.progress import ProgressFn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -118,19 +119,7 @@ def _bar() -> Progress:
 
 
 @contextmanager
-def progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar of one stage, as a ``progress(done, total)`` callback."""
-    with _bar() as bar:
-        task_id = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task_id, completed=done, total=total)
-
-        yield update
-
-
-@contextmanager
-def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
+def stage_progress() -> Iterator[ProgressFn]:
     """A progress bar whose description follows the stage: ``progress(stage, done, total)``."""
     with _bar() as bar:
         task_id = bar.add_task("starting", total=None)

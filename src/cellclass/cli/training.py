@@ -177,7 +177,7 @@ def cv(
     Re-running the same command skips the folds already finished.
     """
     from cellclass.evaluation.crossval import cross_validate
-    from cellclass.tracking.runs import FoldLogger, cv_progress
+    from cellclass.tracking.folds import FoldLogger, cv_progress
 
     ds = dataset.to_spec(spec)
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it

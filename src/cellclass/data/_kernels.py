@@ -9,8 +9,8 @@ the offset): on a small network that shows in the training throughput
 (``benchmarks/train_step.py``, figures in docs/benchmarks.md). The values are those of
 ``augment._resample`` (same taps, same float32 weights, same order of operations), which
 stays the path for other devices and dtypes; the crop boxes and jitter factors come from
-the same functions as there (``augment._box_from_uniforms``,
-``augment._jitter_from_uniforms``), compiled here.
+the same functions as there (:mod:`cellclass.data._draws`), compiled here.
+``tests/data/test_kernels.py`` holds the kernel to the torch transforms.
 
 Compiled on first use and cached beside this file (numba ``cache=True``), so later
 processes load it without compiling.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from cellclass.data.augment import _box_from_uniforms, _jitter_from_uniforms
+from cellclass.data._draws import box_from_uniforms, jitter_from_uniforms
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -47,8 +47,8 @@ def _border_taps(scale: float, shift: float, size: int, reverse: bool, index: np
         weight[0, k] = 1.0 - (px - low)
 
 
-_box = njit(cache=True, nogil=True)(_box_from_uniforms)
-_jitter = njit(cache=True, nogil=True)(_jitter_from_uniforms)
+_box = njit(cache=True, nogil=True)(box_from_uniforms)
+_jitter = njit(cache=True, nogil=True)(jitter_from_uniforms)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)

@@ -17,7 +17,6 @@ devices and dtypes, torch operations with the same draws and values.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -27,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cellclass.data.loading import checked_rows
+from cellclass.data._draws import box_from_uniforms, jitter_from_uniforms
+from cellclass.data._kernels import augment_batch
+from cellclass.data.normalize import checked_rows
 from cellclass.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 """``DIHEDRAL_INVERSE[k]`` undoes :func:`dihedral` element ``k``."""
@@ -138,7 +137,7 @@ def random_resized_crop(
 def _crop_box(n: int, scale: tuple[float, float], ratio: tuple[float, float],
               generator: torch.Generator | None) -> tuple[np.ndarray, ...]:
     """Draw ``n`` crop boxes as (width, height, x shift, y shift) in ``affine_grid`` units."""
-    return _box_from_uniforms(_crop_uniforms(n, generator), *_box_bounds(scale, ratio))
+    return box_from_uniforms(_crop_uniforms(n, generator), *_box_bounds(scale, ratio))
 
 
 def _crop_uniforms(n: int, generator: torch.Generator | None) -> np.ndarray:
@@ -151,23 +150,6 @@ def _box_bounds(scale: tuple[float, float], ratio: tuple[float, float]) -> tuple
     _check_range("scale", scale, upper=1.0)
     _check_range("ratio", ratio)
     return float(scale[0]), float(scale[1]), math.log(ratio[0]), math.log(ratio[1])
-
-
-def _box_from_uniforms(u: np.ndarray, area_lo: float, area_hi: float, log_lo: float,
-                       log_hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Crop boxes from uniform draws ``u`` ``(4, n)``: area uniform in ``[area_lo, area_hi]``,
-    aspect log-uniform, each side capped at the image, position uniform inside it.
-
-    Plain NumPy; ``_kernels`` compiles this same function for the one-pass kernel.
-    """
-    area = area_lo + (area_hi - area_lo) * u[0]
-    aspect = np.exp(log_lo + (log_hi - log_lo) * u[1])
-    width = np.minimum(np.sqrt(area * aspect), 1.0)
-    height = np.minimum(np.sqrt(area / aspect), 1.0)
-    # affine_grid's coordinates run from -1 to 1: a box of relative size s can move by 1 - s.
-    tx = (1.0 - width) * (2 * u[2] - 1)
-    ty = (1.0 - height) * (2 * u[3] - 1)
-    return width, height, tx, ty
 
 
 def zoom(
@@ -226,18 +208,12 @@ def _jitter_draws(n: int, c: int, scale: float, shift: float,
                   generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     """Factors and offsets ``(n, c, 1, 1)`` of :func:`intensity_jitter`."""
     u = _jitter_uniforms(n, c, generator).reshape(2, n, c, 1, 1)
-    return _jitter_from_uniforms(u, scale, shift)
+    return jitter_from_uniforms(u, scale, shift)
 
 
 def _jitter_uniforms(n: int, c: int, generator: torch.Generator | None) -> np.ndarray:
     """The ``(2, n, c)`` uniform draws of a batch's intensity jitter."""
     return torch.rand((2, n, c), generator=generator, device=_device(generator), dtype=torch.float64).cpu().numpy()
-
-
-def _jitter_from_uniforms(u: np.ndarray, scale: float, shift: float) -> tuple[np.ndarray, np.ndarray]:
-    """Factors uniform in ``[1 - scale, 1 + scale]`` and offsets in ``[-shift, shift]`` from
-    uniform draws ``u`` (``u[0]`` and ``u[1]``); also compiled by ``_kernels``."""
-    return 1.0 - scale + 2 * scale * u[0], shift * (2 * u[1] - 1)
 
 
 @dataclass
@@ -311,21 +287,25 @@ class BatchAugment:
         draws = self._draw(x.shape)
         if draws is None:
             return x
-        kernel = _kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-        if kernel is not None:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
             src = x.contiguous().numpy()
-            return torch.from_numpy(self._run_kernel(kernel, src, np.arange(len(src)), draws))
+            return torch.from_numpy(self._run_kernel(src, np.arange(len(src)), draws))
+        return self._apply_torch(x, draws)
+
+    def _apply_torch(self, x: torch.Tensor, draws: tuple[np.ndarray | None, ...]) -> torch.Tensor:
+        """A batch's draws (see :meth:`_draw`) applied by torch operations: the path for
+        other devices and dtypes, with the values of the compiled kernel."""
         crop_u, elements, jitter_u = draws
         n, c = x.shape[:2]
         gain = offset = None
         if jitter_u is not None:
-            gain, offset = _jitter_from_uniforms(jitter_u.reshape(2, n, c, 1, 1), self.config.intensity_scale,
-                                                 self.config.intensity_shift)
+            gain, offset = jitter_from_uniforms(jitter_u.reshape(2, n, c, 1, 1), self.config.intensity_scale,
+                                                self.config.intensity_shift)
         if crop_u is not None:
             # One resampling pass does it all: the result of random_resized_crop, then
             # random_dihedral, then intensity_jitter with the same draws, in a fraction of
             # the time (the D4 element and the jitter are folded into the crop's taps).
-            box = _box_from_uniforms(crop_u, *_box_bounds(self.config.crop_scale, self.config.crop_ratio))
+            box = box_from_uniforms(crop_u, *_box_bounds(self.config.crop_scale, self.config.crop_ratio))
             return _resample(x, *box, padding_mode="border", elements=elements, gain=gain, offset=offset)
         if elements is not None:
             x = _apply_dihedral(x, elements)
@@ -345,8 +325,7 @@ class BatchAugment:
             IndexError: When a row is outside ``source``.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        kernel = _kernel() if _kernel_source(source) else None
-        if kernel is None:
+        if not _kernel_source(source):
             return self(torch.from_numpy(np.ascontiguousarray(source[rows], dtype=np.float32)))
         if rows.ndim != 1:
             raise IndexError(f"rows must be a 1-D list of indices into {len(source)} images; got {rows!r}")
@@ -354,7 +333,7 @@ class BatchAugment:
         draws = self._draw((len(rows), *source.shape[1:]))
         if draws is None:
             return torch.from_numpy(source[rows])
-        return torch.from_numpy(self._run_kernel(kernel, source, rows, draws))
+        return torch.from_numpy(self._run_kernel(source, rows, draws))
 
     def _draw(self, shape: Sequence[int]) -> tuple[np.ndarray | None, ...] | None:
         """This batch's random draws, in this order: the crop's uniforms ``(4, N)``, the D4
@@ -371,8 +350,7 @@ class BatchAugment:
             return None
         return crop_u, elements, jitter_u
 
-    def _run_kernel(self, kernel: Callable[..., None], src: np.ndarray, rows: np.ndarray,
-                    draws: tuple[np.ndarray | None, ...]) -> np.ndarray:
+    def _run_kernel(self, src: np.ndarray, rows: np.ndarray, draws: tuple[np.ndarray | None, ...]) -> np.ndarray:
         """The compiled kernel over ``src[rows]`` with a batch's draws (see :meth:`_draw`)."""
         crop_u, elements, jitter_u = draws
         n, (c, h, w) = len(rows), src.shape[1:]
@@ -380,10 +358,10 @@ class BatchAugment:
         none = np.empty((0, 0), dtype=np.float64)
         bounds = np.array(_box_bounds(cfg.crop_scale, cfg.crop_ratio) if crop_u is not None else (1.0, 1.0, 0.0, 0.0))
         out = np.empty((n, c, h, w), dtype=np.float32)
-        kernel(src, rows, none if crop_u is None else crop_u, bounds,
-               np.empty(0, dtype=np.int64) if elements is None else elements, _PASS_FLAGS,
-               none.reshape(0, 0, 0) if jitter_u is None else jitter_u,
-               float(cfg.intensity_scale), float(cfg.intensity_shift), out)
+        augment_batch(src, rows, none if crop_u is None else crop_u, bounds,
+                      np.empty(0, dtype=np.int64) if elements is None else elements, _PASS_FLAGS,
+                      none.reshape(0, 0, 0) if jitter_u is None else jitter_u,
+                      float(cfg.intensity_scale), float(cfg.intensity_shift), out)
         return out
 
     def __repr__(self) -> str:
@@ -530,24 +508,6 @@ def _element_flags(elements: ArrayLike | None, n: int, h: int, w: int) -> tuple[
     if flags[:, 0].any() and h != w:
         raise ValueError(f"D4 elements that turn a quarter need square images; got {h} x {w}")
     return flags[:, 0], flags[:, 1], flags[:, 2]
-
-
-_KERNEL: Any = None
-
-
-def _kernel() -> Callable[..., None] | None:
-    """The compiled one-pass kernel (``cellclass.data._kernels``), or ``None`` without numba."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            from cellclass.data._kernels import augment_batch
-        except ImportError as exc:  # numba is a dependency; an install without it still trains
-            log.warning("batch augmentation runs as torch operations, several times slower on a CPU: %s "
-                        "(pip install numba)", exc)
-            _KERNEL = False
-        else:
-            _KERNEL = augment_batch
-    return _KERNEL or None
 
 
 def _kernel_source(source: Any) -> bool:

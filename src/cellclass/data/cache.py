@@ -11,7 +11,7 @@ PNGs costs far more (``benchmarks/data_path.py``, figures in docs/benchmarks.md)
 uint16 BPS nucleus is stored as uint16, resized in float32 and rounded back (at most half
 a grey level from the in-memory float path). Float sources are stored as float32; boolean
 ones as uint8. ``dtype="float32"`` stores exactly what
-:func:`cellclass.data.loading.load_images` returns. Normalization is *not* cached: it is
+:func:`cellclass.data.resize.load_images` returns. Normalization is *not* cached: it is
 fitted on each run's training split and applied per batch.
 
 **Key.** A cache lives in ``CACHE_DIR/<slot>-<fingerprint>/``. The *slot* hashes the
@@ -51,7 +51,7 @@ import mmap
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +62,15 @@ import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.io import image_files
-from cellclass.data.loading import FIT_MODES, fit_image, load_images, select_channels
+from cellclass.data.resize import FIT_MODES, fit_image, load_images, select_channels
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import CacheError, ImageReadError
+from cellclass.progress import ProgressFn
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,6 @@ HASH_MODES = ("stat", "content")
 FORMAT_VERSION = 1
 _CHUNK_BYTES = 32 * 2**20
 
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class CacheSettings:
     Attributes:
         image_size: Side of the square images stored.
         fit: How images become square: ``pad``, ``resize`` or ``crop``
-            (see :func:`cellclass.data.loading.fit_image`).
+            (see :func:`cellclass.data.resize.fit_image`).
         channels: Channel indices kept, in order (all when ``None``).
         dtype: ``keep`` (the source's integer dtype, float32 for float sources) or
             ``float32``.
@@ -458,7 +463,7 @@ def prepare_cache(
             cache's rows follow it.
         cache_dir: Cache folder (see :func:`resolve_cache_dir`).
         workers: Decoding threads (the decoders release the GIL).
-        progress: Called as ``progress(rows_done, rows_total)`` after each chunk.
+        progress: Called as ``progress("preparing cache", rows_done, rows_total)`` after each chunk.
         rebuild: Build again even when a valid cache exists.
         chunk_rows: Rows decoded and written per chunk (default: about 32 MB worth).
 
@@ -494,9 +499,7 @@ def prepare_cache(
 @contextlib.contextmanager
 def _slot_lock(root: Path, slot: str) -> Iterator[None]:
     """One build per slot at a time, across processes (released when a process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+    if fcntl is None:  # pragma: no cover - not POSIX: no cross-process lock
         yield
         return
     with open(root / f".lock-{slot}", "a+b") as handle:
@@ -522,92 +525,20 @@ def _store_dtype(source: np.dtype, settings: CacheSettings) -> np.dtype:
 def _build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: Path, slot: str,
            name: str, digest: str, workers: int, progress: ProgressFn | None,
            chunk_rows: int | None) -> PreparedCache:
-    records, n = sources.records, len(sources.records)
-    channels = list(settings.channels) if settings.channels is not None else None
+    """Write the cache ``name`` into ``root``: start (or resume) its partial folder, write
+    its rows chunk by chunk, describe it, and put it in place of the slot's stale caches."""
     stat_before = sources.stat_digest()
-    for stale in root.glob(f".partial-{slot}-*"):
-        if stale.name != f".partial-{name}":
-            shutil.rmtree(stale, ignore_errors=True)
-    partial = root / f".partial-{name}"
-    state = _read_state(partial, name)
-    first_raw = _read_row(spec, records[0])
-    first = fit_image(select_channels(first_raw, channels), settings.image_size, settings.fit)
-    dtype = _store_dtype(first_raw.dtype, settings)
-    shape = (n, *first.shape)
-    if state is not None and (tuple(state["shape"]) != shape or state["dtype"] != dtype.str):
-        log.info("discarding an interrupted build of another shape in %s", partial)
-        state = None
-    if state is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        offset = _create_array(partial / "images.npy", shape, dtype)
-        state = {"key": name, "shape": list(shape), "dtype": dtype.str, "offset": offset, "done": 0}
-        _write_state(partial, state)
-    done = resumed = int(state["done"])
-    if resumed:
-        log.info("resuming the interrupted build of %s at row %d of %d", name, resumed, n)
-    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-    chunk = chunk_rows or max(1, _CHUNK_BYTES // row_bytes)
+    build = _start_build(spec, sources, settings, root, slot, name)
     started = time.perf_counter()
-
-    def one(i: int) -> tuple[np.ndarray, np.ndarray]:
-        raw = first_raw if i == 0 else _read_row(spec, records[i])
-        if settings.dtype == "keep" and raw.dtype != first_raw.dtype and not np.can_cast(raw.dtype, dtype, "safe"):
-            raise CacheError(
-                f"row {records[i].get(ROW_COLUMN, '?')}: image dtype {raw.dtype} cannot be stored in the "
-                f"cache's {dtype} (from the first image) without loss; valid: images of one dtype, "
-                "or --dtype float32"
-            )
-        image = first if i == 0 else fit_image(select_channels(raw, channels), settings.image_size, settings.fit)
-        if image.shape != first.shape:
-            raise ImageReadError(
-                f"row {records[i].get(ROW_COLUMN, '?')}: image has {image.shape[0]} channel(s), the first "
-                f"row has {first.shape[0]}; run `cellclass validate`"
-            )
-        return raw, _to_dtype(image, dtype)
-
-    fd = os.open(partial / "images.npy", os.O_RDWR)
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            while done < n:
-                stop = min(n, done + chunk)
-                block = np.empty((stop - done, *shape[1:]), dtype=dtype)
-                described = []
-                for j, (raw, image) in enumerate(pool.map(one, range(done, stop))):
-                    block[j] = image
-                    described.append(["x".join(map(str, raw.shape)), str(raw.dtype)])
-                _pwrite_all(fd, memoryview(block).cast("B"), state["offset"] + done * row_bytes)
-                os.fsync(fd)  # the rows are on disk before the count that vouches for them
-                atomic_write_text(partial / f"rows-{done:012d}.json", json.dumps(described))
-                done = stop
-                _write_state(partial, {**state, "done": done})
-                if progress is not None:
-                    progress(done, n)
-    finally:
-        os.close(fd)
+    resumed = build.done
+    if resumed:
+        log.info("resuming the interrupted build of %s at row %d of %d", name, resumed, len(build.records))
+    _write_rows(build, workers, chunk_rows, progress)
     if sources._stat_digest() != stat_before:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(build.partial, ignore_errors=True)
         raise CacheError(f"source images of dataset {spec.name!r} changed while the cache was being "
                          "prepared; run `cellclass prepare` again once they are stable")
-    described = []
-    for part in sorted(partial.glob("rows-*.json")):
-        described += json.loads(part.read_text())
-        part.unlink()
-    if len(described) != n:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise CacheError(f"the interrupted build in {str(partial)!r} was inconsistent ({len(described)} rows "
-                         f"described for {n}); it was removed: run `cellclass prepare` again")
-    source_shapes = [d[0] for d in described]
-    source_dtypes = [d[1] for d in described]
-    index = pd.DataFrame({
-        "position": np.arange(n),
-        ROW_COLUMN: [r.get(ROW_COLUMN, i + 1) for i, r in enumerate(records)],
-        "image_id": [spec.image_id(r) for r in records],
-        "source_shape": source_shapes,
-        "source_dtype": source_dtypes,
-    })
-    with atomic_path(partial / "index.csv") as tmp:
-        index.to_csv(tmp, index=False)
+    _write_index(build)
     meta = {
         "format": FORMAT_VERSION,
         "key": name,
@@ -617,17 +548,158 @@ def _build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: 
         "hash": settings.hash,
         "fingerprint": digest,
         "n_files": sum(len(p) for p in sources.paths),
-        "shape": list(shape),
-        "dtype": dtype.str,
-        "source_dtype": str(first_raw.dtype),
+        "shape": list(build.shape),
+        "dtype": build.dtype.str,
+        "source_dtype": str(build.first_raw.dtype),
         "image_root": str(spec.image_root),
         "manifest": None if spec.manifest_path is None else str(spec.manifest_path),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "build_seconds": round(time.perf_counter() - started, 3),
         "resumed_from": resumed,
     }
-    atomic_write_text(partial / "meta.json", json.dumps(meta, indent=2))
-    (partial / "progress.json").unlink(missing_ok=True)
+    atomic_write_text(build.partial / "meta.json", json.dumps(meta, indent=2))
+    (build.partial / "progress.json").unlink(missing_ok=True)
+    final = _publish(build.partial, root, slot, name, settings)
+    log.info("prepared %d images %s %s in %s (%.1f s)", len(build.records), "x".join(map(str, build.shape[1:])),
+             build.dtype, final, meta["build_seconds"])
+    return PreparedCache(final, meta, built=True, resumed_from=resumed)
+
+
+@dataclass
+class _Build:
+    """A cache being written: its partial folder, its array's layout, and how far it got."""
+
+    spec: DatasetSpec
+    settings: CacheSettings
+    records: list[dict[str, Any]]
+    partial: Path
+    state: dict[str, Any]
+    first_raw: np.ndarray
+    first: np.ndarray
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.state["shape"])
+
+    @property
+    def done(self) -> int:
+        return int(self.state["done"])
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``i`` as decoded and as stored.
+
+        Raises:
+            CacheError: When its dtype does not fit the cache's without loss.
+            ImageReadError: When it cannot be read or has another channel count than the first.
+        """
+        record, settings = self.records[i], self.settings
+        raw = self.first_raw if i == 0 else _read_row(self.spec, record)
+        lossy = raw.dtype != self.first_raw.dtype and not np.can_cast(raw.dtype, self.dtype, "safe")
+        if settings.dtype == "keep" and lossy:
+            raise CacheError(
+                f"row {record.get(ROW_COLUMN, '?')}: image dtype {raw.dtype} cannot be stored in the "
+                f"cache's {self.dtype} (from the first image) without loss; valid: images of one dtype, "
+                "or --dtype float32"
+            )
+        channels = list(settings.channels) if settings.channels is not None else None
+        image = self.first if i == 0 else fit_image(select_channels(raw, channels), settings.image_size, settings.fit)
+        if image.shape != self.first.shape:
+            raise ImageReadError(
+                f"row {record.get(ROW_COLUMN, '?')}: image has {image.shape[0]} channel(s), the first "
+                f"row has {self.first.shape[0]}; run `cellclass validate`"
+            )
+        return raw, _to_dtype(image, self.dtype)
+
+
+def _start_build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: Path, slot: str,
+                 name: str) -> _Build:
+    """The partial folder of cache ``name``: an interrupted build of the same array resumed,
+    any other partial build of the slot removed, else a new sparse array."""
+    for stale in root.glob(f".partial-{slot}-*"):
+        if stale.name != f".partial-{name}":
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = root / f".partial-{name}"
+    state = _read_state(partial, name)
+    records = sources.records
+    channels = list(settings.channels) if settings.channels is not None else None
+    first_raw = _read_row(spec, records[0])
+    first = fit_image(select_channels(first_raw, channels), settings.image_size, settings.fit)
+    dtype = _store_dtype(first_raw.dtype, settings)
+    shape = (len(records), *first.shape)
+    if state is not None and (tuple(state["shape"]) != shape or state["dtype"] != dtype.str):
+        log.info("discarding an interrupted build of another shape in %s", partial)
+        state = None
+    if state is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        offset = _create_array(partial / "images.npy", shape, dtype)
+        state = {"key": name, "shape": list(shape), "dtype": dtype.str, "offset": offset, "done": 0}
+        _write_state(partial, state)
+    return _Build(spec, settings, records, partial, state, first_raw, first, dtype)
+
+
+def _write_rows(build: _Build, workers: int, chunk_rows: int | None, progress: ProgressFn | None) -> None:
+    """Decode and write the rows not yet done, a chunk at a time, each chunk on disk before
+    the progress file counts it (so that a build cut short resumes after its last chunk)."""
+    n, done, row_bytes = len(build.records), build.done, build.row_bytes
+    chunk = chunk_rows or max(1, _CHUNK_BYTES // row_bytes)
+    fd = os.open(build.partial / "images.npy", os.O_RDWR)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            while done < n:
+                stop = min(n, done + chunk)
+                block = np.empty((stop - done, *build.shape[1:]), dtype=build.dtype)
+                described = []
+                for j, (raw, image) in enumerate(pool.map(build.row, range(done, stop))):
+                    block[j] = image
+                    described.append(["x".join(map(str, raw.shape)), str(raw.dtype)])
+                _pwrite_all(fd, memoryview(block).cast("B"), build.state["offset"] + done * row_bytes)
+                os.fsync(fd)  # the rows are on disk before the count that vouches for them
+                atomic_write_text(build.partial / f"rows-{done:012d}.json", json.dumps(described))
+                done = stop
+                build.state = {**build.state, "done": done}
+                _write_state(build.partial, build.state)
+                if progress is not None:
+                    progress("preparing cache", done, n)
+    finally:
+        os.close(fd)
+
+
+def _write_index(build: _Build) -> None:
+    """``index.csv``: each row's position, manifest row, image id, and source shape and dtype.
+
+    Raises:
+        CacheError: When the chunks written do not describe every row (the partial folder
+            is removed).
+    """
+    n, records = len(build.records), build.records
+    described = []
+    for part in sorted(build.partial.glob("rows-*.json")):
+        described += json.loads(part.read_text())
+        part.unlink()
+    if len(described) != n:
+        shutil.rmtree(build.partial, ignore_errors=True)
+        raise CacheError(f"the interrupted build in {str(build.partial)!r} was inconsistent ({len(described)} rows "
+                         f"described for {n}); it was removed: run `cellclass prepare` again")
+    index = pd.DataFrame({
+        "position": np.arange(n),
+        ROW_COLUMN: [r.get(ROW_COLUMN, i + 1) for i, r in enumerate(records)],
+        "image_id": [build.spec.image_id(r) for r in records],
+        "source_shape": [d[0] for d in described],
+        "source_dtype": [d[1] for d in described],
+    })
+    with atomic_path(build.partial / "index.csv") as tmp:
+        index.to_csv(tmp, index=False)
+
+
+def _publish(partial: Path, root: Path, slot: str, name: str, settings: CacheSettings) -> Path:
+    """Rename the finished ``partial`` folder to ``root / name``; remove the slot's other caches
+    of the same fingerprint mode (stale versions of these rows and settings)."""
     final = root / name
     if final.exists():  # the same key built before and deleted in part: replace it whole
         shutil.rmtree(final)
@@ -638,9 +710,7 @@ def _build(spec: DatasetSpec, sources: _Sources, settings: CacheSettings, root: 
         if old != final and old.is_dir():
             log.info("removing the stale cache %s", old)
             shutil.rmtree(old, ignore_errors=True)
-    log.info("prepared %d images %s %s in %s (%.1f s)", n, "x".join(map(str, shape[1:])), dtype, final,
-             meta["build_seconds"])
-    return PreparedCache(final, meta, built=True, resumed_from=resumed)
+    return final
 
 
 def _read_row(spec: DatasetSpec, record: dict[str, Any]) -> np.ndarray:
@@ -714,7 +784,7 @@ def images_for_training(
     Looks for a valid cache of these rows and settings (``dtype`` ``keep`` first, then
     ``float32``; either fingerprint). Without one, builds it when ``build`` is true, and
     otherwise decodes every image into memory with
-    :func:`~cellclass.data.loading.load_images`.
+    :func:`~cellclass.data.resize.load_images`.
 
     Returns:
         A :class:`CachedImages` reader over the cache, or an in-memory float32 array.

@@ -54,7 +54,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path, PurePosixPath
@@ -69,7 +69,8 @@ from cellclass.data.io import read_image, write_tiff
 from cellclass.data.segment import Backend
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, ImageSpec
 from cellclass.data.vendor import VENDOR_EXTENSIONS
-from cellclass.errors import CellclassError, ImageReadError, OutputPathError
+from cellclass.errors import CropError, ImageReadError, OutputPathError
+from cellclass.progress import ProgressFn
 
 __all__ = [
     "BORDER_MODES",
@@ -79,7 +80,6 @@ __all__ = [
     "PAD_MODES",
     "QC_FLAGS",
     "CellProps",
-    "CropError",
     "CropResult",
     "QcThresholds",
     "crop_cells",
@@ -124,11 +124,6 @@ _IMAGE_SUFFIXES: tuple[str, ...] = tuple(sorted(
     key=len, reverse=True,
 ))
 _MARKER_VERSION = 1
-ProgressFn = Callable[[int, int], None]
-
-
-class CropError(CellclassError):
-    """Crops, tiles or their dataset cannot be made as asked (settings, masks, manifest)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -606,7 +601,7 @@ def make_crops(
         write_masks: With a backend, also write each field's labels to
             ``OUT/masks/<field key>.tif``.
         workers: Processes cutting fields in parallel (1: this process).
-        progress: Called as ``progress(fields_done, fields_total)``.
+        progress: Called as ``progress("cutting fields", fields_done, fields_total)``.
 
     Returns:
         What was written (:class:`CropResult`).
@@ -633,7 +628,7 @@ def make_crops(
         cutter = _CellCutter(settings, masks_dir=folder)
     else:
         raise CropError(f"masks must be a folder or a segmentation backend; got {type(masks).__name__}")
-    return _run(spec, cutter, Path(out), frame, qc or QcThresholds(), workers, progress, CELL_COLUMNS)
+    return _run(spec, cutter, Path(out), frame, qc or QcThresholds(), workers, progress, CELL_COLUMNS, "cutting fields")
 
 
 def make_grid_crops(
@@ -664,7 +659,7 @@ def make_grid_crops(
         order: See :func:`cut_montage`.
         qc: Bounds of the per-montage QC flags.
         workers: Processes cutting montages in parallel.
-        progress: Called as ``progress(montages_done, montages_total)``.
+        progress: Called as ``progress("cutting montages", montages_done, montages_total)``.
 
     Raises:
         CropError: As :func:`make_crops`, and for a montage that is not a grid of tiles.
@@ -673,7 +668,7 @@ def make_grid_crops(
     """
     cutter = _TileCutter(_GridSettings(tile=tile, skip_empty=skip_empty, empty_std_threshold=empty_std_threshold,
                                        order=order))
-    return _run(spec, cutter, Path(out), frame, qc or QcThresholds(), workers, progress, GRID_COLUMNS)
+    return _run(spec, cutter, Path(out), frame, qc or QcThresholds(), workers, progress, GRID_COLUMNS, "cutting montages")
 
 
 @dataclass
@@ -687,7 +682,7 @@ class _Field:
 
 
 def _run(spec: DatasetSpec, cutter: Any, out: Path, frame: pd.DataFrame | None, qc: QcThresholds,
-         workers: int, progress: ProgressFn | None, added: tuple[str, ...]) -> CropResult:
+         workers: int, progress: ProgressFn | None, added: tuple[str, ...], stage: str) -> CropResult:
     _check_int("workers", workers, 1)
     frame = spec.load_manifest() if frame is None else frame
     if not len(frame):
@@ -718,12 +713,12 @@ def _run(spec: DatasetSpec, cutter: Any, out: Path, frame: pd.DataFrame | None, 
     if done:
         log.info("%d of %d fields already cut in %s; cutting the other %d", done, total, out, len(pending))
     if progress is not None:
-        progress(done, total)
+        progress(stage, done, total)
     for item, counts in _cut_all(spec, cutter, out, signature, pending, workers):
         item.n_objects, item.n_crops = counts
         done += 1
         if progress is not None:
-            progress(done, total)
+            progress(stage, done, total)
 
     counts = np.array([item.n_objects for item in todo])
     flags = qc.flags(counts)

@@ -26,17 +26,24 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
 import numpy as np
 import pandas as pd
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from cellclass.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from cellclass.data.io import read_image
+from cellclass.data.presets import bps
 from cellclass.errors import FetchError, ImageReadError
+from cellclass.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,6 @@ BPS_COLUMNS = ("filename", "dose_Gy", "particle_type", "hr_post_exposure")
 SOURCE_MANIFEST = "meta.source.csv"
 """The bucket's full ``meta.csv``, kept beside the selection for provenance."""
 
-ProgressFn = Callable[[int, int], None]
 _CHUNK = 1 << 20
 
 
@@ -128,10 +134,6 @@ def make_client(endpoint_url: str | None = None, *, workers: int = 8, region: st
         signed: Sign requests with the environment's AWS credentials instead of sending
             anonymous (unsigned) ones; only for buckets that refuse anonymous reads.
     """
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
     options: dict[str, Any] = {
         "retries": {"max_attempts": 3, "mode": "standard"},
         "max_pool_connections": max(10, workers),
@@ -238,7 +240,7 @@ def fetch_bps(
         retries: Further attempts after a transient failure.
         backoff: Seconds before the first retry; doubled at each further one.
         client: An S3 client to use (default: :func:`make_client`, unsigned).
-        progress: Called as ``progress(files_done, files_total)``.
+        progress: Called as ``progress("downloading", files_done, files_total)``.
 
     Returns:
         What was downloaded, skipped and found corrupt, and the written manifest and spec.
@@ -265,7 +267,42 @@ def fetch_bps(
     result = FetchResult(out=out, selected=len(selected))
     log.info("%d of %d rows of %s/meta.csv selected", len(selected), len(meta), where)
 
-    sizes = _list_sizes(client, bucket, prefix, where)
+    todo, present = _plan(selected, _list_sizes(client, bucket, prefix, where), out, where, result)
+    if progress is not None:
+        progress("downloading", len(selected) - len(todo), len(selected))
+    if result.skipped:
+        log.info("%d file(s) already complete in %s: skipped", result.skipped, out)
+    _download_all(client, bucket, prefix, out, todo, result, present, workers=workers, retries=retries,
+                  backoff=backoff, progress=progress, total=len(selected))
+
+    filters = {"hours": list(hours or []), "doses": list(doses or []), "particles": list(particles or []),
+               "limit": limit}
+    _write_outputs(out, selected[selected["filename"].isin(present)], result,
+                   {"source": where, "endpoint_url": endpoint_url, "filters": filters})
+    log.info("%d downloaded, %d already present, %d problem(s); spec written to %s",
+             result.downloaded, result.skipped, len(result.problems), result.spec)
+    return result
+
+
+def _write_outputs(out: Path, kept: pd.DataFrame, result: FetchResult, source: dict[str, Any]) -> None:
+    """The manifest of the complete files, the ``bps`` spec and ``fetch.json`` (what was
+    asked for, from where, and what came of it)."""
+    with atomic_path(out / "meta.csv") as tmp:
+        kept.to_csv(tmp, index=False)
+    result.manifest = out / "meta.csv"
+    result.spec = bps(out).to_yaml(out / "cellclass.yaml")
+    report = {
+        **source,
+        **{k: v for k, v in asdict(result).items() if k not in ("out", "manifest", "spec", "problems")},
+        "problems": [asdict(p) for p in result.problems],
+    }
+    atomic_write_text(out / "fetch.json", json.dumps(report, indent=2))
+
+
+def _plan(selected: pd.DataFrame, sizes: dict[str, int], out: Path, where: str,
+          result: FetchResult) -> tuple[list[tuple[str, int]], set[str]]:
+    """The selected files to download (name and listed size) and those already complete in
+    ``out``; a file the bucket does not list is a problem in ``result``."""
     todo: list[tuple[str, int]] = []
     present: set[str] = set()
     for name in selected["filename"]:
@@ -278,12 +315,16 @@ def fetch_bps(
             present.add(name)
         else:
             todo.append((name, expected))
-    total, done = len(selected), len(selected) - len(todo)
-    if progress is not None:
-        progress(done, total)
-    if result.skipped:
-        log.info("%d file(s) already complete in %s: skipped", result.skipped, out)
+    return todo, present
 
+
+def _download_all(client: Any, bucket: str, prefix: str, out: Path, todo: list[tuple[str, int]],
+                  result: FetchResult, present: set[str], *, workers: int, retries: int, backoff: float,
+                  progress: ProgressFn | None, total: int) -> None:
+    """Download ``todo`` in parallel into ``out``, adding each file to ``present`` or to
+    ``result``'s problems, and its bytes to ``result``; progress counts to ``total``, the
+    files selected."""
+    done = total - len(todo)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         pending: dict[Future, str] = {
@@ -303,30 +344,10 @@ def fetch_bps(
                     log.warning("%s: %s", name, exc)
                 done += 1
                 if progress is not None:
-                    progress(done, total)
+                    progress("downloading", done, total)
     finally:
         # On an interruption, files in flight finish (each is atomic); queued ones are dropped.
         pool.shutdown(wait=True, cancel_futures=True)
-
-    kept = selected[selected["filename"].isin(present)]
-    with atomic_path(out / "meta.csv") as tmp:
-        kept.to_csv(tmp, index=False)
-    from cellclass.data.presets import bps
-
-    result.manifest = out / "meta.csv"
-    result.spec = bps(out).to_yaml(out / "cellclass.yaml")
-    report = {
-        "source": where,
-        "endpoint_url": endpoint_url,
-        "filters": {"hours": list(hours or []), "doses": list(doses or []), "particles": list(particles or []),
-                    "limit": limit},
-        **{k: v for k, v in asdict(result).items() if k not in ("out", "manifest", "spec", "problems")},
-        "problems": [asdict(p) for p in result.problems],
-    }
-    atomic_write_text(out / "fetch.json", json.dumps(report, indent=2))
-    log.info("%d downloaded, %d already present, %d problem(s); spec written to %s",
-             result.downloaded, result.skipped, len(result.problems), result.spec)
-    return result
 
 
 def _parse_meta(raw: bytes, where: str) -> pd.DataFrame:
@@ -342,12 +363,6 @@ def _parse_meta(raw: bytes, where: str) -> pd.DataFrame:
     return meta
 
 
-def _client_errors() -> tuple[type[Exception], type[Exception]]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return BotoCoreError, ClientError
-
-
 def _status(exc: Exception) -> tuple[str, int]:
     response = getattr(exc, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
@@ -357,16 +372,14 @@ def _status(exc: Exception) -> tuple[str, int]:
 
 def _transient(exc: Exception) -> bool:
     """Whether a botocore error is worth retrying (5xx, throttling, connection trouble)."""
-    boto_core_error, client_error = _client_errors()
-    if isinstance(exc, client_error):
+    if isinstance(exc, ClientError):
         code, status = _status(exc)
         return status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout")
-    return isinstance(exc, boto_core_error)
+    return isinstance(exc, BotoCoreError)
 
 
 def _get_small(client: Any, bucket: str, key: str, retries: int, backoff: float, where: str) -> bytes:
     """Fetch a small object (the manifest) with retries."""
-    boto_core_error, client_error = _client_errors()
     for attempt in range(retries + 1):
         try:
             response = client.get_object(Bucket=bucket, Key=key)
@@ -374,8 +387,8 @@ def _get_small(client: Any, bucket: str, key: str, retries: int, backoff: float,
             if len(data) != int(response.get("ContentLength", len(data))):
                 raise _Retryable(f"received {len(data)} of {response['ContentLength']} bytes")
             return data
-        except (boto_core_error, client_error, _Retryable) as exc:
-            if isinstance(exc, (boto_core_error, client_error)) and not _transient(exc) or attempt == retries:
+        except (BotoCoreError, ClientError, _Retryable) as exc:
+            if isinstance(exc, (BotoCoreError, ClientError)) and not _transient(exc) or attempt == retries:
                 code, status = _status(exc)
                 hint = {"NoSuchBucket": f"bucket {bucket!r} does not exist",
                         "NoSuchKey": f"no object {key!r}"}.get(code, str(exc))
@@ -387,13 +400,12 @@ def _get_small(client: Any, bucket: str, key: str, retries: int, backoff: float,
 
 def _list_sizes(client: Any, bucket: str, prefix: str, where: str) -> dict[str, int]:
     """Size of every object directly under ``prefix``, by file name."""
-    boto_core_error, client_error = _client_errors()
     sizes: dict[str, int] = {}
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{prefix}/"}
     while True:
         try:
             page = client.list_objects_v2(**kwargs)
-        except (boto_core_error, client_error) as exc:
+        except (BotoCoreError, ClientError) as exc:
             raise FetchError(f"cannot list {where}/: {exc}") from None
         for item in page.get("Contents", []):
             name = item["Key"][len(prefix) + 1 :]
@@ -415,9 +427,6 @@ def _download(client: Any, bucket: str, key: str, dest: Path, expected: int, ret
         _Corrupt: When the object is missing, its size disagrees with the listing, it
             cannot be decoded, or every attempt failed.
     """
-    from cellclass.data.io import read_image
-
-    boto_core_error, client_error = _client_errors()
     last = ""
     for attempt in range(retries + 1):
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part{dest.suffix}")
@@ -443,8 +452,8 @@ def _download(client: Any, bucket: str, key: str, dest: Path, expected: int, ret
             return length
         except _Corrupt:
             raise
-        except (boto_core_error, client_error, _Retryable, OSError) as exc:
-            if isinstance(exc, client_error) and not _transient(exc):
+        except (BotoCoreError, ClientError, _Retryable, OSError) as exc:
+            if isinstance(exc, ClientError) and not _transient(exc):
                 code, status = _status(exc)
                 raise _Corrupt(f"cannot download: {code or status} ({exc})") from None
             last = str(exc)

@@ -19,7 +19,6 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +26,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.io import describe_image, image_exists
 from cellclass.data.labels import natural_key
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import ImageReadError
+from cellclass.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ ASSOCIATED_V = 0.3
 AXES_SAMPLE = 50
 """Files whose declared axes ``inspect`` describes (the first of the sampled rows)."""
 
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
@@ -188,7 +188,7 @@ def inspect_dataset(
         max_grid_classes: Sample grids are drawn for at most this many classes per task.
         seed: Sampling seed.
         workers: Decoding threads.
-        progress: Called as ``progress(done, total)`` while images are read.
+        progress: Called as ``progress("reading images", done, total)`` while images are read.
     """
     frame = spec.load_manifest()
     labels = {t.name: spec.labels(frame, t.name) for t in spec.tasks}
@@ -429,7 +429,7 @@ def _read_many(spec: DatasetSpec, records: list[dict[str, Any]], workers: int,
         for done, array in enumerate(pool.map(read, records), start=1):
             out.append(array)
             if progress is not None:
-                progress(done, len(records))
+                progress("reading images", done, len(records))
     return out
 
 
@@ -530,8 +530,6 @@ def _save_figure(fig: Any, path: Path) -> Path:
 
 
 def _plot_counts(task: str, counts: dict[str, int], path: Path) -> Path:
-    from matplotlib.figure import Figure
-
     names = list(counts)[:80]
     fig = Figure(figsize=(max(4.0, 0.3 * len(names) + 2), 3.5))
     ax = fig.subplots()
@@ -561,8 +559,6 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _plot_grid(images: list[np.ndarray], title: str, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
     cols = min(4, len(images))
     rows = math.ceil(len(images) / cols)
     fig = Figure(figsize=(2.0 * cols, 2.0 * rows + 0.4))

@@ -622,28 +622,8 @@ def _scan_tiff(data: bytes, name: str) -> _TiffLayout:
     returning fewer pages than were written, so truncation must be detected here.
     """
     size = len(data)
-    if size < 8:
-        raise _truncated(name, size, 8) if data[:2] in (b"II", b"MM") else _not_tiff(data, name)
-    if data[:2] == b"II":
-        order = "<"
-    elif data[:2] == b"MM":
-        order = ">"
-    else:
-        raise _not_tiff(data, name)
-    (version,) = struct.unpack_from(order + "H", data, 2)
-    if version == 42:
-        count_fmt, entry_fmt, offset_fmt = order + "H", order + "HHI", order + "I"
-        count_size, entry_size, offset_size, first_at = 2, 12, 4, 4
-    elif version == 43:
-        if size < 16:
-            raise _truncated(name, size, 16)
-        count_fmt, entry_fmt, offset_fmt = order + "Q", order + "HHQ", order + "Q"
-        count_size, entry_size, offset_size, first_at = 8, 20, 8, 8
-    else:
-        raise _not_tiff(data, name)
-    value_at = 4 + offset_size  # offset of the value field inside an entry
-
-    (offset,) = struct.unpack_from(offset_fmt, data, first_at)
+    form = _tiff_format(data, name)
+    (offset,) = struct.unpack_from(form.offset_fmt, data, form.first_at)
     if offset == 0:
         raise ImageReadError(f"cannot decode image '{name}': TIFF file holds no pages")
     pages, samples, planar, imagej_images, needed, source = 0, 1, 1, 0, 0, ""
@@ -660,30 +640,8 @@ def _scan_tiff(data: bytes, name: str) -> _TiffLayout:
                 f"page per channel"
             )
         seen.add(offset)
-        if offset + count_size > size:
-            raise _truncated(name, size, offset + count_size)
-        (entries,) = struct.unpack_from(count_fmt, data, offset)
-        end = offset + count_size + entries * entry_size + offset_size
-        if end > size:
-            raise _truncated(name, size, end)
-        tags: dict[int, int | np.ndarray | bytes] = {}
-        position = offset + count_size
-        for _ in range(entries):
-            tag, kind, count = struct.unpack_from(entry_fmt, data, position)
-            if tag in _TAGS_READ:
-                tags[tag] = _tag_value(
-                    data, order, kind, count, position + value_at, offset_size, name
-                )
-            position += entry_size
-        for offsets_tag, counts_tag in (
-            (_STRIP_OFFSETS, _STRIP_BYTE_COUNTS),
-            (_TILE_OFFSETS, _TILE_BYTE_COUNTS),
-        ):
-            if offsets_tag in tags or counts_tag in tags:
-                needed = max(
-                    needed,
-                    _data_end(tags.get(offsets_tag), tags.get(counts_tag), pages, name),
-                )
+        tags, offset = _page_tags(data, form, offset, name)
+        needed = max(needed, _pixels_end(tags, pages, name))
         if pages == 0:
             samples = _single_int(tags.get(_SAMPLES_PER_PIXEL, 1), "SamplesPerPixel", name)
             planar = _single_int(tags.get(_PLANAR_CONFIG, 1), "PlanarConfiguration", name)
@@ -691,15 +649,89 @@ def _scan_tiff(data: bytes, name: str) -> _TiffLayout:
             if isinstance(description, bytes):
                 source, imagej_images = _axes_source(description)
         pages += 1
-        (offset,) = struct.unpack_from(offset_fmt, data, end - offset_size)
         if offset >= size:
-            raise _truncated(name, size, max(needed, offset + count_size))
+            raise _truncated(name, size, max(needed, offset + form.count_size))
     if needed > size:
         raise _truncated(name, size, needed)
     # An ImageJ hyperstack may hold all its images behind a single page directory.
     if not source and imagej_images > pages:
         source = "ImageJ"
     return _TiffLayout(pages, samples, planar, source)
+
+
+class _TiffFormat(NamedTuple):
+    """Byte order and field layout of a classic TIFF (version 42) or a BigTIFF (43)."""
+
+    order: str
+    count_fmt: str
+    entry_fmt: str
+    offset_fmt: str
+    count_size: int
+    entry_size: int
+    offset_size: int
+    first_at: int
+    """Where the offset of the first page directory is."""
+
+
+def _tiff_format(data: bytes, name: str) -> _TiffFormat:
+    """The layout the file's header declares.
+
+    Raises:
+        ImageReadError: When the header is truncated or not a TIFF header.
+    """
+    size = len(data)
+    if size < 8:
+        raise _truncated(name, size, 8) if data[:2] in (b"II", b"MM") else _not_tiff(data, name)
+    if data[:2] == b"II":
+        order = "<"
+    elif data[:2] == b"MM":
+        order = ">"
+    else:
+        raise _not_tiff(data, name)
+    (version,) = struct.unpack_from(order + "H", data, 2)
+    if version == 42:
+        return _TiffFormat(order, order + "H", order + "HHI", order + "I", 2, 12, 4, 4)
+    if version == 43:
+        if size < 16:
+            raise _truncated(name, size, 16)
+        return _TiffFormat(order, order + "Q", order + "HHQ", order + "Q", 8, 20, 8, 8)
+    raise _not_tiff(data, name)
+
+
+def _page_tags(data: bytes, form: _TiffFormat, offset: int,
+               name: str) -> tuple[dict[int, int | np.ndarray | bytes], int]:
+    """The tags of :data:`_TAGS_READ` in the page directory at ``offset``, and the offset of
+    the next directory (0 after the last).
+
+    Raises:
+        ImageReadError: When the directory runs past the end of the file.
+    """
+    size = len(data)
+    if offset + form.count_size > size:
+        raise _truncated(name, size, offset + form.count_size)
+    (entries,) = struct.unpack_from(form.count_fmt, data, offset)
+    end = offset + form.count_size + entries * form.entry_size + form.offset_size
+    if end > size:
+        raise _truncated(name, size, end)
+    value_at = 4 + form.offset_size  # offset of the value field inside an entry
+    tags: dict[int, int | np.ndarray | bytes] = {}
+    position = offset + form.count_size
+    for _ in range(entries):
+        tag, kind, count = struct.unpack_from(form.entry_fmt, data, position)
+        if tag in _TAGS_READ:
+            tags[tag] = _tag_value(data, form.order, kind, count, position + value_at, form.offset_size, name)
+        position += form.entry_size
+    (following,) = struct.unpack_from(form.offset_fmt, data, end - form.offset_size)
+    return tags, following
+
+
+def _pixels_end(tags: dict[int, int | np.ndarray | bytes], page: int, name: str) -> int:
+    """The end of the page's last strip or tile (0 when it declares none)."""
+    end = 0
+    for offsets_tag, counts_tag in ((_STRIP_OFFSETS, _STRIP_BYTE_COUNTS), (_TILE_OFFSETS, _TILE_BYTE_COUNTS)):
+        if offsets_tag in tags or counts_tag in tags:
+            end = max(end, _data_end(tags.get(offsets_tag), tags.get(counts_tag), page, name))
+    return end
 
 
 def _axes_source(description: bytes) -> tuple[str, int]:

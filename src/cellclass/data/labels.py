@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellclass.atomic import atomic_write_text
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, TaskSpec
 from cellclass.errors import LabelError, SpecError
 
@@ -147,8 +148,6 @@ def encode_frame(
 
 def save_encoders(path: str | Path, encoders: Mapping[str, TaskEncoder]) -> Path:
     """Write encoders as JSON (atomically)."""
-    from cellclass.atomic import atomic_write_text
-
     payload = {name: enc.to_dict() for name, enc in encoders.items()}
     return atomic_write_text(path, json.dumps(payload, indent=2))
 

@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -44,9 +44,10 @@ import pandas as pd
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.crops import field_key, mask_path_for
 from cellclass.data.io import write_tiff
-from cellclass.data.segment import Backend, CellParams, SegmentationError, segment_cells
+from cellclass.data.segment import Backend, CellParams, segment_cells
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
-from cellclass.errors import ImageReadError, OutputPathError
+from cellclass.errors import ImageReadError, OutputPathError, SegmentationError
+from cellclass.progress import ProgressFn
 
 __all__ = [
     "IN_PROCESS_BACKENDS",
@@ -74,7 +75,6 @@ IN_PROCESS_BACKENDS: tuple[str, ...] = ("cellpose", "stardist")
 model and use their own threads (or a GPU)."""
 
 _MARKER_VERSION = 1
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def segment_fields(
         frame: The rows to segment (default: ``spec.load_manifest()``).
         workers: Processes segmenting fields in parallel (1: this process). Backends of
             :data:`IN_PROCESS_BACKENDS` always run in this process.
-        progress: Called as ``progress(fields_done, fields_total)``.
+        progress: Called as ``progress("segmenting", fields_done, fields_total)``.
 
     Returns:
         What was written (:class:`SegmentResult`).
@@ -241,7 +241,7 @@ def segment_fields(
     elif done:
         log.info("all %d fields already segmented in %s", total, out)
     if progress is not None:
-        progress(done, total)
+        progress("segmenting", done, total)
     if getattr(backend, "name", None) in IN_PROCESS_BACKENDS and workers > 1:
         log.info("the %s backend runs in this process; workers=%d does not apply to it", backend.name, workers)
         workers = 1
@@ -249,7 +249,7 @@ def segment_fields(
         item.n_objects = n_objects
         done += 1
         if progress is not None:
-            progress(done, total)
+            progress("segmenting", done, total)
 
     manifest = _assemble(out / "masks.csv", frame, inherited, todo, job)
     result = SegmentResult(out=out, manifest=manifest, n_fields=total, n_processed=len(pending),

@@ -12,7 +12,8 @@ straight from the raw values (a uint16 pixel of 40000 is 40000.0, never squeezed
 * ``none``: no scaling, only the conversion to ``float32``.
 
 Fitted statistics are saved with :meth:`Normalizer.to_dict` inside every checkpoint, so
-prediction normalizes exactly as training did.
+prediction normalizes exactly as training did. A :class:`NormalizedView` normalizes the
+rows of an image array (in memory or a prepared cache) as they are read.
 """
 
 from __future__ import annotations
@@ -123,6 +124,48 @@ class Normalizer:
         """
         if not self.needs_fit:
             return self
+        self._check_fit_arguments(images, groups, max_pixels_per_image, max_pixels)
+        sample = _PixelSample(np.random.default_rng(seed), max_pixels_per_image, max_pixels)
+        for i, image in enumerate(images):
+            image = _as_chw(image, f"training image {i}")
+            if sample.n_channels is not None and image.shape[0] != sample.n_channels:
+                raise NormalizationError(
+                    f"training image {i} has {image.shape[0]} channels; the images before "
+                    f"it have {sample.n_channels}"
+                )
+            sample.add(image, self._group_of(groups, i))
+        if sample.n_images == 0:
+            raise NormalizationError("Normalizer.fit got no image; pass the training images")
+        if self.mode == "group" and len(groups) != sample.n_images:
+            raise NormalizationError(
+                f"got {len(groups)} groups for {sample.n_images} images; give one group per image"
+            )
+
+        self.n_channels_ = sample.n_channels
+        self.low_values_, self.high_values_ = self._percentiles(
+            np.concatenate([b for _, b in sample.blocks])
+        )
+        self.group_values_ = {}
+        if self.mode == "group":
+            for group in sorted({g for g, _ in sample.blocks}):
+                pixels = np.concatenate([b for g, b in sample.blocks if g == group])
+                self.group_values_[group] = self._percentiles(pixels)
+        self._unseen_logged = set()
+        flat_channels = np.flatnonzero(self.high_values_ <= self.low_values_)
+        if len(flat_channels):
+            log.warning(
+                "channel(s) %s have equal low and high percentiles (%s); they are only offset",
+                flat_channels.tolist(), self.low_values_[flat_channels].tolist(),
+            )
+        log.info(
+            "normalizer fitted on %d images (%d pixel positions): low %s, high %s",
+            sample.n_images, sample.kept, self.low_values_.tolist(), self.high_values_.tolist(),
+        )
+        return self
+
+    def _check_fit_arguments(self, images: Iterable[np.ndarray], groups: Sequence[str] | None,
+                             max_pixels_per_image: int, max_pixels: int) -> None:
+        """The checks :meth:`fit` can make before it reads an image."""
         if self.mode == "group" and groups is None:
             raise NormalizationError(
                 "normalization mode 'group' needs the group of every training image (groups=...)"
@@ -136,69 +179,16 @@ class Normalizer:
             raise NormalizationError(
                 f"got {len(groups)} groups for {len(images)} images; give one group per image"
             )
-        rng = np.random.default_rng(seed)
-        per_image = max_pixels_per_image
-        blocks: list[tuple[str | None, np.ndarray]] = []
-        kept = 0
-        n_channels = None
-        n_images = 0
-        for i, image in enumerate(images):
-            image = _as_chw(image, f"training image {i}")
-            if n_channels is None:
-                n_channels = image.shape[0]
-            elif image.shape[0] != n_channels:
-                raise NormalizationError(
-                    f"training image {i} has {image.shape[0]} channels; the images before "
-                    f"it have {n_channels}"
-                )
-            group = None
-            if self.mode == "group":
-                if i >= len(groups):
-                    raise NormalizationError(
-                        f"got {len(groups)} groups for more images; give one group per image"
-                    )
-                group = str(groups[i])
-            flat = image.reshape(n_channels, -1)
-            if flat.shape[1] > per_image:
-                flat = flat[:, rng.integers(flat.shape[1], size=per_image)]
-            block = flat.T.astype(np.float32)
-            blocks.append((group, block))
-            kept += len(block)
-            n_images += 1
-            while kept > max_pixels and per_image > 1:
-                per_image //= 2
-                blocks = [
-                    (g, b[rng.permutation(len(b))[: max(1, len(b) // 2)]]) for g, b in blocks
-                ]
-                kept = sum(len(b) for _, b in blocks)
-        if n_images == 0:
-            raise NormalizationError("Normalizer.fit got no image; pass the training images")
-        if self.mode == "group" and len(groups) != n_images:
-            raise NormalizationError(
-                f"got {len(groups)} groups for {n_images} images; give one group per image"
-            )
 
-        self.n_channels_ = n_channels
-        self.low_values_, self.high_values_ = self._percentiles(
-            np.concatenate([b for _, b in blocks])
-        )
-        self.group_values_ = {}
-        if self.mode == "group":
-            for group in sorted({g for g, _ in blocks}):
-                sample = np.concatenate([b for g, b in blocks if g == group])
-                self.group_values_[group] = self._percentiles(sample)
-        self._unseen_logged = set()
-        flat_channels = np.flatnonzero(self.high_values_ <= self.low_values_)
-        if len(flat_channels):
-            log.warning(
-                "channel(s) %s have equal low and high percentiles (%s); they are only offset",
-                flat_channels.tolist(), self.low_values_[flat_channels].tolist(),
+    def _group_of(self, groups: Sequence[str] | None, i: int) -> str | None:
+        """The group of training image ``i`` in ``group`` mode (``None`` in the others)."""
+        if self.mode != "group":
+            return None
+        if i >= len(groups):
+            raise NormalizationError(
+                f"got {len(groups)} groups for more images; give one group per image"
             )
-        log.info(
-            "normalizer fitted on %d images (%d pixel positions): low %s, high %s",
-            n_images, kept, self.low_values_.tolist(), self.high_values_.tolist(),
-        )
-        return self
+        return str(groups[i])
 
     def _percentiles(self, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = np.percentile(sample, [self.low, self.high], axis=0)
@@ -320,6 +310,99 @@ class Normalizer:
             for g, v in (data.get("groups") or {}).items()
         }
         return norm
+
+
+def checked_rows(index: np.ndarray, n: int) -> np.ndarray:
+    """Integer row indices into ``n`` images, negatives counted from the end, as
+    ``np.arange(n)[index]`` gives them, without building that range.
+
+    Raises:
+        IndexError: When an index is outside ``-n .. n - 1``.
+    """
+    rows = np.where(index < 0, index + n, index)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise IndexError(f"row index out of range for {n} images: rows must be indices into {n} images; "
+                         f"got {index!r}")
+    return rows
+
+
+class NormalizedView:
+    """An image array whose rows are normalized when read, so memory stays with the source.
+
+    The source may be an in-memory array or a memory-mapped cache; indexing with an int
+    array returns a float32 ``(n, C, H, W)`` batch normalized with ``normalizer``.
+    """
+
+    def __init__(self, images: np.ndarray, normalizer: Any, groups: np.ndarray | None = None) -> None:
+        self.images = images
+        self.normalizer = normalizer
+        self.groups = groups
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the underlying array."""
+        return tuple(self.images.shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
+            rows = checked_rows(index, len(self.images))
+        else:
+            rows = np.atleast_1d(np.arange(len(self.images))[index])
+        order = np.argsort(rows, kind="stable")
+        batch = np.asarray(self.images[rows[order]])
+        groups = None if self.groups is None else self.groups[rows[order]]
+        out = np.empty((len(rows), *batch.shape[1:]), dtype=np.float32)
+        out[order] = self.normalizer.transform_batch(batch, groups=groups)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Size of every row normalized (float32), in bytes."""
+        return int(np.prod(self.shape)) * 4
+
+    def materialize(self, chunk: int = 256) -> np.ndarray:
+        """Every row normalized, as one in-memory float32 array (read ``chunk`` rows at a time)."""
+        out = np.empty(self.shape, dtype=np.float32)
+        for start in range(0, len(self), chunk):
+            out[start : start + chunk] = self[np.arange(start, min(len(self), start + chunk))]
+        return out
+
+
+class _PixelSample:
+    """Pixel positions sampled from a stream of images, each image with an equal share.
+
+    An image gives ``per_image`` random positions (all of its pixels when it has fewer),
+    read in every channel. When the sample would exceed ``max_pixels`` positions, it is
+    halved, as is the share of every later image.
+    """
+
+    def __init__(self, rng: np.random.Generator, per_image: int, max_pixels: int) -> None:
+        self.rng, self.per_image, self.max_pixels = rng, per_image, max_pixels
+        self.blocks: list[tuple[str | None, np.ndarray]] = []
+        """(group, ``(positions, C)`` float32 values) of every image."""
+        self.kept = 0
+        self.n_channels: int | None = None
+        self.n_images = 0
+
+    def add(self, image: np.ndarray, group: str | None) -> None:
+        """Sample a ``(C, H, W)`` image (of the sample's channel count)."""
+        self.n_channels = image.shape[0]
+        flat = image.reshape(self.n_channels, -1)
+        if flat.shape[1] > self.per_image:
+            flat = flat[:, self.rng.integers(flat.shape[1], size=self.per_image)]
+        block = flat.T.astype(np.float32)
+        self.blocks.append((group, block))
+        self.kept += len(block)
+        self.n_images += 1
+        while self.kept > self.max_pixels and self.per_image > 1:
+            self.per_image //= 2
+            self.blocks = [
+                (g, b[self.rng.permutation(len(b))[: max(1, len(b) // 2)]]) for g, b in self.blocks
+            ]
+            self.kept = sum(len(b) for _, b in self.blocks)
 
 
 def _as_chw(image: np.ndarray, what: str) -> np.ndarray:

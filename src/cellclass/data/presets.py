@@ -22,6 +22,8 @@ from typing import Any
 
 import pandas as pd
 
+from cellclass.data.omezarr import describe_zarr_image, plate_fields
+from cellclass.data.plate import PLATE_COLUMNS, find_plates, plate_name
 from cellclass.data.spec import (
     ControlSpec,
     DatasetSpec,
@@ -29,6 +31,7 @@ from cellclass.data.spec import (
     ImageSpec,
     PlateSpec,
     TaskSpec,
+    parse_where,
     spec_from_manifest,
 )
 from cellclass.errors import ImageReadError, SpecError
@@ -168,9 +171,6 @@ def plate(root: str | Path, *, manifest: str = "wells.csv", per: str = "field") 
         SpecError: When there is no plate, no labels CSV or no label column in it.
         MissingDependencyError: When the ``zarr`` extra is not installed.
     """
-    from cellclass.data.omezarr import describe_zarr_image, plate_fields
-    from cellclass.data.plate import PLATE_COLUMNS, find_plates
-
     root = Path(root)
     plates = find_plates(root)
     _, first = plate_fields(plates[0], first_only=True)
@@ -211,8 +211,6 @@ def plate(root: str | Path, *, manifest: str = "wells.csv", per: str = "field") 
 
 def _plates_name(plates: list[Path]) -> str:
     """A dataset name for plates: the plate's name, or their folder's."""
-    from cellclass.data.plate import plate_name
-
     return plate_name(plates[0]) if len(plates) == 1 else plates[0].resolve().parent.name
 
 
@@ -293,15 +291,13 @@ def _resolve_spec(
     drop_unlabeled: bool,
     where: list[str] | None,
 ) -> DatasetSpec:
-    from cellclass.data.spec import DatasetSpec as _Spec
-
     path = Path(source)
     if not path.exists():
         raise SpecError(f"dataset source {str(path)!r} does not exist")
     if preset_name is not None:
         spec = preset(preset_name, path).select_tasks(tasks)
     elif path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
-        spec = _Spec.from_yaml(path).select_tasks(tasks)
+        spec = DatasetSpec.from_yaml(path).select_tasks(tasks)
     elif path.is_file():
         if not image_col:
             raise SpecError(
@@ -320,7 +316,7 @@ def _resolve_spec(
                 f"folder {str(path)!r} holds no {' / '.join(SPEC_FILE_NAMES)}; pass --preset "
                 f"({', '.join(PRESETS)}), a YAML spec, or a manifest CSV with --image-col and --task"
             )
-        spec = _Spec.from_yaml(found[0]).select_tasks(tasks)
+        spec = DatasetSpec.from_yaml(found[0]).select_tasks(tasks)
     if groups:
         spec.groups = list(groups)
     if split_column:
@@ -328,8 +324,6 @@ def _resolve_spec(
     if drop_unlabeled:
         spec.drop_unlabeled = True
     if where:
-        from cellclass.data.spec import parse_where
-
         for expression in where:
             parse_where(expression)
         spec.where = [*spec.where, *where]

@@ -33,7 +33,12 @@ from scipy import ndimage as ndi
 from skimage import feature, filters, morphology, segmentation
 
 from cellclass.data.io import expand_pattern, read_image
-from cellclass.errors import CellclassError, MissingDependencyError, ModelError
+from cellclass.errors import (
+    CellclassError,
+    MissingDependencyError,
+    ModelError,
+    SegmentationError,
+)
 
 __all__ = [
     "BACKENDS",
@@ -44,7 +49,6 @@ __all__ = [
     "CellposeBackend",
     "MaskFileBackend",
     "NucleusParams",
-    "SegmentationError",
     "SkimageBackend",
     "StarDistBackend",
     "make_backend",
@@ -63,10 +67,6 @@ SEED_METHODS: tuple[str, ...] = ("hmaxima", "peaks", "none")
 """Watershed seed finders of :class:`NucleusParams` (``none``: connected components only)."""
 
 _MAX_LABEL = np.iinfo(np.uint16).max
-
-
-class SegmentationError(CellclassError):
-    """A field, a parameter, a mask file or a backend cannot be segmented or used as asked."""
 
 
 # --------------------------------------------------------------------------------------

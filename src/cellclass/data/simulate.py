@@ -41,7 +41,8 @@ import tifffile
 
 from cellclass.atomic import atomic_write_bytes
 from cellclass.data.presets import HPA_CHANNELS, HPA_CLASSES
-from cellclass.errors import CellclassError
+from cellclass.errors import SimulationError
+from cellclass.progress import ProgressFn
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,9 @@ __all__ = [
     "HPA_CLASSES",
     "HPA_RENDERED_CLASSES",
     "BpsCondition",
-    "SimulationError",
     "simulate_bps",
     "simulate_hpa",
 ]
-
-ProgressCallback = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` while images are written."""
-
-
-class SimulationError(CellclassError, ValueError):
-    """A simulator argument is out of range or the output folder is already a dataset."""
 
 
 # --------------------------------------------------------------------------------------
@@ -340,22 +333,24 @@ def _run_jobs(
     chunks: list[tuple],
     total: int,
     workers: int,
-    progress: ProgressCallback | None,
+    progress: ProgressFn | None,
+    stage: str = "writing images",
 ) -> None:
-    """Run ``worker(*chunk)`` for every chunk, in this process or in a process pool."""
+    """Run ``worker(*chunk)`` for every chunk, in this process or in a process pool; each
+    chunk's worker returns the number of images it wrote."""
     done = 0
     if workers == 1 or len(chunks) == 1:
         for chunk in chunks:
             done += worker(*chunk)
             if progress is not None:
-                progress(done, total)
+                progress(stage, done, total)
         return
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
         futures = [pool.submit(worker, *chunk) for chunk in chunks]
         for future in as_completed(futures):
             done += future.result()
             if progress is not None:
-                progress(done, total)
+                progress(stage, done, total)
 
 
 def _chunk(items: Sequence, workers: int, size: int = 512) -> list[Sequence]:
@@ -432,7 +427,7 @@ def simulate_bps(
     *,
     size_jitter: float = 0.0,
     workers: int = 1,
-    progress: ProgressCallback | None = None,
+    progress: ProgressFn | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic NASA BPS microscopy benchmark: uint16 TIFF nuclei and ``meta.csv``.
@@ -458,7 +453,7 @@ def simulate_bps(
         size_jitter: Relative spread of image sides: each image's height and width are
             drawn uniformly within ``±size_jitter`` of ``image_size`` (real crops vary).
         workers: Processes to render with. The output does not depend on it.
-        progress: Optional ``progress(done, total)`` callback.
+        progress: Called as ``progress("writing images", done, total)``.
         overwrite: Write over an existing ``meta.csv`` in ``out_dir``. Files of an earlier,
             larger simulation that the new manifest does not list are left in place.
 
@@ -689,7 +684,7 @@ def simulate_hpa(
     image_size: int | tuple[int, int] = 128,
     *,
     workers: int = 1,
-    progress: ProgressCallback | None = None,
+    progress: ProgressFn | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic Human Protein Atlas set: ``train.csv`` and four PNGs per image.
@@ -709,7 +704,7 @@ def simulate_hpa(
             files.
         image_size: Side of the square images, or ``(height, width)``.
         workers: Processes to render with. The output does not depend on it.
-        progress: Optional ``progress(done, total)`` callback.
+        progress: Called as ``progress("writing images", done, total)``.
         overwrite: Write over an existing ``train.csv`` in ``out_dir``.
 
     Returns:

@@ -13,7 +13,8 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-from cellclass.data.segment import SegmentationError, relabel
+from cellclass.data.segment import relabel
+from cellclass.errors import SegmentationError
 
 __all__ = ["simulate_nuclei_field"]
 

@@ -33,8 +33,6 @@ from cellclass.data.io import write_tiff
 from cellclass.data.presets import HPA_CHANNELS
 from cellclass.data.simulate import (
     HPA_RENDERED_CLASSES,
-    ProgressCallback,
-    SimulationError,
     _check_output,
     _check_seed,
     _check_workers,
@@ -45,6 +43,8 @@ from cellclass.data.simulate import (
     _run_jobs,
     _smooth_noise,
 )
+from cellclass.errors import SimulationError
+from cellclass.progress import ProgressFn
 
 __all__ = ["HPA_RENDERED_CLASSES", "FieldCell", "simulate_hpa_fields"]
 
@@ -239,7 +239,7 @@ def simulate_hpa_fields(
     seed: int = 0,
     *,
     workers: int = 1,
-    progress: ProgressCallback | None = None,
+    progress: ProgressFn | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write simulated HPA fields of view with their true cells and per-cell labels.
@@ -264,7 +264,7 @@ def simulate_hpa_fields(
         size: Side of the square fields, in pixels (at least 128).
         seed: Non-negative seed of every random draw; the same seed gives identical files.
         workers: Processes to render with. The output does not depend on it.
-        progress: Optional ``progress(done, total)`` callback.
+        progress: Called as ``progress("writing fields", done, total)``.
         overwrite: Write over an existing ``train.csv`` in ``out``.
 
     Returns:
@@ -293,7 +293,7 @@ def simulate_hpa_fields(
     log.info("simulating %d HPA fields of %dx%d (%d cells) in %s with %d worker(s)", len(jobs), size, size,
              sum(len(job[3]) for job in jobs), folder, workers)
     chunks = [(str(folder), seed, chunk) for chunk in _chunk(jobs, workers, 16)]
-    _run_jobs(_fields_worker, chunks, len(jobs), workers, progress)
+    _run_jobs(_fields_worker, chunks, len(jobs), workers, progress, "writing fields")
 
     truth = ["Id,object_id,Target"]
     manifest = ["Id,Target"]

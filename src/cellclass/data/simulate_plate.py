@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cellclass.atomic import atomic_write_text
-from cellclass.errors import CellclassError, MissingDependencyError
+from cellclass.errors import MissingDependencyError, PlateSimulationError
 
 __all__ = ["PLATE_CHANNELS", "TREATMENTS", "simulate_plate"]
 
@@ -42,10 +42,6 @@ PLATE_CHANNELS: tuple[str, ...] = ("DNA", "Marker")
 
 NGFF_VERSIONS = ("0.4", "0.5")
 _OFFSET, _GAIN, _READ_NOISE = 100.0, 2.0, 3.0
-
-
-class PlateSimulationError(CellclassError, ValueError):
-    """A plate simulation was asked for with invalid settings."""
 
 
 def simulate_plate(

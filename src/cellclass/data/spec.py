@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,7 +27,15 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cellclass.atomic import atomic_write_text
 from cellclass.data.axes import AxesPolicy
+from cellclass.data.io import (
+    IMAGE_EXTENSIONS,
+    expand_pattern,
+    read_channel_set,
+    read_image,
+)
+from cellclass.data.plate import plate_manifest
 from cellclass.errors import ImageReadError, LabelError, SpecError
 from cellclass.textfiles import UTF8_HINT, load_yaml, utf8_position
 
@@ -527,15 +536,11 @@ class DatasetSpec:
         return mask
 
     def _scan_plates(self) -> pd.DataFrame:
-        from cellclass.data.plate import plate_manifest
-
         plate = self.plate or PlateSpec()
         return plate_manifest(self.image_root, plates=plate.plates, labels=self.manifest_path, per=plate.per,
                               well_column=plate.well_column, plate_column=plate.plate_column)
 
     def _scan_folder(self) -> pd.DataFrame:
-        from cellclass.data.io import IMAGE_EXTENSIONS
-
         root = self.image_root
         if not root.is_dir():
             raise SpecError(f"image folder {str(root)!r} of dataset {self.name!r} does not exist")
@@ -559,8 +564,6 @@ class DatasetSpec:
         root = self.image_root
         if self.image.column is not None:
             return [root / str(row[self.image.column])]
-        from cellclass.data.io import expand_pattern
-
         keys = self.image.channel_keys or self.image.channels
         if self.image.channels_select:
             keys = [keys[self.image.channels.index(n)] for n in self.image.channels_select]
@@ -587,8 +590,6 @@ class DatasetSpec:
                 the spec does not say how to read it.
             ImageReadError: When a file cannot be read.
         """
-        from cellclass.data.io import read_channel_set, read_image
-
         paths = self.image_paths(row)
         policy = self.image.axes_policy(row)
         if self.image.pattern is not None:
@@ -620,8 +621,6 @@ class DatasetSpec:
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write this spec as YAML with paths relative to the YAML's folder."""
-        from cellclass.atomic import atomic_write_text
-
         path = Path(path).resolve()
         data = self.to_dict()
         rel = Path(_relpath(self.base_dir, path.parent))
@@ -819,6 +818,4 @@ def _drop_empty(data: Any) -> Any:
 
 
 def _relpath(target: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(Path(target).resolve(), start.resolve())

@@ -19,6 +19,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from iterstrat.ml_stratifiers import (
+    MultilabelStratifiedKFold,
+    MultilabelStratifiedShuffleSplit,
+)
+from sklearn.model_selection import (
+    GroupKFold,
+    KFold,
+    ShuffleSplit,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    StratifiedShuffleSplit,
+)
 
 from cellclass.data.spec import ROW_COLUMN
 from cellclass.errors import SplitError
@@ -289,40 +301,53 @@ def make_split(
             int((groups == "").sum()),
         )
     rng = np.random.default_rng(seed)
-    everything = np.arange(n, dtype=np.int64)
-    fractions = {"val": float(val_fraction), "test": float(test_fraction)}
-
     if method == "predefined":
         if predefined is None:
             raise SplitError(
                 "method 'predefined' needs the split column's values (predefined=...)"
             )
-        sides = _parse_predefined(frame, predefined)
-        train, val, test = (everything[sides == s] for s in _SIDES)
-        if len(val) == 0 and val_fraction > 0 and len(train):
-            share = val_fraction * n / len(train)
-            if share >= 1.0:
-                raise SplitError(
-                    f"val_fraction {val_fraction} of {n} rows exceeds the {len(train)} "
-                    "predefined training rows it would be carved from"
-                )
-            train, val = _hold_out(train, labels, groups, share, rng, "validation")
-        if groups is not None:
-            shared = set(groups[train]) & set(groups[test])
-            if shared:
-                log.warning(
-                    "the predefined split puts %d group(s) on both train and test, e.g. %s",
-                    len(shared), sorted(shared)[:3],
-                )
-        fractions = {
-            "val": round(len(val) / max(n, 1), 4),
-            "test": round(len(test) / max(n, 1), 4),
-        }
-        return Split(
-            np.sort(train), np.sort(val), np.sort(test), "predefined",
-            group_column if groups is not None else None, seed, fractions, groups, labels,
-        )
+        return _predefined_split(frame, predefined, labels, groups, val_fraction, rng, seed, group_column)
+    return _drawn_split(n, labels, groups, method, val_fraction, test_fraction, rng, seed, group_column)
 
+
+def _predefined_split(frame: pd.DataFrame, predefined: np.ndarray, labels: np.ndarray | None,
+                      groups: np.ndarray | None, val_fraction: float, rng: np.random.Generator, seed: int,
+                      group_column: str | None) -> Split:
+    """The sides a split column gives, with a validation side carved from train where it has
+    none (see :func:`make_split`)."""
+    n = len(frame)
+    everything = np.arange(n, dtype=np.int64)
+    sides = _parse_predefined(frame, predefined)
+    train, val, test = (everything[sides == s] for s in _SIDES)
+    if len(val) == 0 and val_fraction > 0 and len(train):
+        share = val_fraction * n / len(train)
+        if share >= 1.0:
+            raise SplitError(
+                f"val_fraction {val_fraction} of {n} rows exceeds the {len(train)} "
+                "predefined training rows it would be carved from"
+            )
+        train, val = _hold_out(train, labels, groups, share, rng, "validation")
+    if groups is not None:
+        shared = set(groups[train]) & set(groups[test])
+        if shared:
+            log.warning(
+                "the predefined split puts %d group(s) on both train and test, e.g. %s",
+                len(shared), sorted(shared)[:3],
+            )
+    fractions = {
+        "val": round(len(val) / max(n, 1), 4),
+        "test": round(len(test) / max(n, 1), 4),
+    }
+    return Split(
+        np.sort(train), np.sort(val), np.sort(test), "predefined",
+        group_column if groups is not None else None, seed, fractions, groups, labels,
+    )
+
+
+def _drawn_split(n: int, labels: np.ndarray | None, groups: np.ndarray | None, method: str, val_fraction: float,
+                 test_fraction: float, rng: np.random.Generator, seed: int, group_column: str | None) -> Split:
+    """A ``group`` or ``random`` split of ``n`` rows: the test side held out first, then the
+    validation side from the rest (see :func:`make_split`)."""
     if method == "group" and groups is None:
         raise SplitError("method 'group' needs the group value of every row (groups=...)")
     split_groups = groups if method == "group" else None
@@ -337,6 +362,7 @@ def make_split(
     elif n < 1 + (val_fraction > 0) + (test_fraction > 0):
         raise SplitError(f"cannot split {n} row(s) into train, validation and test")
 
+    everything = np.arange(n, dtype=np.int64)
     rest, test = everything, _EMPTY
     if test_fraction > 0:
         rest, test = _hold_out(everything, labels, split_groups, test_fraction, rng, "test")
@@ -344,6 +370,7 @@ def make_split(
     if val_fraction > 0:
         share = min(val_fraction * n / len(rest), 0.5)
         train, val = _hold_out(rest, labels, split_groups, share, rng, "validation")
+    fractions = {"val": float(val_fraction), "test": float(test_fraction)}
     return Split(
         np.sort(train), np.sort(val), np.sort(test), method,
         group_column if method == "group" else None, seed, fractions, groups, labels,
@@ -379,8 +406,6 @@ def kfold(
     Raises:
         SplitError: When ``n_splits < 2``, or there are fewer groups or rows than folds.
     """
-    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
-
     if labels is None and groups is None:
         raise SplitError("kfold needs labels or groups (or both); got neither")
     n = len(labels) if labels is not None else len(groups)
@@ -390,52 +415,59 @@ def kfold(
         raise SplitError(f"k-fold needs n_splits >= 2; got {n_splits}")
     y = None if labels is None else np.asarray(labels)
     multilabel = multilabel or (y is not None and y.ndim == 2)
-    x = np.zeros((n, 1))
-
     if groups is not None:
-        g = np.asarray(groups).astype(str)
-        n_groups = len(np.unique(g))
-        if n_groups < n_splits:
-            raise SplitError(
-                f"group k-fold with {n_splits} folds needs at least {n_splits} groups; "
-                f"got {n_groups} groups"
-            )
-        folds = None
-        if y is not None and not multilabel:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                cv = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
-                folds = list(cv.split(x, y, g))
-            if any(len(test) == 0 for _, test in folds):
-                log.warning("stratified group k-fold left a fold empty; using GroupKFold")
-                folds = None
-        if folds is None:
-            folds = list(GroupKFold(n_splits, shuffle=True, random_state=seed).split(x, groups=g))
+        folds = _group_folds(y, np.asarray(groups).astype(str), n_splits, seed, multilabel)
     else:
-        if n < n_splits:
-            raise SplitError(
-                f"k-fold with {n_splits} folds needs at least {n_splits} rows; got {n}"
-            )
-        if multilabel:
-            from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
-
-            cv = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-            folds = list(cv.split(x, y))
-        elif np.bincount(_class_codes(y)).max() >= n_splits:
-            small = _small_classes(y, n_splits)
-            if small:
-                log.warning(
-                    "class(es) %s have fewer than %d rows: not every fold can hold them",
-                    small, n_splits,
-                )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-                folds = list(cv.split(x, y))
-        else:
-            log.warning("no class has %d rows; k-fold is not stratified", n_splits)
-            folds = list(KFold(n_splits, shuffle=True, random_state=seed).split(x))
+        folds = _row_folds(y, n, n_splits, seed, multilabel)
     return [(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)) for tr, te in folds]
+
+
+def _group_folds(y: np.ndarray | None, groups: np.ndarray, n_splits: int, seed: int,
+                 multilabel: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Folds that keep each group in one test fold: stratified by single labels where that
+    leaves no fold empty, else plain group folds."""
+    x = np.zeros((len(groups), 1))
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise SplitError(
+            f"group k-fold with {n_splits} folds needs at least {n_splits} groups; "
+            f"got {n_groups} groups"
+        )
+    if y is not None and not multilabel:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            cv = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+            folds = list(cv.split(x, y, groups))
+        if all(len(test) for _, test in folds):
+            return folds
+        log.warning("stratified group k-fold left a fold empty; using GroupKFold")
+    return list(GroupKFold(n_splits, shuffle=True, random_state=seed).split(x, groups=groups))
+
+
+def _row_folds(y: np.ndarray | None, n: int, n_splits: int, seed: int,
+               multilabel: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Image-level folds, stratified by the labels where every fold can be."""
+    if n < n_splits:
+        raise SplitError(
+            f"k-fold with {n_splits} folds needs at least {n_splits} rows; got {n}"
+        )
+    x = np.zeros((n, 1))
+    if multilabel:
+        cv = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return list(cv.split(x, y))
+    if np.bincount(_class_codes(y)).max() >= n_splits:
+        small = _small_classes(y, n_splits)
+        if small:
+            log.warning(
+                "class(es) %s have fewer than %d rows: not every fold can hold them",
+                small, n_splits,
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+            return list(cv.split(x, y))
+    log.warning("no class has %d rows; k-fold is not stratified", n_splits)
+    return list(KFold(n_splits, shuffle=True, random_state=seed).split(x))
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -490,8 +522,6 @@ def _hold_out(
 def _hold_out_groups(
     y: np.ndarray | None, groups: np.ndarray, fraction: float, seed: int, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import StratifiedGroupKFold
-
     n = len(groups)
     unique = np.unique(groups)
     if len(unique) < 2:
@@ -543,8 +573,6 @@ def _classes_in_few_groups(y: np.ndarray, groups: np.ndarray, minimum: int) -> l
 def _hold_out_rows(
     y: np.ndarray | None, n: int, fraction: float, seed: int, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
-
     x = np.zeros((n, 1))
     n_held = int(np.ceil(fraction * n))
     if n_held >= n:
@@ -552,8 +580,6 @@ def _hold_out_rows(
     if y is None:
         return next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(x))
     if y.ndim == 2:
-        from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
-
         cv = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
         rest, held = next(cv.split(x, y))
         return rest, held

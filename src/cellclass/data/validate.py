@@ -11,7 +11,7 @@ import difflib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellclass.atomic import atomic_path
 from cellclass.data.io import image_exists
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec, TaskSpec
 from cellclass.errors import ImageReadError, LabelError
+from cellclass.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
 
 PROBLEM_COLUMNS = ["row", "file", "field", "severity", "reason"]
 """Columns of :meth:`ValidationReport.to_frame` (and of ``validate --report``)."""
@@ -152,7 +153,7 @@ def validate(
         spec: Dataset to validate.
         check_images: Decode every image (otherwise only metadata is checked).
         workers: Decoding threads (decoders release the GIL).
-        progress: Called as ``progress(done, total)`` while images are decoded.
+        progress: Called as ``progress("validating", done, total)`` while images are decoded.
     """
     full = spec.load_manifest(apply_drop=False)
     frame = full
@@ -380,7 +381,7 @@ def _check_images(
             if info is not None:
                 infos[i] = info
             if progress is not None:
-                progress(done, total)
+                progress("validating", done, total)
     return problems, infos
 
 
@@ -459,8 +460,6 @@ def write_clean_manifest(spec: DatasetSpec, report: ValidationReport, out: str |
     the original's, so the clean manifest works where it is written. Source files are
     not touched.
     """
-    from cellclass.atomic import atomic_path
-
     out = Path(out).resolve()
     frame = spec.load_manifest(apply_drop=True)
     keep = ~frame[ROW_COLUMN].isin(report.bad_rows)
@@ -477,8 +476,6 @@ def write_clean_manifest(spec: DatasetSpec, report: ValidationReport, out: str |
 
 
 def _relpath(path: Path, start: Path) -> str:
-    import os
-
     return Path(os.path.relpath(path, start)).as_posix()
 
 

@@ -82,7 +82,7 @@ def evaluate_run(run: str | Path, *, spec: DatasetSpec | None = None, out: str |
         ids = [spec.image_id(r) for r in frame.to_dict("records")]
         data = PreparedData(spec, frame, predictor.encoders, targets, None, split, None, images, ids)
     groups = data.groups
-    from cellclass.data.loading import NormalizedView
+    from cellclass.data.normalize import NormalizedView
 
     x = NormalizedView(data.images, predictor.normalizer, groups)
     idx = data.split.test if len(data.split.test) else data.split.val

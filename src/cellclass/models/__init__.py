@@ -10,8 +10,18 @@ probabilities per task. Both carry ``name`` and ``config`` (``create_model(**con
 rebuilds the architecture).
 """
 
+from cellclass.data.spec import TASK_TYPES
+
+# baselines and lenet register their models with the registry when imported
+from cellclass.models.baselines import (
+    LogRegBaseline,
+    MLPBaseline,
+    PixelBaseline,
+    SVMBaseline,
+)
+from cellclass.models.lenet import LeNet5
+from cellclass.models.network import MultiHeadNetwork
 from cellclass.models.registry import (
-    TASK_TYPES,
     ModelInfo,
     count_parameters,
     create_model,
@@ -21,17 +31,7 @@ from cellclass.models.registry import (
     model_info,
     register_model,
 )
-
-# Imported for their registrations; timm itself is imported only when used.
-from cellclass.models.baselines import (  # noqa: E402  (after the registry)
-    LogRegBaseline,
-    MLPBaseline,
-    PixelBaseline,
-    SVMBaseline,
-)
-from cellclass.models.lenet import LeNet5  # noqa: E402
-from cellclass.models.network import MultiHeadNetwork  # noqa: E402
-from cellclass.models.timm_backbone import TimmNetwork  # noqa: E402
+from cellclass.models.timm_backbone import TimmNetwork
 
 __all__ = [
     "TASK_TYPES",

@@ -26,12 +26,8 @@ from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted
 
 from cellclass.errors import LabelError, ModelError
-from cellclass.models.registry import (
-    check_heads,
-    check_image_size,
-    check_task_types,
-    register_model,
-)
+from cellclass.models.arguments import check_heads, check_image_size, check_task_types
+from cellclass.models.registry import register_model
 
 
 def _area_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from cellclass.errors import ModelError
-from cellclass.models.registry import check_task_types, image_size_to_config
+from cellclass.models.arguments import check_task_types, image_size_to_config
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         )
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state: Any = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -2,8 +2,7 @@
 
 cellclass's own models (``lenet5`` and the pixel baselines ``mlp``, ``svm``, ``logreg``)
 register themselves with :func:`register_model`; any other name is looked up in timm and
-built by :class:`cellclass.models.timm_backbone.TimmNetwork`. ``timm`` is imported only
-when a timm name is listed or built.
+built by :class:`cellclass.models.timm_backbone.TimmNetwork`.
 """
 
 from __future__ import annotations
@@ -15,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cellclass.errors import MissingDependencyError, ModelError
+import timm
 
-TASK_TYPES = ("single", "multilabel", "binary")
-"""Valid task types: softmax over classes, independent sigmoid labels, or a yes/no task."""
+from cellclass.errors import ModelError
+from cellclass.models.arguments import check_heads, check_image_size
+from cellclass.models.timm_backbone import TimmNetwork
 
 ModelKind = Literal["network", "baseline"]
 Entrypoint = Callable[..., Any]
@@ -82,17 +82,6 @@ def register_model(name: str, *, kind: ModelKind) -> Callable[[Entrypoint], Entr
     return decorator
 
 
-def _import_timm() -> Any:
-    try:
-        import timm
-    except ImportError as err:  # pragma: no cover - timm is a core dependency
-        raise MissingDependencyError(
-            "timm backbones need the 'timm' package, which is not installed; "
-            "install it with `pip install timm` (it is part of cellclass's default install)"
-        ) from err
-    return timm
-
-
 def list_models(pattern: str | None = None, *, pretrained: bool = False) -> list[str]:
     """Names accepted by :func:`create_model`: cellclass models first, then timm's.
 
@@ -105,7 +94,6 @@ def list_models(pattern: str | None = None, *, pretrained: bool = False) -> list
     Returns:
         Matching names, cellclass's sorted, then timm's in timm's order.
     """
-    timm = _import_timm()
     names = [] if pretrained else sorted(_REGISTRY)
     names += timm.list_models(pretrained=pretrained)
     if pattern is not None:
@@ -118,7 +106,7 @@ def is_model(name: str) -> bool:
     ``"resnet18.tv_in1k"`` included)."""
     if name in _REGISTRY:
         return True
-    return bool(_import_timm().is_model(name))
+    return bool(timm.is_model(name))
 
 
 def _unknown_model_error(name: str) -> ModelError:
@@ -163,7 +151,6 @@ def model_info(name: str) -> ModelInfo:
     if name in _REGISTRY:
         entry = _REGISTRY[name]
         return ModelInfo(name, entry.kind, "cellclass", entry.description)
-    timm = _import_timm()
     arch = name.split(".", 1)[0]
     tags = tuple(timm.list_models(arch, pretrained=True))
     if "." in name:
@@ -171,97 +158,6 @@ def model_info(name: str) -> ModelInfo:
     return ModelInfo(
         name, "network", "timm", f"timm backbone {arch} with one linear head per task", tags
     )
-
-
-def check_heads(heads: object) -> dict[str, int]:
-    """Validate a task → number-of-outputs mapping and return it as a plain dict.
-
-    Raises:
-        ModelError: ``heads`` is empty, not a mapping, or has a bad name or count.
-    """
-    if not isinstance(heads, Mapping) or not heads:
-        raise ModelError(
-            f"heads must be a non-empty mapping of task name to number of outputs, "
-            f"got {heads!r}; e.g. {{'particle': 3, 'dose': 4}}"
-        )
-    out: dict[str, int] = {}
-    for task, n in heads.items():
-        if not isinstance(task, str) or not task or "." in task:
-            raise ModelError(
-                f"task name must be a non-empty string without '.', got {task!r}; "
-                "it names the head's weights in the state dict"
-            )
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ModelError(
-                f"number of outputs of task {task!r} must be a positive integer, got {n!r}"
-            )
-        out[task] = int(n)
-    return out
-
-
-def check_task_types(
-    task_types: Mapping[str, str] | None, heads: Mapping[str, int]
-) -> dict[str, str]:
-    """Resolve per-task types (default ``"single"``) and check them against ``heads``.
-
-    Raises:
-        ModelError: a task is unknown, a type is invalid, or a head size does not suit
-            its type (single needs >= 2 outputs, binary 1 or 2).
-    """
-    given = {} if task_types is None else task_types
-    if not isinstance(given, Mapping):
-        raise ModelError(
-            f"task_types must be a mapping of task name to one of {TASK_TYPES}, "
-            f"got {task_types!r}"
-        )
-    unknown = [t for t in given if t not in heads]
-    if unknown:
-        raise ModelError(
-            f"task_types names task(s) {unknown} that are not in heads; "
-            f"valid tasks are {list(heads)}"
-        )
-    resolved: dict[str, str] = {}
-    for task, n in heads.items():
-        kind = given.get(task, "single")
-        if kind not in TASK_TYPES:
-            raise ModelError(
-                f"type of task {task!r} must be one of {TASK_TYPES}, got {kind!r}"
-            )
-        if kind == "single" and n < 2:
-            raise ModelError(
-                f"single-label task {task!r} needs at least 2 outputs (one per class), "
-                f"got {n}; use task type 'binary' for a yes/no task"
-            )
-        if kind == "binary" and n not in (1, 2):
-            raise ModelError(
-                f"binary task {task!r} needs 1 output (sigmoid) or 2 (softmax), got {n}"
-            )
-        resolved[task] = kind
-    return resolved
-
-
-def check_image_size(image_size: object) -> tuple[int, int]:
-    """Return ``image_size`` as ``(height, width)``.
-
-    Raises:
-        ModelError: it is not a positive int or a pair of positive ints.
-    """
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if (
-        isinstance(size, (tuple, list))
-        and len(size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
-    ):
-        return int(size[0]), int(size[1])
-    raise ModelError(
-        f"image_size must be a positive int or a (height, width) pair of positive ints, "
-        f"got {image_size!r}"
-    )
-
-
-def image_size_to_config(size: tuple[int, int]) -> int | list[int]:
-    """The YAML-friendly form of an image size: an int when square, else ``[h, w]``."""
-    return size[0] if size[0] == size[1] else [size[0], size[1]]
 
 
 def create_model(
@@ -312,8 +208,6 @@ def create_model(
         return _REGISTRY[name].fn(
             in_chans, heads, image_size=size, pretrained=pretrained, **kwargs
         )
-    from cellclass.models.timm_backbone import TimmNetwork
-
     return TimmNetwork(
         name, in_chans, heads, image_size=size, pretrained=pretrained, **kwargs
     )

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
+from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
 from cellclass.errors import ModelError
@@ -28,7 +31,6 @@ from cellclass.models.network import (
     load_matching_weights,
     load_state_dict_file,
 )
-from cellclass.models.registry import _import_timm
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,6 @@ def _create_backbone(
     *,
     pretrained: bool = False,
 ) -> nn.Module:
-    timm = _import_timm()
     args = dict(timm_kwargs, in_chans=in_chans, num_classes=0, pretrained=pretrained)
     if "img_size" not in timm_kwargs:
         # Transformers need the input size at construction, CNNs refuse the argument:
@@ -183,8 +184,6 @@ def load_backbone_weights(
         ModelError: the file is unreadable, or a weight other than the first
             convolution's has another shape than the model's.
     """
-    from timm.models import adapt_input_conv
-
     name = model_name or type(backbone).__name__
     state = load_state_dict_file(path)
     if any(k.startswith("backbone.") for k in state):  # a cellclass network's weights
@@ -230,7 +229,6 @@ def _hub_backbone(
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
     if not hub_id and not url:
-        timm = _import_timm()
         tags = timm.list_models(name.split(".", 1)[0], pretrained=True)
         raise ModelError(
             f"timm has no pretrained weights for {name!r}; "
@@ -272,19 +270,14 @@ def _hf_cache_dir() -> str:
 def _cached_weights(cfg: Mapping[str, Any]) -> Path | None:
     hub_id = cfg.get("hf_hub_id")
     if hub_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
-            repo, _, revision = hub_id.partition("@")
-            filenames = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]
-            for filename in filter(None, filenames):
-                found = try_to_load_from_cache(
-                    repo, filename, cache_dir=_hf_cache_dir(), revision=revision or None
-                )
-                if isinstance(found, str):
-                    return Path(found)
+        repo, _, revision = hub_id.partition("@")
+        filenames = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]
+        for filename in filter(None, filenames):
+            found = try_to_load_from_cache(
+                repo, filename, cache_dir=_hf_cache_dir(), revision=revision or None
+            )
+            if isinstance(found, str):
+                return Path(found)
     url = cfg.get("url")
     if url:
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name

@@ -20,7 +20,7 @@ import numpy as np
 from cellclass.data.axes import AxesPolicy, policy_from_image_section
 from cellclass.data.io import ImagePath, read_image, read_image_bytes
 from cellclass.data.labels import TaskEncoder
-from cellclass.data.loading import fit_image, select_channels
+from cellclass.data.resize import fit_image, select_channels
 from cellclass.errors import ImageReadError
 
 log = logging.getLogger(__name__)

@@ -6,16 +6,18 @@
   sweep optimises a validation metric.
 - :mod:`~cellclass.tracking.sweep`: :func:`run_sweep` on an Optuna study shared by worker
   processes (and machines), resumable after a kill.
-- :mod:`~cellclass.tracking.report`: the sweep report.
+- :mod:`~cellclass.tracking.study`: the Optuna study the workers share (storage, lock,
+  recovery of dead workers' trials).
+- :mod:`~cellclass.tracking.sweep_report`: the sweep report.
+- :mod:`~cellclass.tracking.folds`: a cross-validation's folds told to its tracker.
 
-Only light modules are imported here; MLflow, W&B and Optuna load when used.
+W&B, an optional extra, is imported when its tracker is made.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from cellclass.tracking.space import SweepSpace, valid_metrics
+from cellclass.tracking.sweep import run_sweep
 from cellclass.tracking.trackers import (
     TRACKERS,
     MLflowTracker,
@@ -38,10 +40,3 @@ __all__ = [
     "run_sweep",
     "valid_metrics",
 ]
-
-
-def run_sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run or continue a sweep; see :func:`cellclass.tracking.sweep.run_sweep`."""
-    from cellclass.tracking.sweep import run_sweep as _run_sweep
-
-    return _run_sweep(*args, **kwargs)

@@ -41,8 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellclass.errors import SweepError
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from cellclass.errors import ConfigError, SweepError
 from cellclass.textfiles import load_yaml
+from cellclass.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +87,6 @@ def _number(value: Any, what: str) -> float:
 
 
 def _field_types() -> dict[str, str]:
-    from cellclass.training.config import TrainConfig
-
     # An optional setting (``batch_size: int | None``, None meaning auto) takes the type's ranges.
     return {f.name: str(f.type).removesuffix(" | None") for f in dataclasses.fields(TrainConfig)}
 
@@ -126,12 +131,6 @@ class Parameter:
 
     def distribution(self) -> Any:
         """The Optuna distribution of the parameter."""
-        from optuna.distributions import (
-            CategoricalDistribution,
-            FloatDistribution,
-            IntDistribution,
-        )
-
         if self.kind == "categorical":
             return CategoricalDistribution([self.encode(v) for v in self.values])
         if self.kind == "int":
@@ -370,8 +369,7 @@ def _alias(name: str, source: str) -> str:
 
 
 def _parameter(name: str, spec: Any, source: str) -> Parameter:
-    from cellclass.training.config import ConfigError, TrainConfig
-
+    """The parameter ``name`` of a sweep file, from its entry ``spec`` (checked)."""
     where = f"{source}: parameter {name!r}"
     types = _field_types()
     if name not in types:
@@ -386,6 +384,24 @@ def _parameter(name: str, spec: Any, source: str) -> Parameter:
     unknown = sorted(str(k) for k in spec if k not in allowed)
     if unknown:
         raise SweepError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(sorted(allowed))}")
+    dist = _distribution(spec, where)
+    if dist == "constant":
+        if "value" not in spec:
+            raise SweepError(f"{where}: a constant needs value: X")
+        return Parameter(name, "categorical", values=(_checked(name, spec["value"], where),))
+    if dist == "categorical":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{where}: values must be a non-empty list; got {values!r}")
+        checked = tuple(_checked(name, v, where) for v in values)
+        if len({Parameter.encode(v) for v in checked}) != len(checked):
+            raise SweepError(f"{where}: values {values!r} repeat a value; valid: distinct values")
+        return Parameter(name, "categorical", values=checked)
+    return _range(name, spec, dist, where, types[name])
+
+
+def _distribution(spec: Mapping[str, Any], where: str) -> str:
+    """A parameter's distribution: the one named, else what its keys imply."""
     dist = spec.get("distribution")
     if dist is None:
         dist = "categorical" if "values" in spec else "constant" if "value" in spec else None
@@ -394,26 +410,20 @@ def _parameter(name: str, spec: Any, source: str) -> Parameter:
     if dist not in DISTRIBUTIONS:
         raise SweepError(f"{where}: distribution = {spec.get('distribution')!r} is not supported; valid: "
                          f"{', '.join(DISTRIBUTIONS)} (or values: [...], value: X, min/max with log: true)")
-    is_int = types[name] == "int"
+    return dist
 
-    def check(value: Any) -> Any:
-        try:
-            return getattr(TrainConfig().override({name: value}), name)
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise SweepError(f"{where}: value {value!r} is invalid: {exc}") from None
 
-    if dist == "constant":
-        if "value" not in spec:
-            raise SweepError(f"{where}: a constant needs value: X")
-        return Parameter(name, "categorical", values=(check(spec["value"]),))
-    if dist == "categorical":
-        values = spec.get("values")
-        if not isinstance(values, list) or not values:
-            raise SweepError(f"{where}: values must be a non-empty list; got {values!r}")
-        checked = tuple(check(v) for v in values)
-        if len({Parameter.encode(v) for v in checked}) != len(checked):
-            raise SweepError(f"{where}: values {values!r} repeat a value; valid: distinct values")
-        return Parameter(name, "categorical", values=checked)
+def _checked(name: str, value: Any, where: str) -> Any:
+    """``value`` as the setting ``name`` takes it (``TrainConfig``'s own checks)."""
+    try:
+        return getattr(TrainConfig().override({name: value}), name)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise SweepError(f"{where}: value {value!r} is invalid: {exc}") from None
+
+
+def _range(name: str, spec: Mapping[str, Any], dist: str, where: str, kind: str) -> Parameter:
+    """A range parameter (``min``/``max``) of the setting ``name`` of type ``kind``; a range
+    that holds one value is a constant."""
     if "min" not in spec or "max" not in spec:
         raise SweepError(f"{where}: distribution {dist} needs min and max")
     low, high = _number(spec["min"], f"{where} min"), _number(spec["max"], f"{where} max")
@@ -422,8 +432,8 @@ def _parameter(name: str, spec: Any, source: str) -> Parameter:
     log_scale = dist in ("log_uniform_values", "log_uniform", "q_log_uniform_values") or bool(spec.get("log"))
     if dist == "log_uniform":  # W&B: exp(uniform(min, max))
         low, high = math.exp(low), math.exp(high)
-    if dist == "int_uniform" and not is_int:
-        raise SweepError(f"{where}: int_uniform needs an integer setting; {name} is {types[name]}; valid: uniform")
+    if dist == "int_uniform" and kind != "int":
+        raise SweepError(f"{where}: int_uniform needs an integer setting; {name} is {kind}; valid: uniform")
     if dist in ("q_uniform", "q_log_uniform_values") and step is None:
         step = 1
     if low > high:
@@ -432,26 +442,31 @@ def _parameter(name: str, spec: Any, source: str) -> Parameter:
         raise SweepError(f"{where}: a log scale needs min > 0; got min = {low!r}")
     if step is not None and step <= 0:
         raise SweepError(f"{where}: q = {step!r} is invalid; valid: a number > 0")
-    if is_int:
-        low_i, high_i = math.ceil(low), math.floor(high)
-        if low_i > high_i:
-            raise SweepError(f"{where}: no integer lies in [{low}, {high}]")
-        step_i = int(step) if step else None
-        if log_scale and step_i not in (None, 1):
-            raise SweepError(f"{where}: a log-scale integer range cannot have q = {step}; valid: q = 1 or no q")
-        check(low_i), check(high_i)
-        if low_i == high_i:
-            return Parameter(name, "categorical", values=(low_i,))
-        return Parameter(name, "int", low=low_i, high=high_i, log=log_scale, step=step_i)
-    if types[name] != "float":
-        raise SweepError(f"{where}: {name} is a {types[name]} setting, which takes values: [...], not a range")
+    if kind == "int":
+        return _int_range(name, low, high, step, log_scale, where)
+    if kind != "float":
+        raise SweepError(f"{where}: {name} is a {kind} setting, which takes values: [...], not a range")
     if log_scale and step is not None:
         raise SweepError(f"{where}: a log-scale range cannot be quantized (q = {step}); valid: drop q, or "
                          "list values: [...]")
-    check(low), check(high)
+    _checked(name, low, where), _checked(name, high, where)
     if low == high:
         return Parameter(name, "categorical", values=(float(low),))
     if step is not None:
         high = round(low + math.floor((high - low) / step + 1e-9) * step, 12)
     return Parameter(name, "float", low=float(low), high=float(high), log=log_scale,
                      step=None if step is None else float(step))
+
+
+def _int_range(name: str, low: float, high: float, step: float | None, log_scale: bool, where: str) -> Parameter:
+    """The integers of ``[low, high]`` as a parameter of the integer setting ``name``."""
+    low_i, high_i = math.ceil(low), math.floor(high)
+    if low_i > high_i:
+        raise SweepError(f"{where}: no integer lies in [{low}, {high}]")
+    step_i = int(step) if step else None
+    if log_scale and step_i not in (None, 1):
+        raise SweepError(f"{where}: a log-scale integer range cannot have q = {step}; valid: q = 1 or no q")
+    _checked(name, low_i, where), _checked(name, high_i, where)
+    if low_i == high_i:
+        return Parameter(name, "categorical", values=(low_i,))
+    return Parameter(name, "int", low=low_i, high=high_i, log=log_scale, step=step_i)

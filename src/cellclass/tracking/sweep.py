@@ -29,48 +29,56 @@ How the count stays exact, with several workers and after a kill:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from optuna.exceptions import StorageInternalError
-from optuna.samplers import BaseSampler
-from sqlalchemy.exc import SQLAlchemyError
+import lightning_fabric  # noqa: F401  (it sets its loggers' levels when imported; quiet_training overrides them)
+import optuna
+import pandas as pd
+import torch
+from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
+from optuna.trial import TrialState
 
 from cellclass.data.spec import DatasetSpec
-from cellclass.errors import CellclassError, SweepError
-from cellclass.tracking.runs import FoldLogger, best_epoch_value, cv_progress
+from cellclass.errors import CellclassError, SweepError, TrialCrash
+from cellclass.evaluation.crossval import cross_validate
+from cellclass.progress import ProgressFn
+from cellclass.tracking.folds import FoldLogger, cv_progress
 from cellclass.tracking.space import SweepSpace
-from cellclass.tracking.trackers import Tracker, file_lock, make_tracker, sqlite_path
+from cellclass.tracking.study import (
+    Heartbeat,
+    StudyLock,
+    live_trials,
+    masked_url,
+    open_storage,
+    open_study,
+    quiet_optuna,
+    recover,
+    worker_identity,
+)
+from cellclass.tracking.sweep_report import write_sweep_report
+from cellclass.tracking.trackers import Tracker, make_tracker
+from cellclass.training.config import TrainConfig
+from cellclass.training.loop import prepare_data, train
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 30
-"""Seconds between a running trial's heartbeats in the study database."""
-GRACE_S = 120
-"""A trial whose heartbeat is this old is failed and queued again (other machines' workers)."""
-MAX_RETRIES = 3
-"""Times an interrupted trial is queued again before it stays failed."""
-
-# Settings that depend on the machine, not on the search: they may differ between the
-# runs (or machines) that share one study.
-_HARDWARE = {"workers", "devices", "accelerator", "precision", "strategy", "channels_last"}
 # Settings that change the prepared images or the split: a change means preparing again.
 _DATA_KEYS = ("image_size", "fit", "channels", "split", "split_by", "val_fraction", "test_fraction", "seed")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -136,16 +144,8 @@ def run_sweep(
             search, the storage cannot be opened, or a trial failed unexpectedly (which
             stops its worker); the message has one line per failed trial.
     """
-    from cellclass.tracking.report import write_sweep_report
-
     out = Path(out).resolve()
-    if n_jobs < 1:
-        raise SweepError(f"n_jobs = {n_jobs} is invalid; valid: an integer >= 1")
-    if folds is not None and folds < 2:
-        raise SweepError(f"folds = {folds} is invalid; valid: an integer >= 2, or no folds for one run per trial")
-    if config.devices != 1:
-        raise SweepError(f"devices = {config.devices} is invalid in a sweep: a trial is one process; valid: "
-                         "devices = 1, with --n-jobs for parallel trials")
+    _check_sweep(config, n_jobs, folds)
     selected = spec.select_tasks(config.tasks)
     space.check_metric([t.name for t in selected.tasks])
     base = config.override({**space.constants, "monitor": space.metric})
@@ -153,37 +153,21 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').as_posix()}"
     study_name = study or out.name or "cellclass-sweep"
-    seed = int(base.seed)
 
     optuna_study = open_study(storage, study_name, space, base.to_dict(), folds)
-    log.info("sweep %s: %d trial(s) in %s; %s %s", study_name, target, _masked(storage), space.goal, space.metric)
+    log.info("sweep %s: %d trial(s) in %s; %s %s", study_name, target, masked_url(storage), space.goal, space.metric)
 
     sweep_tracker = make_tracker(tracker, tracking_uri, experiment or study_name, run_name=study_name, root=out,
                                  tags={"cellclass.kind": "sweep", "cellclass.study": study_name}, group=study_name,
                                  record=None if tracker == "none" else out / "tracking.json", job_type="sweep")
     with sweep_tracker:
-        sweep_tracker.log_params({"sweep.method": space.method, "sweep.metric": space.metric,
-                                  "sweep.goal": space.goal, "sweep.n_trials": target, "sweep.folds": folds,
-                                  "sweep.study": study_name, "sweep.storage": _masked(storage),
-                                  **{f"sweep.space.{p.name}": p.describe() for p in space.parameters},
-                                  **{f"base.{k}": v for k, v in base.to_dict().items()}})
+        sweep_tracker.log_params(_sweep_params(space, base.to_dict(), target, folds, study_name, storage))
         job = SweepJob(spec=spec, base=base.to_dict(), space=space, out=out, storage=storage, study=study_name,
                        n_trials=target, folds=folds, tracker=tracker, tracking_uri=tracking_uri,
-                       experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=seed)
-        failed: list[str] = []
-        with quiet_training():
-            if n_jobs == 1:
-                try:
-                    work(job, 0, progress=progress)
-                except TrialCrash as exc:  # its error is in the study: reported below with the others
-                    log.debug("traceback of the failed trial", exc_info=exc.__cause__)
-                    failed = ["the sweep stopped at its failed trial"]
-            else:
-                codes = _spawn_workers(job, n_jobs)
-                crashed = [f"{k} (exit code {c})" for k, c in enumerate(codes) if c != 0]
-                failed = [f"worker process(es) {', '.join(crashed)} failed"] if crashed else []
+                       experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=int(base.seed))
+        failed = _run_workers(job, n_jobs, progress)
         summary = write_sweep_report(optuna_study, out, space, job.base, n_trials=target,
-                                     storage=_masked(storage), folds=folds)
+                                     storage=masked_url(storage), folds=folds)
         best = summary.get("best")
         totals = {f"trials/{k.lower()}": v for k, v in summary["counts"].items()}
         if best is not None:
@@ -192,18 +176,51 @@ def run_sweep(
         sweep_tracker.log_artifacts(out, exclude=("trials",))
     if failed:
         trials = "".join(f"{failure_line(f)}\n" for f in summary["failures"])
-        raise SweepError(f"{trials}{failed[0]}; {summary['finished']} of {target} trial(s) finished; the report "
+        raise SweepError(f"{trials}{failed}; {summary['finished']} of {target} trial(s) finished; the report "
                          f"in {out} covers them. Re-run the same command to continue the study")
     return summary
+
+
+def _sweep_params(space: SweepSpace, base: Mapping[str, Any], target: int, folds: int | None, study: str,
+                  storage: str) -> dict[str, Any]:
+    """What the sweep's tracked run records as its parameters: the search and the base configuration."""
+    return {"sweep.method": space.method, "sweep.metric": space.metric, "sweep.goal": space.goal,
+            "sweep.n_trials": target, "sweep.folds": folds, "sweep.study": study,
+            "sweep.storage": masked_url(storage),
+            **{f"sweep.space.{p.name}": p.describe() for p in space.parameters},
+            **{f"base.{k}": v for k, v in base.items()}}
+
+
+def _check_sweep(config: Any, n_jobs: int, folds: int | None) -> None:
+    """The checks of :func:`run_sweep`'s arguments that need no study."""
+    if n_jobs < 1:
+        raise SweepError(f"n_jobs = {n_jobs} is invalid; valid: an integer >= 1")
+    if folds is not None and folds < 2:
+        raise SweepError(f"folds = {folds} is invalid; valid: an integer >= 2, or no folds for one run per trial")
+    if config.devices != 1:
+        raise SweepError(f"devices = {config.devices} is invalid in a sweep: a trial is one process; valid: "
+                         "devices = 1, with --n-jobs for parallel trials")
+
+
+def _run_workers(job: SweepJob, n_jobs: int, progress: ProgressFn | None) -> str | None:
+    """Run the job's trials in this process (``n_jobs`` 1) or in ``n_jobs`` worker processes;
+    return what failed, or ``None``. A failed trial's error is in the study."""
+    with quiet_training():
+        if n_jobs == 1:
+            try:
+                work(job, 0, progress=progress)
+            except TrialCrash as exc:  # its error is in the study: reported with the others
+                log.debug("traceback of the failed trial", exc_info=exc.__cause__)
+                return "the sweep stopped at its failed trial"
+            return None
+        codes = _spawn_workers(job, n_jobs)
+    crashed = [f"{k} (exit code {c})" for k, c in enumerate(codes) if c != 0]
+    return f"worker process(es) {', '.join(crashed)} failed" if crashed else None
 
 
 def failure_line(failure: Mapping[str, Any]) -> str:
     """One failed trial of a report's ``failures``, in one line: ``trial 3 failed: ValueError: ...``."""
     return f"trial {failure['trial']} failed: {failure['error']}"
-
-
-class TrialCrash(SweepError):
-    """A trial raised an unexpected error (recorded in the study); its worker stops."""
 
 
 def resolve_n_trials(space: SweepSpace, n_trials: int | None) -> int:
@@ -223,134 +240,6 @@ def resolve_n_trials(space: SweepSpace, n_trials: int | None) -> int:
         log.warning("the grid has %d point(s): running %d trial(s), not %d", grid, grid, n)
         n = grid
     return n
-
-
-# -- study -----------------------------------------------------------------------------
-def open_storage(url: str) -> Any:
-    """An Optuna RDB storage with heartbeats and re-queueing of interrupted trials.
-
-    Raises:
-        SweepError: When the URL cannot be opened (the message hides any password).
-    """
-    import optuna
-    from optuna.storages import RDBStorage
-
-    engine_kwargs: dict[str, Any] = {}
-    db = sqlite_path(url)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-            retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES, inherit_intermediate_values=True)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                              grace_period=GRACE_S, heartbeat_stale_trial_callback=retry)
-    except ImportError as exc:
-        raise SweepError(f"study storage {_masked(url)!r} needs a database driver that is not installed ({exc}); "
-                         "for PostgreSQL: pip install 'cellclass[postgres]'") from exc
-    except Exception as exc:  # SQLAlchemy's argument and connection errors
-        raise SweepError(f"study storage {_masked(url)!r} cannot be opened: {exc}; valid: sqlite:///PATH.db, "
-                         "postgresql://USER:PASSWORD@HOST/DB, mysql://...") from exc
-
-
-def open_study(storage_url: str, name: str, space: SweepSpace, base: Mapping[str, Any], folds: int | None) -> Any:
-    """Create the study, or load it and check it holds the same search.
-
-    Raises:
-        SweepError: When the stored study was made by another sweep file, metric, train
-            options or number of folds.
-    """
-    import optuna
-
-    storage = open_storage(storage_url)
-    fingerprint = _jsonable({"space": space.fingerprint(), "folds": folds,
-                             "base": {k: v for k, v in base.items() if k not in _HARDWARE}})
-    with StudyLock(storage_url, name), _quiet_optuna():
-        study = optuna.create_study(study_name=name, storage=storage, direction=space.goal, load_if_exists=True)
-        stored = study.user_attrs.get("cellclass_sweep")
-        if stored is None:
-            study.set_user_attr("cellclass_sweep", fingerprint)
-        elif stored != fingerprint:
-            raise SweepError(f"study {name!r} in {_masked(storage_url)} holds trials of another search "
-                             f"({_difference(stored, fingerprint)}); valid: the same sweep file and train options "
-                             "to continue it, or another --study or --out for a new sweep")
-        if study.direction.name.lower() != space.goal:
-            raise SweepError(f"study {name!r} was created to {study.direction.name.lower()}; the sweep file asks to "
-                             f"{space.goal}; valid: another --study")
-    return study
-
-
-def _difference(stored: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    parts = []
-    for key in ("space", "folds"):
-        if stored.get(key) != now.get(key):
-            parts.append(f"{key}: {json.dumps(stored.get(key))[:200]} in the study, "
-                         f"{json.dumps(now.get(key))[:200]} now")
-    old, new = stored.get("base", {}), now.get("base", {})
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            parts.append(f"{key}: {old.get(key)!r} in the study, {new.get(key)!r} now")
-    return "; ".join(parts[:6])
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _masked(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # not a URL SQLAlchemy understands: show it as given
-        return url
-
-
-class StudyLock:
-    """Serialises trial claims between all workers of one study.
-
-    SQLite databases are local files: an exclusive lock file beside the database. Other
-    databases (shared by machines): a row of the table ``cellclass_sweep_locks`` held with
-    ``SELECT ... FOR UPDATE`` for the duration of the block.
-    """
-
-    def __init__(self, url: str, name: str) -> None:
-        self.url = url
-        self.name = name
-        self._db = sqlite_path(url)
-        self._engine: Any = None
-        self._stack: contextlib.ExitStack | None = None
-
-    def __enter__(self) -> Self:
-        self._stack = contextlib.ExitStack()
-        if self._db is not None:
-            self._stack.enter_context(file_lock(self._db.with_name(self._db.name + ".lock")))
-        elif not self.url.startswith("sqlite"):
-            self._stack.enter_context(self._row_lock())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._stack is not None:
-            self._stack.close()
-
-    @contextlib.contextmanager
-    def _row_lock(self) -> Iterator[None]:
-        import sqlalchemy as sa
-
-        if self._engine is None:
-            self._engine = sa.create_engine(self.url, pool_pre_ping=True)
-            meta = sa.MetaData()
-            self._table = sa.Table("cellclass_sweep_locks", meta, sa.Column("name", sa.String(255), primary_key=True))
-            meta.create_all(self._engine, checkfirst=True)
-            with contextlib.suppress(sa.exc.IntegrityError), self._engine.begin() as conn:
-                conn.execute(self._table.insert().values(name=self.name))
-        with self._engine.begin() as conn:
-            conn.execute(sa.select(self._table).where(self._table.c.name == self.name).with_for_update())
-            yield
 
 
 # -- workers ---------------------------------------------------------------------------
@@ -377,17 +266,9 @@ def work(job: SweepJob, worker: int = 0, *, progress: ProgressFn | None = None, 
 
 def load_study(job: SweepJob, storage: Any) -> Any:
     """The job's study with the sweep's sampler and pruner."""
-    import optuna
-
-    with _quiet_optuna():
+    with quiet_optuna():
         return optuna.load_study(study_name=job.study, storage=storage,
                                  sampler=SweepSampler(job.space, job.seed, job.n_trials), pruner=make_pruner(job.space))
-
-
-def live_trials(trials: list[Any]) -> list[Any]:
-    """A study's trials less the retired ones (failed originals of re-queued trials)."""
-    retired = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return [t for t in trials if t.number not in retired]
 
 
 def claim(study: Any, storage: Any, job: SweepJob) -> tuple[Any, dict[str, Any], int] | None:
@@ -396,15 +277,13 @@ def claim(study: Any, storage: Any, job: SweepJob) -> tuple[Any, dict[str, Any],
     Call under :class:`StudyLock`. Returns the trial, its configuration values and the
     number of the trial whose run folder it uses (its own, or the one it retries).
     """
-    from optuna.trial import TrialState
-
     study_id = storage.get_study_id_from_name(job.study)
     recover(study, storage, study_id)
     live = live_trials(storage.get_all_trials(study_id, deepcopy=False))
     waiting = any(t.state == TrialState.WAITING for t in live)
     if not waiting and len(live) >= job.n_trials:
         return None
-    with _quiet_optuna(), warnings.catch_warnings():
+    with quiet_optuna(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         trial = study.ask()
     trial.set_user_attr("worker", worker_identity())
@@ -412,105 +291,6 @@ def claim(study: Any, storage: Any, job: SweepJob) -> tuple[Any, dict[str, Any],
     params = job.space.suggest(trial)
     root = int(storage.get_trial_system_attrs(trial._trial_id).get("failed_trial", trial.number))
     return trial, params, root
-
-
-def recover(study: Any, storage: Any, study_id: int) -> list[int]:
-    """Fail the RUNNING trials of dead workers and queue each again; return their numbers.
-
-    Dead workers of this machine are found by process id at once; those of other machines
-    by Optuna's heartbeat after :data:`GRACE_S` seconds. Call under :class:`StudyLock`.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    me = worker_identity()
-    requeue = storage.get_heartbeat_stale_trial_callback()
-    recovered = []
-    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-        who = t.user_attrs.get("worker")
-        # A claim names its worker before it releases the study lock, which the caller holds:
-        # a running trial with no worker is a claim cut short by its process's death.
-        if isinstance(who, dict) and not _is_dead(who, me):
-            continue
-        who = who if isinstance(who, dict) else {}
-        try:
-            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        log.warning("trial %d was left running by worker %s (pid %s), which is gone: running it again",
-                    t.system_attrs.get("failed_trial", t.number), who.get("host"), who.get("pid"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            requeue(study, storage.get_trial(t._trial_id))
-        recovered.append(t.number)
-    return recovered
-
-
-def worker_identity() -> dict[str, Any]:
-    """Host, boot, process id and process start time of this process."""
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "started": _start_time(os.getpid())}
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _is_dead(who: Mapping[str, Any], me: Mapping[str, Any]) -> bool:
-    """Whether the worker that claimed a trial is certainly gone (same machine only)."""
-    if who.get("host") != me["host"] or who.get("boot") != me["boot"]:
-        return False  # another machine: the heartbeat decides
-    pid = who.get("pid")
-    if not isinstance(pid, int):
-        return False
-    if pid == me["pid"]:
-        return who.get("started") == me["started"]  # this process claims one trial at a time
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    started = _start_time(pid)
-    return started is not None and who.get("started") is not None and started != who.get("started")
-
-
-class _Heartbeat:
-    """Records a running trial's heartbeat every :data:`HEARTBEAT_S` seconds."""
-
-    def __init__(self, storage: Any, trial_id: int) -> None:
-        self._storage, self._trial_id = storage, trial_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="sweep-heartbeat", daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._storage.record_heartbeat(self._trial_id)
-            except (StorageInternalError, SQLAlchemyError, OSError) as exc:  # a hiccup must not end the trial
-                log.debug("heartbeat failed: %s", exc)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 class DataCache:
@@ -523,8 +303,6 @@ class DataCache:
 
     def get(self, spec: DatasetSpec, config: Any) -> Any:
         """Prepared data for ``spec`` (tasks already selected) and ``config``."""
-        from cellclass.training.loop import prepare_data
-
         key = json.dumps([spec.name, [t.name for t in spec.tasks], {k: getattr(config, k) for k in _DATA_KEYS}],
                          default=str)
         if key != self._key:
@@ -560,8 +338,6 @@ class PruningTracker(Tracker):
 
     def report(self, value: float, step: int) -> None:
         """Report an intermediate value; raise ``TrialPruned`` if the trial should stop."""
-        import optuna
-
         self.trial.report(value, step)
         if step < self.last_step and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: {self.metric} = {value:.4f}")
@@ -583,11 +359,6 @@ def run_trial(job: SweepJob, study: Any, storage: Any, trial: Any, params: dict[
     The run folder is ``OUT/trials/NNNN`` with ``NNNN`` the trial's number, or the number
     of the interrupted trial it runs again (whose checkpoint and tracked run it continues).
     """
-    import optuna
-    from optuna.trial import TrialState
-
-    from cellclass.training.config import TrainConfig
-
     folder = job.out / "trials" / f"{root:04d}"
     trial.set_user_attr("run_dir", folder.relative_to(job.out).as_posix())
     text = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
@@ -598,7 +369,7 @@ def run_trial(job: SweepJob, study: Any, storage: Any, trial: Any, params: dict[
                                                "cellclass.trial": root, "optuna.trial_number": trial.number},
                            parent=job.parent_run_id, group=job.study,
                            record=None if job.tracker == "none" else folder / "tracking.json", job_type="trial")
-    with _Heartbeat(storage, trial._trial_id):
+    with Heartbeat(storage, trial._trial_id):
         try:
             cfg = TrainConfig.from_dict(job.base).override(params)
             pruning = PruningTracker(tracker, trial, job.space.metric, last_step=job.folds or cfg.epochs)
@@ -658,10 +429,37 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def best_epoch_value(run: str | Path, metric: str) -> tuple[float, int]:
+    """The validation ``metric`` at the run's best epoch (chosen by the loop on its monitor).
+
+    Args:
+        run: Finished run folder (``metrics.json`` and ``metrics.csv``).
+        metric: Per-epoch validation metric, e.g. ``val/macro_f1``.
+
+    Returns:
+        ``(value, best_epoch)``.
+
+    Raises:
+        SweepError: When the run is unfinished or never recorded ``metric``.
+    """
+    run = Path(run)
+    try:
+        result = json.loads((run / "metrics.json").read_text())
+        table = pd.read_csv(run / "metrics.csv")
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"run folder {str(run)!r} holds no finished run ({exc})") from exc
+    epoch = int(result.get("best_epoch") or table["epoch"].max())
+    if metric not in table.columns:
+        valid = ", ".join(c for c in table.columns if c.startswith("val"))
+        raise SweepError(f"run {str(run)!r} did not record {metric!r} per epoch; valid: {valid}")
+    rows = table.loc[table["epoch"] == epoch, metric]
+    if rows.empty:
+        raise SweepError(f"run {str(run)!r} has no metrics.csv row for its best epoch {epoch}")
+    return float(rows.iloc[-1]), epoch
+
+
 def _single_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker, cache: DataCache,
                   progress: ProgressFn | None) -> tuple[float, dict[str, Any]]:
-    from cellclass.training.loop import train
-
     spec = job.spec.select_tasks(cfg.tasks)
     # A trial run again after an interruption continues its folder from the last checkpoint;
     # when every epoch was done, that re-runs only the final evaluation (report, test figures,
@@ -678,8 +476,6 @@ def _single_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker
 
 def _cv_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker, cache: DataCache,
               progress: ProgressFn | None) -> tuple[float, dict[str, Any]]:
-    from cellclass.evaluation.crossval import cross_validate
-
     n = int(job.folds or 0)
     folder.mkdir(parents=True, exist_ok=True)
     for fold in folder.glob("fold_*"):  # an interrupted fold starts again; finished ones are kept
@@ -721,8 +517,6 @@ def threads_per_worker(n_jobs: int) -> int:
 
 
 def _spawn_workers(job: SweepJob, n_jobs: int) -> list[int | None]:
-    import multiprocessing
-
     ctx = multiprocessing.get_context("spawn")
     threads = threads_per_worker(n_jobs)
     level = logging.getLogger("cellclass").getEffectiveLevel()
@@ -767,8 +561,6 @@ def _worker_main(job: SweepJob, worker: int, threads: int, barrier: Any, parent:
     _die_with_parent(parent)
     for key in _THREAD_VARS:
         os.environ[key] = str(threads)
-    import torch
-
     torch.set_num_threads(threads)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[worker {worker}] %(message)s"))
@@ -790,8 +582,6 @@ def _worker_main(job: SweepJob, worker: int, threads: int, barrier: Any, parent:
 def _die_with_parent(parent: int) -> None:
     """End this worker when the sweep's main process dies (even by SIGKILL)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -811,8 +601,6 @@ def _die_with_parent(parent: int) -> None:
 # -- sampling and pruning --------------------------------------------------------------
 def make_pruner(space: SweepSpace) -> Any:
     """Optuna pruner of the sweep file (median by default)."""
-    import optuna
-
     spec = dict(space.pruner)
     kind = spec.pop("type", "median")
     if kind == "none":
@@ -841,8 +629,6 @@ class SweepSampler(BaseSampler):
         self._random: Any = None
 
     def _for(self, trial: Any) -> Any:
-        from optuna.samplers import GridSampler, RandomSampler, TPESampler
-
         if self._number != trial.number:
             seed = (self.seed * 1_000_003 + trial.number) % (2**31)
             self._random = RandomSampler(seed=seed)
@@ -887,28 +673,14 @@ def quiet_training() -> Iterator[None]:
     if logging.getLogger("cellclass").getEffectiveLevel() <= logging.DEBUG:
         yield
         return
-    with contextlib.suppress(ImportError):
-        import lightning_fabric  # noqa: F401  (it sets its loggers' levels when first imported)
     names = ("cellclass.data", "cellclass.training", "cellclass.evaluation", "cellclass.models",
              "lightning.fabric", "lightning_fabric")
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
     for logger, _ in saved:
         logger.setLevel(logging.WARNING)
     try:
-        with _quiet_optuna():
+        with quiet_optuna():
             yield
     finally:
         for logger, level in saved:
             logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    import optuna
-
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(max(previous, optuna.logging.WARNING))
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(previous)

@@ -24,18 +24,35 @@ sweep trial retried after a crash continue the same tracked run instead of openi
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
+
 from cellclass.atomic import atomic_write_text
 from cellclass.errors import MissingDependencyError, TrackingError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +228,7 @@ def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock between processes of one machine (a lock file beside ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            import msvcrt
-
+        if fcntl is None:  # Windows
             handle.seek(0)
             msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
             try:
@@ -260,7 +273,6 @@ class MLflowTracker(Tracker):
     def __init__(self, uri: str | None = None, experiment: str | None = None, run_name: str | None = None, *,
                  root: str | os.PathLike[str] | None = None, tags: Mapping[str, Any] | None = None,
                  parent: str | None = None, record: str | os.PathLike[str] | None = None) -> None:
-        _require("mlflow", "mlflow", extra=None)
         root_path = Path(root) if root is not None else Path.cwd()
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root_path)
         self.local_db = sqlite_path(self.uri)
@@ -283,9 +295,6 @@ class MLflowTracker(Tracker):
         """Start (or continue) the run now; return its id."""
         if self._run_id is not None:
             return self._run_id
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
         try:
             with self._store_lock(), _quiet("mlflow.store.db.utils", "alembic"):
                 client = MlflowClient(tracking_uri=self.uri)
@@ -324,8 +333,6 @@ class MLflowTracker(Tracker):
         return file_lock(self.local_db.with_name(self.local_db.name + ".lock"))
 
     def _experiment_id(self, client: Any) -> str:
-        from mlflow.exceptions import MlflowException
-
         found = client.get_experiment_by_name(self.experiment)
         if found is not None:
             if found.lifecycle_stage != "active":
@@ -350,13 +357,6 @@ class MLflowTracker(Tracker):
 
     # -- logging -----------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import (
-            MAX_PARAM_VAL_LENGTH,
-            MAX_PARAMS_TAGS_PER_BATCH,
-        )
-
         run_id = self.start()
         existing = self._client.get_run(run_id).data.params
         items = []
@@ -376,11 +376,6 @@ class MLflowTracker(Tracker):
                 raise TrackingError(f"MLflow refused parameters of run {run_id}: {exc}") from exc
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
-
         values = numeric_metrics(metrics)
         if not values:
             return
@@ -396,8 +391,6 @@ class MLflowTracker(Tracker):
             self._client.log_artifact(run_id, str(path), artifact_path=rel or None)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         run_id = self.start()
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
         if items:
@@ -566,8 +559,6 @@ def make_tracker(name: str = "mlflow", uri: str | None = None, experiment: str |
 
 def _require(module: str, package: str, extra: str | None) -> Any:
     """Import an optional package or say how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:

@@ -213,8 +213,7 @@ def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapp
     images = images_for_training(
         spec, frame, size=config.image_size, mode=config.fit, channels=config.channels or None,
         workers=config.workers, build=config.cache, cache_dir=config.cache_dir,
-        progress=(lambda d, t: progress("preparing cache" if config.cache else "loading images", d, t))
-        if progress else None,
+        progress=progress,
     )
     return PreparedData(spec, frame, encoders, targets, groups, split, warning, images, ids)
 
@@ -362,9 +361,9 @@ def normalized_images(data: PreparedData, normalizer: Any, config: TrainConfig) 
 
     Within ``loader_memory_mb`` they are normalized once, into memory (a batch is then one
     gather, as in a plain loop over tensors in memory); otherwise a
-    :class:`~cellclass.data.loading.NormalizedView` normalizes each read.
+    :class:`~cellclass.data.normalize.NormalizedView` normalizes each read.
     """
-    from cellclass.data.loading import NormalizedView
+    from cellclass.data.normalize import NormalizedView
 
     view = NormalizedView(data.images, normalizer, data.groups)
     return view.materialize() if view.nbytes <= config.loader_memory_mb * 2**20 else view
@@ -509,7 +508,7 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
     order = torch.Generator().manual_seed(config.seed)
     augment = augmenter(config, fabric.global_rank)
 
-    from cellclass.data.loader import BatchLoader, default_workers
+    from cellclass.data.batches import BatchLoader, default_workers
 
     workers = config.loader_workers if config.loader_workers is not None else default_workers(x, world)
     loader = BatchLoader(x, batch_size=per_rank, augment=augment, workers=workers,
@@ -545,7 +544,7 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
         running, seen = 0.0, 0
         for step in range(steps):
             idx = shard[step * per_rank : (step + 1) * per_rank]
-            xb = next(batches)  # read, normalized and augmented by the loader (see data/loader.py)
+            xb = next(batches)  # read, normalized and augmented by the loader (see data/batches.py)
             xb = fabric.to_device(xb.contiguous(memory_format=fmt))
             yb = {t: fabric.to_device(v[idx]) for t, v in y_train.items()}
             loss = train_step(fabric, model, optimizer, scheduler, total_loss, xb, yb)

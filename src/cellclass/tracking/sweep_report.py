@@ -23,10 +23,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from optuna.trial import TrialState
 
 from cellclass.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from cellclass.tracking.space import SweepSpace
+from cellclass.tracking.study import live_trials
+from cellclass.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +50,6 @@ def write_sweep_report(study: Any, out: str | Path, space: SweepSpace, base: Map
         storage: Study storage URL, as shown (password hidden).
         folds: Folds of a cross-validation objective, if any.
     """
-    from optuna.trial import TrialState
-
-    from cellclass.tracking.sweep import live_trials
-    from cellclass.training.config import TrainConfig
-
     out = Path(out)
     trials = sorted(live_trials(study.get_trials(deepcopy=False)), key=_root)
     rows = [_row(t, space) for t in trials]
@@ -143,9 +144,6 @@ def _test_metrics(run: Path) -> dict[str, Any] | None:
 
 
 def _importances(study: Any, space: SweepSpace) -> tuple[dict[str, float], str | None]:
-    import optuna
-    from optuna.trial import TrialState
-
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _finite(t.value)]
     if len(complete) < 2:
         return {}, f"parameter importances need at least 2 completed trials; this sweep has {len(complete)}"
@@ -162,9 +160,6 @@ def _importances(study: Any, space: SweepSpace) -> tuple[dict[str, float], str |
 
 
 def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
     return fig
@@ -177,8 +172,6 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _plot_history(trials: list[Any], space: SweepSpace, path: Path) -> Path | None:
-    from optuna.trial import TrialState
-
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if not done:
         return None

@@ -1,22 +1,26 @@
 """Decode and bring images to one size, keeping their intensity units.
 
-This is the deterministic part of preprocessing: channel selection and resizing. It
-returns ``float32`` arrays in the images' own units (a uint16 pixel of 40000 stays
-40000.0); normalization, which is fitted on the training split only, happens later.
+This is the deterministic part of preprocessing: channel selection and fitting to a
+square size (pad, resize or crop). It returns ``float32`` arrays in the images' own units
+(a uint16 pixel of 40000 stays 40000.0); normalization, which is fitted on the training
+split only, happens later (:mod:`cellclass.data.normalize`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import ImageReadError, SpecError
+from cellclass.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,6 @@ def fit_image(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     Downscaling uses antialiased bilinear interpolation, so a small bright focus is
     averaged, not skipped.
     """
-    import torch
-    import torch.nn.functional as F
-
     if mode not in FIT_MODES:
         raise SpecError(f"image fit mode {mode!r} is invalid; valid: {', '.join(FIT_MODES)}")
     x = np.asarray(image, dtype=np.float32)
@@ -84,7 +85,7 @@ def load_images(
     mode: str = "pad",
     channels: Sequence[int] | None = None,
     workers: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """Decode every row's image and fit it to ``size``: a ``(N, C, size, size)`` float32 array.
 
@@ -115,64 +116,5 @@ def load_images(
                 )
             out[i] = array
             if progress is not None:
-                progress(i + 1, len(records))
+                progress("loading images", i + 1, len(records))
     return out
-
-
-def checked_rows(index: np.ndarray, n: int) -> np.ndarray:
-    """Integer row indices into ``n`` images, negatives counted from the end, as
-    ``np.arange(n)[index]`` gives them, without building that range.
-
-    Raises:
-        IndexError: When an index is outside ``-n .. n - 1``.
-    """
-    rows = np.where(index < 0, index + n, index)
-    if rows.size and (rows.min() < 0 or rows.max() >= n):
-        raise IndexError(f"row index out of range for {n} images: rows must be indices into {n} images; "
-                         f"got {index!r}")
-    return rows
-
-
-class NormalizedView:
-    """An image array whose rows are normalized when read, so memory stays with the source.
-
-    The source may be an in-memory array or a memory-mapped cache; indexing with an int
-    array returns a float32 ``(n, C, H, W)`` batch normalized with ``normalizer``.
-    """
-
-    def __init__(self, images: np.ndarray, normalizer: Any, groups: np.ndarray | None = None) -> None:
-        self.images = images
-        self.normalizer = normalizer
-        self.groups = groups
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the underlying array."""
-        return tuple(self.images.shape)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        if isinstance(index, np.ndarray) and index.dtype.kind in "iu":
-            rows = checked_rows(index, len(self.images))
-        else:
-            rows = np.atleast_1d(np.arange(len(self.images))[index])
-        order = np.argsort(rows, kind="stable")
-        batch = np.asarray(self.images[rows[order]])
-        groups = None if self.groups is None else self.groups[rows[order]]
-        out = np.empty((len(rows), *batch.shape[1:]), dtype=np.float32)
-        out[order] = self.normalizer.transform_batch(batch, groups=groups)
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        """Size of every row normalized (float32), in bytes."""
-        return int(np.prod(self.shape)) * 4
-
-    def materialize(self, chunk: int = 256) -> np.ndarray:
-        """Every row normalized, as one in-memory float32 array (read ``chunk`` rows at a time)."""
-        out = np.empty(self.shape, dtype=np.float32)
-        for start in range(0, len(self), chunk):
-            out[start : start + chunk] = self[np.arange(start, min(len(self), start + chunk))]
-        return out

@@ -1,8 +1,9 @@
-"""Reading run folders for trackers and sweeps.
+"""A cross-validation's folds told to its tracker as their run folders finish.
 
-A run folder is the record of a run (``metrics.csv`` per epoch, ``metrics.json`` with the
-best epoch and the test figures). Sweeps read a trial's objective from it, and a
-cross-validation's folds are told to the tracker from their folders as they finish.
+A fold's run folder is the record of its run (``metrics.csv`` per epoch, ``metrics.json``
+with the best epoch and the test figures); :class:`FoldLogger` reads each finished one
+into the cross-validation's tracked run, and :func:`cv_progress` polls for them while the
+folds train.
 """
 
 from __future__ import annotations
@@ -16,39 +17,11 @@ from typing import Any
 
 import pandas as pd
 
-from cellclass.errors import SweepError
+from cellclass.atomic import atomic_write_text
+from cellclass.progress import ProgressFn
 from cellclass.tracking.trackers import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def best_epoch_value(run: str | Path, metric: str) -> tuple[float, int]:
-    """The validation ``metric`` at the run's best epoch (chosen by the loop on its monitor).
-
-    Args:
-        run: Finished run folder (``metrics.json`` and ``metrics.csv``).
-        metric: Per-epoch validation metric, e.g. ``val/macro_f1``.
-
-    Returns:
-        ``(value, best_epoch)``.
-
-    Raises:
-        SweepError: When the run is unfinished or never recorded ``metric``.
-    """
-    run = Path(run)
-    try:
-        result = json.loads((run / "metrics.json").read_text())
-        table = pd.read_csv(run / "metrics.csv")
-    except (OSError, ValueError) as exc:
-        raise SweepError(f"run folder {str(run)!r} holds no finished run ({exc})") from exc
-    epoch = int(result.get("best_epoch") or table["epoch"].max())
-    if metric not in table.columns:
-        valid = ", ".join(c for c in table.columns if c.startswith("val"))
-        raise SweepError(f"run {str(run)!r} did not record {metric!r} per epoch; valid: {valid}")
-    rows = table.loc[table["epoch"] == epoch, metric]
-    if rows.empty:
-        raise SweepError(f"run {str(run)!r} has no metrics.csv row for its best epoch {epoch}")
-    return float(rows.iloc[-1]), epoch
 
 
 class FoldLogger:
@@ -107,8 +80,6 @@ class FoldLogger:
         self.tracker.log_metrics(test, step=int(result.get("best_epoch") or 0))
         run_id = self.tracker.run_id
         if run_id is not None:
-            from cellclass.atomic import atomic_write_text
-
             atomic_write_text(marker, json.dumps({"run_id": run_id}))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
@@ -128,8 +99,7 @@ def _nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def cv_progress(logger: FoldLogger, progress: Callable[[str, int, int], None] | None
-                ) -> Callable[[str, int, int], None]:
+def cv_progress(logger: FoldLogger, progress: ProgressFn | None) -> ProgressFn:
     """A progress callback for :func:`~cellclass.evaluation.crossval.cross_validate` that also
     logs folds as they finish (checked when the stage changes: a new epoch or fold)."""
     last = {"stage": None}

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cellclass.allocator import return_large_buffers
 from cellclass.data.augment import AugmentConfig, BatchAugment
+from cellclass.data.cache import CachedImages
 from cellclass.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ def _bound_mapped_pages(images: Any, max_memory_mb: float) -> None:
     step. A cache no larger than the memory bound cannot map more than the bound, so it
     stays mapped.
     """
-    from cellclass.data.cache import CachedImages
-
     source = getattr(images, "images", images)
     if isinstance(source, CachedImages):
         source.release_each_read = source.nbytes > max_memory_mb * 2**20
@@ -127,7 +126,7 @@ class BatchLoader:
 
     Args:
         images: Indexable by an int array, returning float32 ``(n, C, H, W)`` (a
-            :class:`~cellclass.data.loading.NormalizedView`).
+            :class:`~cellclass.data.normalize.NormalizedView`).
         batch_size: Rows per batch (sets the prefetch depth).
         augment: The loop's augmenter: its config is applied to every batch and its
             generator seeds each batch's draws. ``None``: no augmentation.

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from cellclass.data.augment import AugmentConfig, BatchAugment
+from cellclass.data.batches import BatchLoader, default_workers
 from cellclass.data.cache import CacheSettings, prepare_cache
-from cellclass.data.loader import BatchLoader, default_workers
-from cellclass.data.loading import NormalizedView
-from cellclass.data.normalize import Normalizer
+from cellclass.data.normalize import NormalizedView, Normalizer
 from cellclass.data.presets import bps
 
 
