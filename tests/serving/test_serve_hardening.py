@@ -278,9 +278,9 @@ def test_after_kill_9_in_a_burst_a_restart_keeps_every_accepted_one_and_removes_
 
 def test_values_that_overflow_once_normalized_are_refused(served_run: Path) -> None:
     from cellclass.data.normalize import Normalizer
-    from cellclass.serving.app import Service
     from cellclass.serving.errors import UploadError
     from cellclass.serving.predictor import Predictor
+    from cellclass.serving.service import Service
 
     predictor = Predictor.from_checkpoint(served_run)
     predictor.normalizer = Normalizer(mode="image", clip=False)  # per-image range, unclipped: no bound on the output
