@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from serve_helpers import Server, run_cellclass
+from serve_helpers import Server, api_settings, run_cellclass
 
 from cellclass.data.presets import bps
 from cellclass.serving.app import create_app
-from cellclass.serving.settings import ServeSettings
 from cellclass.training.config import TrainConfig
 from cellclass.training.loop import train
 
@@ -59,12 +57,6 @@ def api_run(bps_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("api") / "run"
     train(bps(bps_dir), TrainConfig(model="lenet5", tasks=["particle_type"], image_size=32, epochs=1), run)
     return run
-
-
-def api_settings(run: Path, state_dir: Path, **overrides: object) -> ServeSettings:
-    """Settings of an app in this process: 1 MiB uploads, 4 images per request, this process's torch threads."""
-    values = {"max_upload_bytes": 1024 * 1024, "max_images": 4, "threads": torch.get_num_threads(), **overrides}
-    return ServeSettings(run=run, state_dir=state_dir, **values)
 
 
 @pytest.fixture(scope="module")
