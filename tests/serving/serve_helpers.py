@@ -177,7 +177,7 @@ def upload_of(seed: int, name: str = "x.npy") -> Any:
 def exercise_store(store: Any, tmp_path: Path) -> None:
     """Add, deduplicate, review, list and export multi-label contributions; check the export reads back."""
     from cellclass.data.spec import DatasetSpec
-    from cellclass.serving.errors import NotFoundError, UploadError
+    from cellclass.errors import NotFoundError, UploadError
 
     dataset = store.register_dataset(MULTI_DEFINITION)
     assert store.register_dataset(MULTI_DEFINITION) == dataset

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from serve_helpers import auth, contribute, npy_bytes
 
 from cellclass.data.normalize import Normalizer
-from cellclass.serving.errors import UploadError
+from cellclass.errors import UploadError
 from cellclass.serving.predictor import Predictor
 from cellclass.serving.service import Service
 

@@ -80,7 +80,7 @@ def test_stale_onnx_export_is_refused_or_skipped(served_run: Path, onnx_file: Pa
                                                  caplog: pytest.LogCaptureFixture) -> None:
     import onnx
 
-    from cellclass.serving.errors import ExportError
+    from cellclass.errors import ExportError
     from cellclass.serving.onnx_model import METADATA_CHECKPOINT
     from cellclass.serving.predictor import Predictor
     from cellclass.serving.service import onnx_backend
@@ -108,7 +108,7 @@ def test_stale_onnx_export_is_refused_or_skipped(served_run: Path, onnx_file: Pa
 
 
 def test_export_errors(served_run: Path, onnx_file: Path, tmp_path: Path) -> None:
-    from cellclass.serving.errors import ExportError
+    from cellclass.errors import ExportError
     from cellclass.serving.onnx_model import OnnxBackend, export_onnx
 
     result = run_cellclass("export", served_run, "--format", "tflite")

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 from serve_helpers import MULTI_DEFINITION, MULTI_TASKS, exercise_store, npy_bytes, tiff_bytes, upload_of
 
-from cellclass.serving.contributions import ContributionStore, validate_labels
-from cellclass.serving.database import Database
-from cellclass.serving.errors import (
+from cellclass.errors import (
     AuthenticationError,
     NotFoundError,
     PayloadTooLargeError,
@@ -26,6 +24,8 @@ from cellclass.serving.errors import (
     UnsupportedMediaError,
     UploadError,
 )
+from cellclass.serving.contributions import ContributionStore, validate_labels
+from cellclass.serving.database import Database
 from cellclass.serving.files import LocalFileStore, S3FileStore, open_file_store
 from cellclass.serving.keys import KeyStore
 from cellclass.serving.uploads import check_filename, decode_upload
@@ -159,7 +159,7 @@ def test_failed_insert_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_export_refuses_mixed_datasets(tmp_path: Path) -> None:
-    from cellclass.serving.errors import ExportError
+    from cellclass.errors import ExportError
 
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store = ContributionStore(db, LocalFileStore(tmp_path / "files"))

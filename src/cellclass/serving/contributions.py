@@ -28,8 +28,8 @@ import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_bytes
 from cellclass.data.spec import DatasetSpec, ImageSpec, TaskSpec
+from cellclass.errors import ExportError, NotFoundError, UploadError
 from cellclass.serving.database import Database
-from cellclass.serving.errors import ExportError, NotFoundError, UploadError
 from cellclass.serving.files import FileStore, LocalFileStore
 from cellclass.serving.keys import now
 from cellclass.serving.uploads import Upload

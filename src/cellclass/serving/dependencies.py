@@ -14,8 +14,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.params import Depends as DependsParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from cellclass.errors import PayloadTooLargeError
 from cellclass.serving.contributions import ContributionStore
-from cellclass.serving.errors import PayloadTooLargeError
 from cellclass.serving.keys import ApiKey
 from cellclass.serving.predictor import Predictor
 from cellclass.serving.service import Service

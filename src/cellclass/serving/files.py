@@ -24,8 +24,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
-from cellclass.errors import MissingDependencyError
-from cellclass.serving.errors import NotFoundError, StoreError
+from cellclass.errors import MissingDependencyError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from fastapi.routing import APIRoute
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.routing import BaseRoute, Match
 
+from cellclass.errors import PayloadTooLargeError, ServiceError
 from cellclass.serving.dependencies import KeyRequirement
-from cellclass.serving.errors import PayloadTooLargeError, ServiceError
 from cellclass.serving.handlers import error_headers
 
 

@@ -15,8 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from cellclass.errors import CellclassError
-from cellclass.serving.errors import AuthenticationError, ServiceError
+from cellclass.errors import AuthenticationError, CellclassError, ServiceError
 
 
 def error_headers(exc: ServiceError) -> dict[str, str]:

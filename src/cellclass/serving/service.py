@@ -18,11 +18,10 @@ import anyio
 import numpy as np
 import torch
 
-from cellclass.errors import CellclassError
+from cellclass.errors import CellclassError, ExportError, UploadError
 from cellclass.serving.batching import MicroBatcher
 from cellclass.serving.contributions import ContributionStore, dataset_definition, parse_json_field, validate_labels
 from cellclass.serving.database import Database
-from cellclass.serving.errors import ExportError, UploadError
 from cellclass.serving.files import open_file_store, private_folder
 from cellclass.serving.keys import KeyStore
 from cellclass.serving.onnx_model import (

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellclass.data.axes import AxesPolicy
-from cellclass.errors import ImageReadError
-from cellclass.serving.errors import PayloadTooLargeError, UnsupportedMediaError, UploadError
+from cellclass.errors import ImageReadError, PayloadTooLargeError, UnsupportedMediaError, UploadError
 
 ACCEPTED_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".png", ".npy")
 """Extensions an upload may have (case-insensitive)."""

@@ -7,10 +7,10 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 
+from cellclass.errors import NotFoundError, PermissionDeniedError
 from cellclass.serving import schemas
 from cellclass.serving.contributions import MAX_JSON_DEPTH, ContributionStore
 from cellclass.serving.dependencies import ServiceDep, StoreDep, read_upload, require
-from cellclass.serving.errors import NotFoundError, PermissionDeniedError
 from cellclass.serving.keys import KEY_ID_PATTERN, ApiKey
 from cellclass.serving.service import Service
 from cellclass.serving.settings import ServeSettings

@@ -4,9 +4,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
+from cellclass.errors import PayloadTooLargeError
 from cellclass.serving import schemas
 from cellclass.serving.dependencies import PredictorDep, ServiceDep, SettingsDep, read_upload, require
-from cellclass.serving.errors import PayloadTooLargeError
 from cellclass.serving.keys import ApiKey
 from cellclass.serving.service import Service
 from cellclass.serving.settings import ServeSettings
