@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import auth, contribute, npy_bytes
+from serve_helpers import auth, contribute, npy_bytes, upload_of
 
 from cellclass.data.normalize import Normalizer
+from cellclass.data.spec import DatasetSpec
 from cellclass.errors import UploadError
 from cellclass.serving.predictor import Predictor
 from cellclass.serving.service import Service
@@ -181,3 +182,53 @@ def test_state_folder_database_and_files_are_private(api: TestClient, api_keys: 
     sha = response.json()["sha256"]
     stored = state / "files" / sha[:2] / sha[2:4] / f"{sha}.npy"
     assert _mode(stored) == 0o600 and _mode(stored.parent) == 0o700 and _mode(stored.parent.parent) == 0o700
+
+
+# -- rows older code stored -------------------------------------------------------------------
+def test_rows_with_metadata_older_code_accepted_are_listed_readably(api: TestClient, api_keys: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    """Before the API bounded its JSON fields, metadata could nest hundreds of levels deep and hold
+    NaN, Infinity or lone surrogates; such rows are listed (not a 500), their deep parts as JSON text."""
+    service = api.app.state.service
+    deep: object = "bottom"
+    for _ in range(300):  # more than any response serializer nests
+        deep = {"a": deep}
+    odd = {"plate": "P9", "deep": deep, "nan": float("nan"), "inf": [float("-inf")], "lone": "x\ud800y"}
+    record, created = service.contributions.add(upload_of(300), {"particle_type": "Fe"}, odd,
+                                                contributor=api_keys["contribute"].split("_")[1],
+                                                dataset=service.dataset_id, model=service.identity)
+    assert created
+    with service.db.transaction() as tx:  # a row deeper still, as no JSON encoder of Python writes it
+        tx.execute("UPDATE contributions SET metadata = ? WHERE id = ?",
+                   ('{"plate": "P8", "deeper": ' + "[" * 3000 + "]" * 3000 + "}", record["id"]))
+    record, _ = service.contributions.add(upload_of(301), {"particle_type": "X-ray"}, odd,
+                                          contributor=api_keys["contribute"].split("_")[1],
+                                          dataset=service.dataset_id, model=service.identity)
+    for key in (api_keys["curate"], api_keys["contribute"]):
+        listed = api.get("/v1/contributions", params={"limit": 1000}, headers=auth(key))
+        assert listed.status_code == 200, listed.text
+    one = api.get(f"/v1/contributions/{record['id']}", headers=auth(api_keys["curate"]))
+    assert one.status_code == 200, one.text
+    metadata = one.json()["metadata"]
+    assert metadata["plate"] == "P9" and metadata["nan"] == "NaN" and metadata["inf"] == ["-Infinity"]
+    assert metadata["lone"] == "x\ufffdy"
+    below: object = metadata["deep"]
+    for _ in range(14):  # the metadata object is level 1, so 15 levels of "a" are kept as objects
+        below = below["a"]
+    assert isinstance(below["a"], str)
+    text = below["a"]
+    for _ in range(300 - 15):
+        assert text.startswith('{"a": ')
+        text = text[len('{"a": '):-1]
+    assert text == '"bottom"'
+    accepted = api.post(f"/v1/contributions/{record['id']}/accept", headers=auth(api_keys["curate"]))
+    assert accepted.status_code == 200 and accepted.json()["metadata"] == metadata
+    kept: object = "[" * 2985 + "]" * 2985  # the 3000 lists open at levels 2 to 3001: 15 are kept
+    for _ in range(15):
+        kept = [kept]
+    deeper = [r for r in listed.json()["items"] if r["metadata"].get("plate") == "P8"]
+    assert len(deeper) == 1 and deeper[0]["metadata"]["deeper"] == kept
+    for status, plate in (("pending", "P8"), ("accepted", "P9")):
+        exported = service.contributions.export(tmp_path / status, status=status)
+        manifest = DatasetSpec.from_yaml(exported.spec).load_manifest()
+        assert plate in {json.loads(m).get("plate") for m in manifest["metadata"]}

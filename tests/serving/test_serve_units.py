@@ -24,7 +24,7 @@ from cellclass.errors import (
     UnsupportedMediaError,
     UploadError,
 )
-from cellclass.serving.contributions import ContributionStore, validate_labels
+from cellclass.serving.contributions import ContributionStore, readable_metadata, validate_labels
 from cellclass.serving.database import Database
 from cellclass.serving.files import LocalFileStore, S3FileStore, open_file_store
 from cellclass.serving.keys import KeyStore
@@ -324,6 +324,21 @@ def test_parse_json_field_reads_standard_json_and_counts_depth_outside_strings()
     assert parse_json_field(text, "f", max_bytes=1000, required=True, max_depth=4)["a"][1:] == [
         -1.5e300, 12345678901234567890]
     assert parse_json_field("  ", "f", max_bytes=10, required=False) is None
+
+
+def test_readable_metadata_cuts_only_what_is_too_deep_and_ignores_brackets_in_strings() -> None:
+    within = {"a": "[[{{\" ]", "b": [1, {"c": "}"}], "big": 10**40, "e": "\u00e9"}
+    assert readable_metadata(json.dumps(within)) == within
+    inner = '{"s": "]}[{\\"", "n": [1, 2]}'  # brackets and an escaped quote inside a string
+    text = '{"k": ' + "[" * 15 + inner + "]" * 15 + "}"
+    value = readable_metadata(text)
+    for _ in range(15):
+        (value,) = value if isinstance(value, list) else value["k"]
+    assert value == inner and json.loads(value) == {"s": ']}[{"', "n": [1, 2]}
+    assert readable_metadata('{"x": NaN, "y": Infinity, "z": "\\udfff", "w": ' + "7" * 5000 + "}") == {
+        "x": "NaN", "y": "Infinity", "z": "\ufffd", "w": "7" * 5000}
+    assert readable_metadata("not json") == {"unparsed": "not json"}
+    assert readable_metadata("[1, 2]") == {"value": [1, 2]}
 
 
 def test_content_files_are_on_disk_before_their_row_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -505,6 +505,69 @@ def contributions_spec(definition: Mapping[str, Any], groups: Sequence[str], del
 
 def _record(row: Mapping[str, Any]) -> dict[str, Any]:
     record = dict(row)
-    for key in ("labels", "metadata", "shape", "model"):
+    for key in ("labels", "shape", "model"):
         record[key] = json.loads(record[key])
+    record["metadata"] = readable_metadata(record["metadata"])
     return record
+
+
+def readable_metadata(text: str) -> dict[str, Any]:
+    """A stored ``metadata`` column as a JSON object every response can carry.
+
+    Rows written before the API bounded its JSON fields can hold what it now refuses, and
+    what no response could encode: nesting deeper than :data:`MAX_JSON_DEPTH`, NaN or
+    Infinity, lone surrogate escapes (``"\\ud800"``). Such metadata comes back readable
+    rather than failing the listing: a value nested deeper than the limit as its stored
+    JSON text (a string), a non-finite number as its name (``"NaN"``), a lone surrogate
+    as U+FFFD. Metadata within the bounds comes back as it was stored.
+    """
+    if json_depth(text) > MAX_JSON_DEPTH:
+        text = _deep_values_as_text(text, MAX_JSON_DEPTH)
+    try:
+        value = json.loads(text, parse_constant=str, parse_int=_int_or_text)
+    except ValueError as exc:  # not JSON at all: no version of cellclass writes that
+        log.warning("stored metadata is not JSON (%s); returned as text: %.80r", exc, text)
+        return {"unparsed": text}
+    value = _without_lone_surrogates(value)
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _deep_values_as_text(text: str, max_depth: int) -> str:
+    """JSON text in which each array or object opening below ``max_depth`` is replaced by a string of its text."""
+    pieces: list[str] = []
+    copied, depth, start = 0, 0, -1
+    in_string = escaped = False
+    for i, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth == max_depth + 1:
+                start = i
+        elif char in "]}":
+            if depth == max_depth + 1 and start >= 0:
+                pieces += [text[copied:start], json.dumps(text[start : i + 1])]
+                copied, start = i + 1, -1
+            depth -= 1
+    return "".join(pieces) + text[copied:]
+
+
+def _int_or_text(text: str) -> int | str:
+    return int(text) if len(text.lstrip("-")) <= _MAX_INT_DIGITS else text
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if _valid_unicode(value) else value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    return value
