@@ -1,7 +1,8 @@
 """What endpoints depend on, as FastAPI dependencies: the loaded service, its parts, the API key.
 
-Routers declare ``service: ServiceDep`` or ``key: Annotated[ApiKey, require("curate")]``;
-tests can replace any of them through ``app.dependency_overrides``.
+Routers declare ``service: ServiceDep`` or ``key: Annotated[ApiKey, require("curate")]``.
+The service and its parts can be replaced through ``app.dependency_overrides``; the key
+cannot be bypassed that way, since the request gate checks it before the body is read.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads these annotations at run time, and
