@@ -1,4 +1,5 @@
-"""Fixtures of the serving tests: one tiny trained run, real `cellclass serve` processes on loopback."""
+"""Fixtures of the serving tests: tiny trained runs, apps in this process (TestClient), and real
+`cellclass serve` processes on loopback for what needs one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from serve_helpers import Server, run_cellclass
+from fastapi.testclient import TestClient
+from serve_helpers import Server, api_settings, run_cellclass
+
+from cellclass.data.presets import bps
+from cellclass.serving.app import create_app
+from cellclass.training.config import TrainConfig
+from cellclass.training.loop import train
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +49,27 @@ def keys(server: Server) -> dict[str, str]:
     """One key per role (two contribute keys) in the shared server's state."""
     return {"predict": server.key("predict"), "contribute": server.key("contribute", "lab A"),
             "contribute_b": server.key("contribute", "lab B"), "curate": server.key("curate", "curator")}
+
+
+@pytest.fixture(scope="session")
+def api_run(bps_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LeNet-5 trained in this process for one epoch on the simulated BPS set (particle type, 32 x 32)."""
+    run = tmp_path_factory.mktemp("api") / "run"
+    train(bps(bps_dir), TrainConfig(model="lenet5", tasks=["particle_type"], image_size=32, epochs=1), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def api(api_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The app of :func:`api_settings` on :func:`api_run`, started (lifespan run) for a test module."""
+    state = tmp_path_factory.mktemp("api-state")
+    with TestClient(create_app(api_settings(api_run, state))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def api_keys(api: TestClient) -> dict[str, str]:
+    """One key per role (two contribute keys) in the app's database."""
+    store = api.app.state.service.keys
+    return {"predict": store.create("predict")[0], "contribute": store.create("contribute", "lab A")[0],
+            "contribute_b": store.create("contribute", "lab B")[0], "curate": store.create("curate", "curator")[0]}

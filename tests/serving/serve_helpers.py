@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -47,6 +48,35 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def api_settings(run: Path, state_dir: Path, **overrides: object) -> Any:
+    """Settings of an app in this process: 1 MiB uploads, 4 images per request, this process's torch threads.
+
+    (The service sets torch's thread count as its settings say; this process keeps its own.)
+    """
+    import torch
+
+    from cellclass.serving.settings import ServeSettings
+
+    values = {"max_upload_bytes": 1024 * 1024, "max_images": 4, "threads": torch.get_num_threads(), **overrides}
+    return ServeSettings(run=run, state_dir=state_dir, **values)
+
+
+def auth(key: str | None) -> dict[str, str]:
+    """The header carrying ``key`` as a bearer token (none without a key)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def contribute(client: Any, key: str | None, name: str, data: bytes, labels: object = None,
+               metadata: object = None) -> Any:
+    """POST one contribution through a TestClient; ``labels`` (default ``{"particle_type": "Fe"}``) and
+    ``metadata`` are sent as given when text, else as JSON."""
+    labels = {"particle_type": "Fe"} if labels is None else labels
+    form = {"labels": labels if isinstance(labels, str) else json.dumps(labels)}
+    if metadata is not None:
+        form["metadata"] = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    return client.post("/v1/contributions", files={"image": (name, data)}, data=form, headers=auth(key))
 
 
 class Server:
@@ -147,7 +177,7 @@ def upload_of(seed: int, name: str = "x.npy") -> Any:
 def exercise_store(store: Any, tmp_path: Path) -> None:
     """Add, deduplicate, review, list and export multi-label contributions; check the export reads back."""
     from cellclass.data.spec import DatasetSpec
-    from cellclass.serving.errors import NotFoundError, UploadError
+    from cellclass.errors import NotFoundError, UploadError
 
     dataset = store.register_dataset(MULTI_DEFINITION)
     assert store.register_dataset(MULTI_DEFINITION) == dataset

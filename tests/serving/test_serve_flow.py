@@ -113,8 +113,8 @@ def test_500_concurrent_contributions_lose_none_and_a_restart_keeps_the_accepted
 
 
 def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
+    from cellclass.errors import AuthenticationError
     from cellclass.serving.database import Database
-    from cellclass.serving.errors import AuthenticationError
     from cellclass.serving.keys import KeyStore
 
     role = "contribute"

@@ -80,10 +80,10 @@ def test_stale_onnx_export_is_refused_or_skipped(served_run: Path, onnx_file: Pa
                                                  caplog: pytest.LogCaptureFixture) -> None:
     import onnx
 
-    from cellclass.serving.app import _onnx_backend
-    from cellclass.serving.errors import ExportError
+    from cellclass.errors import ExportError
     from cellclass.serving.onnx_model import METADATA_CHECKPOINT
     from cellclass.serving.predictor import Predictor
+    from cellclass.serving.service import onnx_backend
     from cellclass.serving.settings import ServeSettings
 
     model = onnx.load(str(onnx_file))
@@ -96,19 +96,19 @@ def test_stale_onnx_export_is_refused_or_skipped(served_run: Path, onnx_file: Pa
     predictor = Predictor.from_checkpoint(run)
     sha = hashlib.sha256((run / "checkpoints" / "best.ckpt").read_bytes()).hexdigest()
     with pytest.raises(ExportError, match="was exported from checkpoint 000000000000, not from the served one"):
-        _onnx_backend(ServeSettings(run=run, onnx=run / "model.onnx", state_dir=tmp_path), predictor, sha, 1)
-    with caplog.at_level(logging.WARNING, logger="cellclass.serving.app"):
-        assert _onnx_backend(ServeSettings(run=run, state_dir=tmp_path), predictor, sha, 1) is None
+        onnx_backend(ServeSettings(run=run, onnx=run / "model.onnx", state_dir=tmp_path), predictor, sha, 1)
+    with caplog.at_level(logging.WARNING, logger="cellclass.serving.service"):
+        assert onnx_backend(ServeSettings(run=run, state_dir=tmp_path), predictor, sha, 1) is None
     assert "serving with torch" in caplog.text
     shutil.copy(onnx_file, run / "model.onnx")  # a current export is picked up by itself
-    assert _onnx_backend(ServeSettings(run=run, state_dir=tmp_path), predictor, sha, 1) is not None
-    assert _onnx_backend(ServeSettings(run=run, state_dir=tmp_path, backend="torch"), predictor, sha, 1) is None
+    assert onnx_backend(ServeSettings(run=run, state_dir=tmp_path), predictor, sha, 1) is not None
+    assert onnx_backend(ServeSettings(run=run, state_dir=tmp_path, backend="torch"), predictor, sha, 1) is None
     with pytest.raises(ExportError, match="does not exist; make it with `cellclass export"):
-        _onnx_backend(ServeSettings(run=run, onnx=tmp_path / "none.onnx", state_dir=tmp_path), predictor, sha, 1)
+        onnx_backend(ServeSettings(run=run, onnx=tmp_path / "none.onnx", state_dir=tmp_path), predictor, sha, 1)
 
 
 def test_export_errors(served_run: Path, onnx_file: Path, tmp_path: Path) -> None:
-    from cellclass.serving.errors import ExportError
+    from cellclass.errors import ExportError
     from cellclass.serving.onnx_model import OnnxBackend, export_onnx
 
     result = run_cellclass("export", served_run, "--format", "tflite")

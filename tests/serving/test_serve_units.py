@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 from serve_helpers import MULTI_DEFINITION, MULTI_TASKS, exercise_store, npy_bytes, tiff_bytes, upload_of
 
-from cellclass.serving.contributions import ContributionStore, validate_labels
-from cellclass.serving.database import Database
-from cellclass.serving.errors import (
+from cellclass.errors import (
     AuthenticationError,
     NotFoundError,
     PayloadTooLargeError,
@@ -26,6 +24,8 @@ from cellclass.serving.errors import (
     UnsupportedMediaError,
     UploadError,
 )
+from cellclass.serving.contributions import ContributionStore, readable_metadata, validate_labels
+from cellclass.serving.database import Database
 from cellclass.serving.files import LocalFileStore, S3FileStore, open_file_store
 from cellclass.serving.keys import KeyStore
 from cellclass.serving.uploads import check_filename, decode_upload
@@ -159,7 +159,7 @@ def test_failed_insert_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_export_refuses_mixed_datasets(tmp_path: Path) -> None:
-    from cellclass.serving.errors import ExportError
+    from cellclass.errors import ExportError
 
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store = ContributionStore(db, LocalFileStore(tmp_path / "files"))
@@ -324,6 +324,21 @@ def test_parse_json_field_reads_standard_json_and_counts_depth_outside_strings()
     assert parse_json_field(text, "f", max_bytes=1000, required=True, max_depth=4)["a"][1:] == [
         -1.5e300, 12345678901234567890]
     assert parse_json_field("  ", "f", max_bytes=10, required=False) is None
+
+
+def test_readable_metadata_cuts_only_what_is_too_deep_and_ignores_brackets_in_strings() -> None:
+    within = {"a": "[[{{\" ]", "b": [1, {"c": "}"}], "big": 10**40, "e": "\u00e9"}
+    assert readable_metadata(json.dumps(within)) == within
+    inner = '{"s": "]}[{\\"", "n": [1, 2]}'  # brackets and an escaped quote inside a string
+    text = '{"k": ' + "[" * 15 + inner + "]" * 15 + "}"
+    value = readable_metadata(text)
+    for _ in range(15):
+        (value,) = value if isinstance(value, list) else value["k"]
+    assert value == inner and json.loads(value) == {"s": ']}[{"', "n": [1, 2]}
+    assert readable_metadata('{"x": NaN, "y": Infinity, "z": "\\udfff", "w": ' + "7" * 5000 + "}") == {
+        "x": "NaN", "y": "Infinity", "z": "\ufffd", "w": "7" * 5000}
+    assert readable_metadata("not json") == {"unparsed": "not json"}
+    assert readable_metadata("[1, 2]") == {"value": [1, 2]}
 
 
 def test_content_files_are_on_disk_before_their_row_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -191,7 +191,7 @@ def export_model(
     exporter: Annotated[str, typer.Option("--exporter", help="auto, dynamo or legacy.")] = "auto",
 ) -> None:
     """Export a run's network for serving elsewhere (ONNX: normalized (N, C, S, S) in, logits per task out)."""
-    from cellclass.serving.errors import ExportError
+    from cellclass.errors import ExportError
     from cellclass.serving.onnx_model import export_onnx
 
     if format_ != "onnx":

@@ -24,8 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from cellclass.atomic import atomic_path, atomic_write_bytes
+from cellclass.data.spec import DatasetSpec, ImageSpec, TaskSpec
+from cellclass.errors import ExportError, NotFoundError, UploadError
 from cellclass.serving.database import Database
-from cellclass.serving.errors import ExportError, NotFoundError, UploadError
 from cellclass.serving.files import FileStore, LocalFileStore
 from cellclass.serving.keys import now
 from cellclass.serving.uploads import Upload
@@ -401,22 +405,38 @@ class ContributionStore:
         Raises:
             ExportError: When there is nothing to export or several datasets are mixed.
         """
-        import pandas as pd
-
-        from cellclass.atomic import atomic_path, atomic_write_bytes
-        from cellclass.data.spec import DatasetSpec, ImageSpec, TaskSpec
-
+        out = Path(out)
         definitions = self.datasets()
+        rows = self._rows_to_export(definitions, status, dataset)
+        definition = definitions[rows[0]["dataset_id"]]
+        # A class name holding ";" (e.g. "Rods; rings") needs another multi-label delimiter.
+        delimiter = "|" if any(";" in c for t in definition["tasks"] for c in t["classes"]) else ";"
+        n_images = self._write_images(out, rows)
+        frame = manifest_frame(rows, definition, delimiter)
+        groups = [g for g in definition["groups"] if frame[g].astype(str).str.strip().ne("").all()]
+        frame = frame.drop(columns=[g for g in definition["groups"] if g not in groups])
+        manifest = out / "manifest.csv"
+        with atomic_path(manifest) as tmp:
+            frame.to_csv(tmp, index=False)
+        spec_path = contributions_spec(definition, groups, delimiter, out).to_yaml(out / "dataset.yaml")
+        log.info("exported %d contribution(s), %d image(s) to %s", len(rows), n_images, out)
+        return ExportResult(out, manifest, spec_path, len(rows), n_images, rows[0]["dataset_id"])
+
+    def _rows_to_export(self, definitions: Mapping[str, Any], status: str, dataset: str | None) -> list[dict[str, Any]]:
+        """Every contribution of ``status`` (in ``dataset``), oldest first, all of one dataset.
+
+        Raises:
+            ExportError: When ``dataset`` is unknown, nothing matches, or the matches belong
+                to several datasets.
+        """
         if dataset is not None and dataset not in definitions:
             raise ExportError(f"no dataset {dataset!r} in the contribution store; valid: "
                               f"{', '.join(definitions) or '(none)'}")
         rows: list[dict[str, Any]] = []
-        offset = 0
         while True:
-            page, total = self.list(status=status, dataset=dataset, limit=1000, offset=offset)
+            page, total = self.list(status=status, dataset=dataset, limit=1000, offset=len(rows))
             rows += page
-            offset += len(page)
-            if not page or offset >= total:
+            if not page or len(rows) >= total:
                 break
         if not rows:
             raise ExportError(f"no contribution with status {status!r} to export"
@@ -427,50 +447,127 @@ class ContributionStore:
                                   f"{[t['name'] for t in definitions[d]['tasks']]})" for d in used)
             raise ExportError(f"the {status} contributions belong to {len(used)} datasets ({described}); "
                               f"pass --dataset ID to export one")
-        definition = definitions[used[0]]
-        out = Path(out)
-        image_column = definition["image_column"]
-        delimiter = "|" if any(";" in c for t in definition["tasks"] for c in t["classes"]) else ";"
+        return rows
+
+    def _write_images(self, out: Path, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Copy each distinct image of ``rows`` to ``OUT/images/``; return how many."""
         written: set[str] = set()
-        table = []
         for r in rows:
-            relative = f"images/{r['sha256']}{r['extension']}"
+            relative = export_image_path(r)
             if relative not in written:
                 atomic_write_bytes(out / relative, self.image(r))
                 written.add(relative)
-            row: dict[str, Any] = {image_column: relative}
-            for task in definition["tasks"]:
-                value = r["labels"][task["name"]]
-                row[task["name"]] = delimiter.join(value) if isinstance(value, list) else value
-            row.update({"contribution_id": r["id"], "contributor": r["contributor"], "source_filename": r["filename"],
-                        "created_at": r["created_at"], "reviewed_by": r["reviewed_by"] or ""})
-            for group in definition["groups"]:
-                row[group] = str(r["metadata"].get(group, ""))
-            row["metadata"] = json.dumps(r["metadata"], sort_keys=True)
-            table.append(row)
-        frame = pd.DataFrame(table)
-        groups = [g for g in definition["groups"] if frame[g].astype(str).str.strip().ne("").all()]
-        frame = frame.drop(columns=[g for g in definition["groups"] if g not in groups])
-        manifest = out / "manifest.csv"
-        with atomic_path(manifest) as tmp:
-            frame.to_csv(tmp, index=False)
-        spec = DatasetSpec(
-            name=f"{definition['name']}-contributions",
-            manifest="manifest.csv",
-            image=ImageSpec(column=image_column, channels=list(definition["channels"]) or None),
-            tasks=[TaskSpec(t["name"], [t["name"]], type=t["type"], classes=list(t["classes"]),
-                            delimiter=delimiter if t["type"] == "multilabel" else None)
-                   for t in definition["tasks"]],
-            groups=groups,
-            base_dir=out,
-        )
-        spec_path = spec.to_yaml(out / "dataset.yaml")
-        log.info("exported %d contribution(s), %d image(s) to %s", len(rows), len(written), out)
-        return ExportResult(out, manifest, spec_path, len(rows), len(written), used[0])
+        return len(written)
+
+
+def export_image_path(record: Mapping[str, Any]) -> str:
+    """Where an exported contribution's image goes, relative to the export folder."""
+    return f"images/{record['sha256']}{record['extension']}"
+
+
+def manifest_frame(rows: Sequence[Mapping[str, Any]], definition: Mapping[str, Any], delimiter: str) -> pd.DataFrame:
+    """The exported manifest: image path, one column per task, provenance, groups and metadata per row.
+
+    Args:
+        rows: Contribution records.
+        definition: Their dataset definition (tasks, image column, groups).
+        delimiter: What joins the classes of a multi-label task.
+    """
+    table = []
+    for r in rows:
+        row: dict[str, Any] = {definition["image_column"]: export_image_path(r)}
+        for task in definition["tasks"]:
+            value = r["labels"][task["name"]]
+            row[task["name"]] = delimiter.join(value) if isinstance(value, list) else value
+        row.update({"contribution_id": r["id"], "contributor": r["contributor"], "source_filename": r["filename"],
+                    "created_at": r["created_at"], "reviewed_by": r["reviewed_by"] or ""})
+        for group in definition["groups"]:
+            row[group] = str(r["metadata"].get(group, ""))
+        row["metadata"] = json.dumps(r["metadata"], sort_keys=True)
+        table.append(row)
+    return pd.DataFrame(table)
+
+
+def contributions_spec(definition: Mapping[str, Any], groups: Sequence[str], delimiter: str,
+                       out: Path) -> DatasetSpec:
+    """The :class:`DatasetSpec` of an export: the model's tasks and classes, so encoders match."""
+    return DatasetSpec(
+        name=f"{definition['name']}-contributions",
+        manifest="manifest.csv",
+        image=ImageSpec(column=definition["image_column"], channels=list(definition["channels"]) or None),
+        tasks=[TaskSpec(t["name"], [t["name"]], type=t["type"], classes=list(t["classes"]),
+                        delimiter=delimiter if t["type"] == "multilabel" else None)
+               for t in definition["tasks"]],
+        groups=list(groups),
+        base_dir=out,
+    )
 
 
 def _record(row: Mapping[str, Any]) -> dict[str, Any]:
     record = dict(row)
-    for key in ("labels", "metadata", "shape", "model"):
+    for key in ("labels", "shape", "model"):
         record[key] = json.loads(record[key])
+    record["metadata"] = readable_metadata(record["metadata"])
     return record
+
+
+def readable_metadata(text: str) -> dict[str, Any]:
+    """A stored ``metadata`` column as a JSON object every response can carry.
+
+    Rows written before the API bounded its JSON fields can hold what it now refuses, and
+    what no response could encode: nesting deeper than :data:`MAX_JSON_DEPTH`, NaN or
+    Infinity, lone surrogate escapes (``"\\ud800"``). Such metadata comes back readable
+    rather than failing the listing: a value nested deeper than the limit as its stored
+    JSON text (a string), a non-finite number as its name (``"NaN"``), a lone surrogate
+    as U+FFFD. Metadata within the bounds comes back as it was stored.
+    """
+    if json_depth(text) > MAX_JSON_DEPTH:
+        text = _deep_values_as_text(text, MAX_JSON_DEPTH)
+    try:
+        value = json.loads(text, parse_constant=str, parse_int=_int_or_text)
+    except ValueError as exc:  # not JSON at all: no version of cellclass writes that
+        log.warning("stored metadata is not JSON (%s); returned as text: %.80r", exc, text)
+        return {"unparsed": text}
+    value = _without_lone_surrogates(value)
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _deep_values_as_text(text: str, max_depth: int) -> str:
+    """JSON text in which each array or object opening below ``max_depth`` is replaced by a string of its text."""
+    pieces: list[str] = []
+    copied, depth, start = 0, 0, -1
+    in_string = escaped = False
+    for i, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth == max_depth + 1:
+                start = i
+        elif char in "]}":
+            if depth == max_depth + 1 and start >= 0:
+                pieces += [text[copied:start], json.dumps(text[start : i + 1])]
+                copied, start = i + 1, -1
+            depth -= 1
+    return "".join(pieces) + text[copied:]
+
+
+def _int_or_text(text: str) -> int | str:
+    return int(text) if len(text.lstrip("-")) <= _MAX_INT_DIGITS else text
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if _valid_unicode(value) else value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    return value

@@ -22,8 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cellclass.errors import MissingDependencyError
-from cellclass.serving.errors import StoreError
+from cellclass.errors import MissingDependencyError, StoreError
 from cellclass.serving.files import private_folder
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,12 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
-from cellclass.errors import MissingDependencyError
-from cellclass.serving.errors import NotFoundError, StoreError
+from cellclass.errors import MissingDependencyError, NotFoundError, StoreError
+
+try:
+    import fcntl
+except ImportError:  # POSIX only: on Windows, leftovers of interrupted writes are left in place
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +179,7 @@ class LocalFileStore:
             The removed files, or None when another process holds the folder (or the
             platform has no ``flock``) and nothing was looked at.
         """
-        try:
-            import fcntl
-        except ImportError:
+        if fcntl is None:
             log.info("no flock on this platform: leftovers of interrupted writes in %s are not cleaned", self.root)
             return None
         if self._lock is None:

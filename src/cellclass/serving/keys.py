@@ -20,8 +20,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from cellclass.errors import AuthenticationError, NotFoundError, PermissionDeniedError, ServiceError
 from cellclass.serving.database import Database
-from cellclass.serving.errors import AuthenticationError, NotFoundError, PermissionDeniedError, ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cellclass.errors import MissingDependencyError
-from cellclass.serving.errors import ExportError
+from cellclass.errors import ExportError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 

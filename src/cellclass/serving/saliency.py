@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cellclass.serving.errors import UploadError
+from cellclass.errors import UploadError
 
 log = logging.getLogger(__name__)
 

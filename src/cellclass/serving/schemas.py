@@ -1,4 +1,4 @@
-"""Request and response schemas of the HTTP API (they make the OpenAPI document)."""
+"""Request and response schemas of the HTTP API, and its documented error statuses (they make the OpenAPI document)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,27 @@ class ErrorResponse(BaseModel):
     """Every error: what was wrong, the value received, what is valid."""
 
     detail: str = Field(examples=["task 'particle_type' got unknown label 'Xray'; valid: Fe, X-ray"])
+
+
+ERROR_TEXTS = {
+    400: "The body is not parseable as its content type (malformed multipart or JSON).",
+    401: "No key, or an unknown, malformed or revoked key.",
+    403: "The key's role may not do this.",
+    404: "No such contribution among those the key may see.",
+    413: "Request body, image file or pixel count over its limit.",
+    415: "Not a TIFF, PNG or NPY image.",
+    422: "Invalid image, labels or parameters.",
+}
+"""What each error status means, as the OpenAPI document says it."""
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of the given error statuses, each a ``{"detail": message}`` body."""
+    return {code: {"model": ErrorResponse, "description": ERROR_TEXTS[code]} for code in codes}
+
+
+UPLOAD_ERRORS = error_responses(400, 401, 403, 413, 415, 422)
+"""The error statuses of an endpoint taking image files."""
 
 
 class ModelIdentity(BaseModel):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cellclass.serving.errors import ServiceError
+from cellclass.errors import ServiceError
 
 ENV_PREFIX = "CELLCLASS_"
 

@@ -24,10 +24,11 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import tifffile
 
 from cellclass.data.axes import AxesPolicy
-from cellclass.errors import ImageReadError
-from cellclass.serving.errors import PayloadTooLargeError, UnsupportedMediaError, UploadError
+from cellclass.data.io import read_image_bytes
+from cellclass.errors import ImageReadError, PayloadTooLargeError, UnsupportedMediaError, UploadError
 
 ACCEPTED_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".png", ".npy")
 """Extensions an upload may have (case-insensitive)."""
@@ -116,8 +117,6 @@ def declared_values(data: bytes, extension: str, name: str) -> int:
         except (ValueError, OSError, EOFError, SyntaxError) as exc:
             raise UploadError(f"cannot read the NPY header of {name!r}: {exc}") from None
         return math.prod(shape)
-    import tifffile
-
     total = 0
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
@@ -170,8 +169,6 @@ def decode_upload(data: bytes, filename: str | None, *, max_bytes: int, max_pixe
             f"image {name!r} declares {values:,} pixel values (height x width x channels); the "
             f"limit is {max_pixels:,}"
         )
-    from cellclass.data.io import read_image_bytes
-
     try:
         image = read_image_bytes(data, name, axes=axes)
     except ImageReadError as exc:
