@@ -70,3 +70,15 @@ class ImageWriteError(CellclassError, ValueError):
 
 class OutputPathError(CellclassError):
     """An output path cannot be used: it is one of the inputs, or a folder where a file is needed."""
+
+
+class TrainingError(CellclassError):
+    """Training cannot start or continue as asked."""
+
+
+class CheckpointError(CellclassError):
+    """A checkpoint is missing, unreadable or not a cellclass checkpoint."""
+
+
+class EvaluationError(CellclassError, ValueError):
+    """Arrays, options or tables given to an evaluation function are inconsistent."""

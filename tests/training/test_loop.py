@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 from cellclass.data.presets import bps, hpa
+from cellclass.errors import TrainingError
 from cellclass.serving.predictor import Predictor
 from cellclass.training.checkpoint import load_checkpoint
 from cellclass.training.config import ConfigError, TrainConfig, parse_set_options
-from cellclass.training.loop import TrainingError, train
+from cellclass.training.loop import train
 
 FAST = {"image_size": 32, "epochs": 2, "batch_size": 16, "workers": 2, "tta": False}
 

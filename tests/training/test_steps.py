@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from cellclass.data.presets import bps
+from cellclass.errors import TrainingError
 from cellclass.training.checkpoint import load_checkpoint
 from cellclass.training.config import ConfigError, TrainConfig
-from cellclass.training.loop import TrainingError, auto_batch_size, plan_steps, train
+from cellclass.training.loop import auto_batch_size, plan_steps, train
 
 FAST = {"model": "lenet5", "tasks": ["particle_type"], "image_size": 64, "epochs": 1, "workers": 1,
         "tta": False, "channels_last": False}

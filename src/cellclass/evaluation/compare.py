@@ -21,7 +21,8 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-from cellclass.evaluation._validation import EvaluationError, check_bootstrap_args
+from cellclass.errors import EvaluationError
+from cellclass.evaluation._validation import check_bootstrap_args
 from cellclass.evaluation.metrics import bootstrap_ci, resolve_label_metric
 
 __all__ = [

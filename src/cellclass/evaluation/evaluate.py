@@ -48,7 +48,12 @@ def evaluate_run(run: str | Path, *, spec: DatasetSpec | None = None, out: str |
         progress: Progress callback ``(stage, done, total)``.
     """
     from cellclass.data.splits import Split
-    from cellclass.evaluation.report import evaluate_tasks, predictions_frame, write_plots, write_report
+    from cellclass.evaluation.report import (
+        evaluate_tasks,
+        predictions_frame,
+        write_plots,
+        write_report,
+    )
     from cellclass.serving.predictor import Predictor
     from cellclass.training.loop import prepare_data
 
@@ -67,8 +72,8 @@ def evaluate_run(run: str | Path, *, spec: DatasetSpec | None = None, out: str |
         override = None
     data = prepare_data(spec, config, split_override=override, progress=progress) if own else None
     if data is None:
-        from cellclass.data.labels import encode_frame
         from cellclass.data.cache import images_for_training
+        from cellclass.data.labels import encode_frame
         from cellclass.training.loop import PreparedData
 
         frame = spec.load_manifest()

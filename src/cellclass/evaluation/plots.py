@@ -29,8 +29,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from cellclass.errors import EvaluationError
 from cellclass.evaluation._validation import (
-    EvaluationError,
     as_indicator,
     as_labels,
     as_proba,

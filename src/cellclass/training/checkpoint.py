@@ -16,13 +16,9 @@ from typing import Any
 import torch
 
 from cellclass.atomic import atomic_path
-from cellclass.errors import CellclassError
+from cellclass.errors import CheckpointError
 
 FORMAT = "cellclass-checkpoint/1"
-
-
-class CheckpointError(CellclassError):
-    """A checkpoint is missing, unreadable or not a cellclass checkpoint."""
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -33,7 +33,8 @@ import yaml
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.labels import TaskEncoder, encode_frame, fit_encoders, save_encoders
 from cellclass.data.spec import DatasetSpec
-from cellclass.errors import CellclassError
+from cellclass.errors import TrainingError
+from cellclass.progress import ProgressFn
 from cellclass.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -54,20 +55,12 @@ RESUMABLE = {"epochs", "workers", "loader_workers", "loader_memory_mb", "cache",
 """Settings a resumed run may change: the epochs, and how this machine runs the same steps."""
 
 
-class TrainingError(CellclassError):
-    """Training cannot start or continue as asked."""
-
-
 class Tracker(Protocol):
     """What the loop tells an experiment tracker (see :mod:`cellclass.tracking`)."""
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifacts(self, folder: Path) -> None: ...
-
-
-ProgressFn = Callable[[str, int, int], None]
-"""Called as ``progress(stage, done, total)``."""
 
 
 @dataclass
