@@ -82,3 +82,7 @@ class CheckpointError(CellclassError):
 
 class EvaluationError(CellclassError, ValueError):
     """Arrays, options or tables given to an evaluation function are inconsistent."""
+
+
+class ModelExportError(CellclassError):
+    """A network cannot be exported (ONNX) as asked, or an exported model does not fit its checkpoint."""

@@ -69,7 +69,7 @@ def test_probes_model_description_docs_and_page(server: Server) -> None:
 def test_predict_gives_probabilities_labels_and_identity(server: Server, keys: dict[str, str], served_run: Path,
                                                           bps_images: list[tuple[str, bytes, str]]) -> None:
     from cellclass.data.io import read_image_bytes
-    from cellclass.serving.predictor import Predictor
+    from cellclass.inference.predictor import Predictor
 
     (name_a, tif_a, _), (name_b, tif_b, _) = bps_images[:2]
     array_b = read_image_bytes(tif_b, name_b)

@@ -280,7 +280,7 @@ def test_values_that_overflow_once_normalized_are_refused(served_run: Path) -> N
     from cellclass.data.normalize import Normalizer
     from cellclass.serving.app import Service
     from cellclass.serving.errors import UploadError
-    from cellclass.serving.predictor import Predictor
+    from cellclass.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(served_run)
     predictor.normalizer = Normalizer(mode="image", clip=False)  # per-image range, unclipped: no bound on the output

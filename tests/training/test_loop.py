@@ -11,8 +11,8 @@ import pytest
 
 from cellclass.data.presets import bps, hpa
 from cellclass.errors import TrainingError
-from cellclass.serving.predictor import Predictor
-from cellclass.training.checkpoint import load_checkpoint
+from cellclass.inference.checkpoint import Checkpoint
+from cellclass.inference.predictor import Predictor
 from cellclass.training.config import ConfigError, TrainConfig, parse_set_options
 from cellclass.training.loop import train
 
@@ -47,11 +47,12 @@ def test_lenet_run_folder_is_complete_and_honest(bps_dir: Path, tmp_path: Path) 
 def test_checkpoint_is_enough_to_serve(bps_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(bps(bps_dir), TrainConfig(model="lenet5", tasks=["particle_type"], **FAST), out)
-    ckpt = load_checkpoint(out)
-    for key in ("model_config", "state_dict", "encoders", "channels", "normalizer", "image_size", "config"):
-        assert key in ckpt, key
-    assert ckpt["channels"] == ["53BP1"]
-    assert ckpt["encoders"]["particle_type"]["classes"] == ["Fe", "X-ray"]
+    ckpt = Checkpoint.load(out)
+    assert ckpt.kind == "network" and ckpt.state_dict and ckpt.model_config["name"] == "lenet5"
+    assert ckpt.config["model"] == "lenet5" and ckpt.image_size == 32
+    assert ckpt.channels == ["53BP1"]
+    assert ckpt.encoders["particle_type"].classes == ["Fe", "X-ray"]
+    assert ckpt.normalizer.low_values_ is not None
     predictor = Predictor.from_checkpoint(out)
     frame = pd.read_csv(out / "predictions.csv")
     from cellclass.data.io import read_image
@@ -99,7 +100,7 @@ def test_baseline_and_multitask_network(bps_dir: Path, tmp_path: Path) -> None:
     spec = bps(bps_dir)
     result = train(spec, TrainConfig(model="logreg", tasks=["particle_type", "dose"], **FAST), tmp_path / "lr")
     assert set(result["tasks"]) == {"particle_type", "dose"}
-    assert load_checkpoint(tmp_path / "lr")["kind"] == "baseline"
+    assert Checkpoint.load(tmp_path / "lr").kind == "baseline"
     net = train(spec, TrainConfig(model="lenet5", tasks=["particle_type", "dose"], **FAST), tmp_path / "net")
     assert set(net["tasks"]) == {"particle_type", "dose"}
     header = pd.read_csv(tmp_path / "net" / "metrics.csv").columns
@@ -114,7 +115,7 @@ def test_multilabel_run_tunes_thresholds(hpa_dir: Path, tmp_path: Path) -> None:
     # A multi-label task's test metrics always say the thresholds they used: here the ones tuned on validation.
     assert len(task["thresholds"]) == 28 and task["thresholds"] != [0.5] * 28
     assert "fixed_threshold_0.5" in task and "hamming_loss" in task
-    assert load_checkpoint(tmp_path / "ml")["thresholds"]["localization"]
+    assert Checkpoint.load(tmp_path / "ml").thresholds["localization"] == task["thresholds"]
 
 
 def test_config_errors_and_set_options(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ class Service:
 
     Attributes:
         settings: The settings it was made from.
-        predictor: The loaded :class:`~cellclass.serving.predictor.Predictor`.
+        predictor: The loaded :class:`~cellclass.inference.predictor.Predictor`.
         identity: The model identity reported with predictions.
         definition: Tasks, classes and channels contributions are checked against.
         dataset_id: Identifier of ``definition`` in the contribution store.
@@ -119,18 +119,19 @@ class Service:
         """
         import torch
 
-        from cellclass.serving.onnx_model import available_cores, file_sha256
-        from cellclass.serving.predictor import Predictor
-        from cellclass.training.checkpoint import find_checkpoint, load_checkpoint
+        from cellclass.allocator import available_cores
+        from cellclass.inference.checkpoint import Checkpoint, file_sha256, find_checkpoint
+        from cellclass.inference.predictor import Predictor
 
         threads = settings.threads or available_cores()
         torch.set_num_threads(threads)
         checkpoint = find_checkpoint(settings.run)
-        predictor = Predictor.from_checkpoint(checkpoint, tta=settings.tta)
+        loaded = Checkpoint.load(checkpoint)
+        predictor = Predictor.from_checkpoint(loaded, tta=settings.tta)
         sha = file_sha256(checkpoint)
         backend = _onnx_backend(settings, predictor, sha, threads)
         predictor.backend = backend
-        spec = load_checkpoint(checkpoint).get("spec")
+        spec = loaded.spec
         run_name = settings.run.name if settings.run.is_dir() else checkpoint.parent.parent.name or checkpoint.name
         identity = {"name": predictor.identity.get("model"), "run": run_name, "epoch": predictor.identity.get("epoch"),
                     "checkpoint_sha256": sha, "backend": "onnxruntime" if backend is not None else "torch",
@@ -232,11 +233,7 @@ class Service:
 
 def _onnx_backend(settings: ServeSettings, predictor: Any, sha: str, threads: int) -> Any:
     """The ONNX Runtime backend the settings ask for, or None for torch."""
-    from cellclass.serving.onnx_model import (
-        METADATA_CHECKPOINT,
-        OnnxBackend,
-        onnx_metadata,
-    )
+    from cellclass.inference.onnx import METADATA_CHECKPOINT, OnnxBackend, onnx_metadata
 
     if settings.backend == "torch" or predictor.kind != "network":
         return None

@@ -130,7 +130,7 @@ def _nan(value: Any) -> bool:
 
 def cv_progress(logger: FoldLogger, progress: Callable[[str, int, int], None] | None
                 ) -> Callable[[str, int, int], None]:
-    """A progress callback for :func:`~cellclass.evaluation.crossval.cross_validate` that also
+    """A progress callback for :func:`~cellclass.training.crossval.cross_validate` that also
     logs folds as they finish (checked when the stage changes: a new epoch or fold)."""
     last = {"stage": None}
 

@@ -523,7 +523,7 @@ class DataCache:
 
     def get(self, spec: DatasetSpec, config: Any) -> Any:
         """Prepared data for ``spec`` (tasks already selected) and ``config``."""
-        from cellclass.training.loop import prepare_data
+        from cellclass.data.prepared import prepare_data
 
         key = json.dumps([spec.name, [t.name for t in spec.tasks], {k: getattr(config, k) for k in _DATA_KEYS}],
                          default=str)
@@ -678,7 +678,7 @@ def _single_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker
 
 def _cv_trial(job: SweepJob, cfg: Any, folder: Path, tracker: PruningTracker, cache: DataCache,
               progress: ProgressFn | None) -> tuple[float, dict[str, Any]]:
-    from cellclass.evaluation.crossval import cross_validate
+    from cellclass.training.crossval import cross_validate
 
     n = int(job.folds or 0)
     folder.mkdir(parents=True, exist_ok=True)

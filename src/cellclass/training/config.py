@@ -17,7 +17,7 @@ import yaml
 from cellclass.errors import ConfigError
 from cellclass.textfiles import load_yaml
 
-__all__ = ["ConfigError", "TrainConfig", "parse_set_options"]
+__all__ = ["ConfigError", "TrainConfig", "parse_set_options", "run_config"]
 
 
 @dataclass
@@ -264,6 +264,18 @@ class TrainConfig:
     def override(self, values: Mapping[str, Any]) -> TrainConfig:
         """A copy with ``values`` applied (validated again)."""
         return TrainConfig.from_dict({**self.to_dict(), **dict(values)})
+
+
+def run_config(run: str | Path) -> TrainConfig:
+    """The resolved configuration of a finished or interrupted run (its folder's ``config.yaml``).
+
+    Raises:
+        ConfigError: When the folder holds no run.
+    """
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{str(run)!r} is not a run folder: no config.yaml (made by `cellclass train`)")
+    return TrainConfig.from_dict(yaml.safe_load(path.read_text())["train"])
 
 
 def _matches(value: Any, annotation: str) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -31,9 +30,15 @@ import pandas as pd
 import yaml
 
 from cellclass.atomic import atomic_path, atomic_write_text
-from cellclass.data.labels import TaskEncoder, encode_frame, fit_encoders, save_encoders
+from cellclass.data.labels import save_encoders
+from cellclass.data.prepared import PreparedData, prepare_data, read_split, write_split
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import TrainingError
+from cellclass.evaluation.metrics import task_metrics
+from cellclass.evaluation.results import write_evaluation
+from cellclass.inference.checkpoint import Checkpoint
+from cellclass.inference.predictor import Predictor
+from cellclass.inference.probabilities import probabilities
 from cellclass.progress import ProgressFn
 from cellclass.training.config import TrainConfig
 
@@ -61,28 +66,6 @@ class Tracker(Protocol):
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifacts(self, folder: Path) -> None: ...
-
-
-@dataclass
-class PreparedData:
-    """Everything the loop needs from a dataset, computed once per run."""
-
-    spec: DatasetSpec
-    frame: pd.DataFrame
-    encoders: dict[str, TaskEncoder]
-    targets: dict[str, np.ndarray]
-    groups: np.ndarray | None
-    split: Any
-    split_warning: str | None
-    images: np.ndarray
-    ids: list[str]
-
-    def describe_split(self) -> dict[str, Any]:
-        """How the split was made and the class counts per side, by class name, per task."""
-        info = self.split.describe(labels=self.targets, classes={t: e.classes for t, e in self.encoders.items()})
-        if self.split_warning:
-            info["warning"] = self.split_warning
-        return info
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -179,39 +162,6 @@ def resumed_config(config: TrainConfig, saved: Mapping[str, Any], done_epochs: i
     return config
 
 
-def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapping[str, Any] | None = None,
-                 progress: ProgressFn | None = None) -> PreparedData:
-    """Load labels, split and images (fitted to size, intensities unchanged)."""
-    from cellclass.data.cache import images_for_training
-    from cellclass.data.splits import Split, choose_split_method, make_split
-
-    frame = spec.load_manifest()
-    encoders = fit_encoders(spec, frame)
-    targets = encode_frame(spec, frame, encoders)
-    method, group_col, warning = choose_split_method(spec.groups, config.split_by, config.split,
-                                                     split_column=spec.split_column)
-    groups = frame[group_col].astype(str).to_numpy() if group_col else None
-    first = targets[spec.tasks[0].name]
-    if split_override is not None:
-        split = Split(**split_override, groups=groups, labels=first)
-    else:
-        split = make_split(
-            frame, labels=first, groups=groups, method=method, val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction, seed=config.seed, group_column=group_col,
-            predefined=frame[spec.split_column].to_numpy() if method == "predefined" else None,
-        )
-    ids = [spec.image_id(r) for r in frame.to_dict("records")]
-    # A valid prepared cache is read in place (bounded memory); otherwise images are decoded
-    # into memory, or cached first when config.cache asks for it.
-    images = images_for_training(
-        spec, frame, size=config.image_size, mode=config.fit, channels=config.channels or None,
-        workers=config.workers, build=config.cache, cache_dir=config.cache_dir,
-        progress=(lambda d, t: progress("preparing cache" if config.cache else "loading images", d, t))
-        if progress else None,
-    )
-    return PreparedData(spec, frame, encoders, targets, groups, split, warning, images, ids)
-
-
 def train(
     spec: DatasetSpec,
     config: TrainConfig,
@@ -239,7 +189,6 @@ def train(
             settings other than the run's (see :func:`resumed_config`).
     """
     from cellclass.models import create_model, is_baseline
-    from cellclass.training.checkpoint import load_checkpoint
 
     out = Path(out)
     last = out / "checkpoints" / "last.ckpt"
@@ -251,8 +200,8 @@ def train(
         )
     state = None
     if resume:
-        state = load_checkpoint(out, "last")
-        config = resumed_config(config, state["config"], int(state["epoch"]), out)
+        state = Checkpoint.load(out, "last")
+        config = resumed_config(config, state.config, state.epoch, out)
     if not (config.monitor == "val_loss" or config.monitor.startswith("val/")):
         raise TrainingError(
             f"monitor {config.monitor!r} is not a validation metric; the best epoch is chosen on validation "
@@ -264,11 +213,7 @@ def train(
         fabric = _fabric(config)
     is_main = fabric is None or fabric.is_global_zero
 
-    split_override = None
-    if resume and (out / "split.json").is_file():
-        split_override = json.loads((out / "split.json").read_text())["split"]
-        split_override = {k: (np.asarray(v) if k in ("train", "val", "test") else v)
-                          for k, v in split_override.items()}
+    split_override = read_split(out / "split.json") if resume else None
     if data is None:
         data = prepare_data(spec, config, split_override=split_override, progress=progress)
     split = data.split
@@ -281,7 +226,7 @@ def train(
     if fabric is not None:  # networks: the batch size used is recorded in the config of the run
         plan = plan_steps(config, len(split.train), fabric.world_size)
         config = dataclasses.replace(config, batch_size=plan.batch_size)
-        chosen = (state or {}).get("steps") or {}
+        chosen = (state.steps if state is not None else None) or {}
         if chosen.get("batch_size") == plan.batch_size:  # resumed: as the run chose it
             plan.batch_size_from = chosen.get("batch_size_from", plan.batch_size_from)
         if is_main and plan.batch_size_from == "auto":
@@ -321,19 +266,20 @@ def train(
                                              "steps_per_epoch": plan.steps_per_epoch, "schedule_used": plan.schedule}
             tracker.log_params({**config.to_dict(), **steps, "dataset": spec.name, "split": split.method})
 
-    common = {
-        "model_config": model.config,
-        "encoders": {t: e.to_dict() for t, e in data.encoders.items()},
-        "channels": _channel_names(spec, x.shape[1], config.channels),
-        "channel_indices": list(config.channels),
-        "image_size": config.image_size,
-        "fit": config.fit,
-        "normalizer": norm.to_dict(),
-        "config": config.to_dict(),
-        "steps": None if plan is None else plan.to_dict(),
-        "spec": spec.to_dict(),
-        "run": str(out),
-    }
+    common = Checkpoint(
+        kind="baseline" if fabric is None else "network",
+        model_config=model.config,
+        encoders=dict(data.encoders),
+        channels=_channel_names(spec, x.shape[1], config.channels),
+        channel_indices=list(config.channels),
+        image_size=config.image_size,
+        fit=config.fit,
+        normalizer=norm,
+        config=config.to_dict(),
+        steps=None if plan is None else plan.to_dict(),
+        spec=spec.to_dict(),
+        run=str(out),
+    )
     started = time.perf_counter()
     if fabric is None:
         best_epoch = _fit_baseline(model, x, data, out, common, progress, tracker)
@@ -419,7 +365,6 @@ def _channel_names(spec: DatasetSpec, n: int, indices: list[int]) -> list[str]:
 
 def _write_run_header(out: Path, spec: DatasetSpec, config: TrainConfig, data: PreparedData,
                       plan: StepPlan | None) -> None:
-    split = data.split
     resolved = {
         "train": config.to_dict(),
         "runtime": {"precision": None if plan is None else resolve_precision(config),
@@ -429,20 +374,12 @@ def _write_run_header(out: Path, spec: DatasetSpec, config: TrainConfig, data: P
     }
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     save_encoders(out / "encoders.json", data.encoders)
-    payload = {
-        "split": {"train": split.train.tolist(), "val": split.val.tolist(), "test": split.test.tolist(),
-                  "method": split.method, "group": split.group, "seed": split.seed,
-                  "fractions": split.fractions},
-        "ids": {side: [data.ids[i] for i in getattr(split, side)] for side in ("train", "val", "test")},
-    }
-    atomic_write_text(out / "split.json", json.dumps(payload))
+    write_split(out / "split.json", data)
 
 
 # -- baselines -----------------------------------------------------------------------
-def _fit_baseline(model: Any, x: np.ndarray, data: PreparedData, out: Path, common: dict[str, Any],
+def _fit_baseline(model: Any, x: np.ndarray, data: PreparedData, out: Path, common: Checkpoint,
                   progress: ProgressFn | None, tracker: Tracker | None) -> int:
-    from cellclass.training.checkpoint import baseline_bytes, save_checkpoint
-
     train_idx = _labeled(data, data.split.train)
     if progress:
         progress("fitting baseline", 0, 1)
@@ -454,10 +391,9 @@ def _fit_baseline(model: Any, x: np.ndarray, data: PreparedData, out: Path, comm
     _append_metrics(out, row)
     if tracker is not None:
         tracker.log_metrics(_numeric(row), step=1)
-    save_checkpoint(out / "checkpoints" / "best.ckpt",
-                    {**common, "kind": "baseline", "estimator": baseline_bytes(model), "epoch": 1})
-    save_checkpoint(out / "checkpoints" / "last.ckpt",
-                    {**common, "kind": "baseline", "estimator": baseline_bytes(model), "epoch": 1})
+    fitted = common.replace(estimator=model, epoch=1)
+    fitted.save(out / "checkpoints" / "best.ckpt")
+    fitted.save(out / "checkpoints" / "last.ckpt")
     if progress:
         progress("fitting baseline", 1, 1)
     return 1
@@ -474,12 +410,11 @@ def _labeled(data: PreparedData, idx: np.ndarray) -> np.ndarray:
 
 # -- networks ------------------------------------------------------------------------
 def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, config: TrainConfig,
-                 plan: StepPlan, out: Path, common: dict[str, Any], state: Mapping[str, Any] | None,
+                 plan: StepPlan, out: Path, common: Checkpoint, state: Checkpoint | None,
                  progress: ProgressFn | None, tracker: Tracker | None) -> int:
     """Train epochs ``state["epoch"] + 1`` (or 1) to ``config.epochs``; return the best epoch."""
     import torch
 
-    from cellclass.training.checkpoint import save_checkpoint
     from cellclass.training.losses import build_loss, multitask_loss
 
     fabric.seed_everything(config.seed)
@@ -511,19 +446,19 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
     monitor, mode = config.monitor, ("min" if "loss" in config.monitor else "max")
     best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 0
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["training_state"]["optimizer"])
-        if state["config"]["epochs"] == config.epochs:
-            scheduler.load_state_dict(state["training_state"]["scheduler"])
+        model.load_state_dict(state.state_dict)
+        optimizer.load_state_dict(state.training_state["optimizer"])
+        if state.training_state["epochs"] == config.epochs:
+            scheduler.load_state_dict(state.training_state["scheduler"])
         else:  # more epochs: the schedule of the longer run, at the step reached
-            scheduler = _extended_scheduler(inner_optimizer, config, plan, state["epoch"] * steps)
-        order.set_state(state["training_state"]["order_rng"])
-        if augment is not None and state["training_state"].get("augment_rng") is not None:
-            augment.generator.set_state(state["training_state"]["augment_rng"])
-        best_score = state["training_state"]["best_score"]
-        best_epoch = state["training_state"]["best_epoch"]
-        bad_epochs = state["training_state"]["bad_epochs"]
-        start_epoch = state["epoch"]
+            scheduler = _extended_scheduler(inner_optimizer, config, plan, state.training_state["epoch"] * steps)
+        order.set_state(state.training_state["order_rng"])
+        if augment is not None and state.training_state.get("augment_rng") is not None:
+            augment.generator.set_state(state.training_state["augment_rng"])
+        best_score = state.training_state["best_score"]
+        best_epoch = state.training_state["best_epoch"]
+        bad_epochs = state.training_state["bad_epochs"]
+        start_epoch = state.training_state["epoch"]
         log.info("resuming %s after epoch %d (best %s = %.4f at epoch %d)",
                  out, start_epoch, monitor, best_score, best_epoch)
 
@@ -570,15 +505,16 @@ def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, con
             _append_metrics(out, row)
             if tracker is not None:
                 tracker.log_metrics(_numeric(row), step=epoch)
-            payload = {**common, "kind": "network", "state_dict": weights, "epoch": epoch,
-                       "metrics": _numeric(row)}
+            checkpoint = common.replace(state_dict=weights, epoch=epoch, metrics=_numeric(row))
             if improved:
-                save_checkpoint(out / "checkpoints" / "best.ckpt", payload)
-            save_checkpoint(out / "checkpoints" / "last.ckpt", {**payload, "training_state": {
+                checkpoint.save(out / "checkpoints" / "best.ckpt")
+            checkpoint.replace(training_state={
+                "epoch": epoch, "epochs": config.epochs,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "order_rng": order.get_state(),
                 "augment_rng": None if augment is None else augment.generator.get_state(),
-                "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs}})
+                "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs}).save(
+                out / "checkpoints" / "last.ckpt")
         fabric.barrier()
         if config.patience and bad_epochs >= config.patience:
             log.info("early stop at epoch %d: %s did not improve for %d epochs", epoch, monitor, bad_epochs)
@@ -690,9 +626,7 @@ def _evaluate_val(fabric: Any, model: Any, x: np.ndarray, data: PreparedData,
     joined = {t: torch.cat(v) for t, v in logits.items()}
     targets = {t: torch.from_numpy(v[idx]) for t, v in data.targets.items()}
     loss = float(total_loss(joined, targets))
-    probs = {}
-    for t, v in joined.items():
-        probs[t] = (torch.sigmoid(v) if data.encoders[t].type == "multilabel" else torch.softmax(v, 1)).numpy()
+    probs = {t: probabilities(v, data.encoders[t].type).numpy() for t, v in joined.items()}
     return loss, probs
 
 
@@ -703,8 +637,6 @@ def _val_metrics(data: PreparedData, idx: np.ndarray, probs: Mapping[str, np.nda
     ``val/<metric>`` is the task's value for a single-task run and the mean over tasks
     otherwise.
     """
-    from cellclass.evaluation.metrics import task_metrics
-
     row: dict[str, float] = {}
     per_metric: dict[str, list[float]] = {}
     for task, enc in data.encoders.items():
@@ -743,9 +675,6 @@ def finish_run(out: Path, data: PreparedData, x: np.ndarray, config: TrainConfig
 
     ``steps``: a network's batch size and schedule, recorded in ``metrics.json``.
     """
-    from cellclass.evaluation.report import write_evaluation
-    from cellclass.serving.predictor import Predictor
-
     predictor = Predictor.from_checkpoint(out, tta=config.tta)
     extra: dict[str, Any] = {"model": config.model, "best_epoch": best_epoch, "monitor": config.monitor,
                              "train_seconds": round(train_seconds, 2), "epochs_run": _epochs_run(out)}
