@@ -14,7 +14,7 @@ from cellclass.errors import TrainingError
 from cellclass.inference.checkpoint import Checkpoint
 from cellclass.inference.predictor import Predictor
 from cellclass.training.config import ConfigError, TrainConfig, parse_set_options
-from cellclass.training.loop import train
+from cellclass.training.loop import monitor_names, train
 
 FAST = {"image_size": 32, "epochs": 2, "batch_size": 16, "workers": 2, "tta": False}
 
@@ -36,6 +36,7 @@ def test_lenet_run_folder_is_complete_and_honest(bps_dir: Path, tmp_path: Path) 
     per_epoch = pd.read_csv(out / "metrics.csv")
     assert per_epoch["epoch"].tolist() == [1, 2]
     assert {"train_loss", "val_loss", "val/macro_f1", "val/particle_type/macro_f1"} <= set(per_epoch.columns)
+    assert set(monitor_names({"particle_type": "single"})) <= set(per_epoch.columns)  # each one a monitor may name
     split = json.loads((out / "split.json").read_text())
     test_ids = set(split["ids"]["test"])
     assert set(pd.read_csv(out / "predictions.csv")["image"]) == test_ids
@@ -116,6 +117,7 @@ def test_multilabel_run_tunes_thresholds(hpa_dir: Path, tmp_path: Path) -> None:
     assert len(task["thresholds"]) == 28 and task["thresholds"] != [0.5] * 28
     assert "fixed_threshold_0.5" in task and "hamming_loss" in task
     assert Checkpoint.load(tmp_path / "ml").thresholds["localization"] == task["thresholds"]
+    assert set(monitor_names({"localization": "multilabel"})) <= set(pd.read_csv(tmp_path / "ml" / "metrics.csv"))
 
 
 def test_config_errors_and_set_options(tmp_path: Path) -> None:
@@ -131,7 +133,18 @@ def test_config_errors_and_set_options(tmp_path: Path) -> None:
     assert TrainConfig.from_yaml(path).epochs == 3
 
 
-def test_monitor_must_be_a_validation_metric(bps_dir: Path, tmp_path: Path) -> None:
+def test_a_wrong_monitor_fails_before_anything_is_read(bps_dir: Path, hpa_dir: Path, tmp_path: Path) -> None:
+    seen: list[str] = []
     cfg = TrainConfig(model="lenet5", tasks=["particle_type"], monitor="train_loss", **FAST)
-    with pytest.raises(TrainingError, match="monitor 'train_loss' is not a validation metric"):
-        train(bps(bps_dir), cfg, tmp_path / "r")
+    with pytest.raises(TrainingError, match=r"monitor 'train_loss' is not a validation metric of this run \(the "
+                                            r"best epoch is chosen on validation data\); valid: val_loss, "
+                                            r"val/accuracy, .*, val/particle_type/roc_auc$"):
+        train(bps(bps_dir), cfg, tmp_path / "r", progress=lambda stage, done, total: seen.append(stage))
+    assert seen == [] and not (tmp_path / "r").exists()  # no image read, no epoch, no run folder
+    # Multi-label tasks record no accuracy: a monitor of one is refused as early.
+    cfg = TrainConfig(model="lenet5", monitor="val/localization/accuracy", **FAST)
+    with pytest.raises(TrainingError, match=r"valid: val_loss, val/macro_f1, val/micro_f1, val/map, "
+                                            r"val/localization/macro_f1, val/localization/micro_f1, "
+                                            r"val/localization/map$"):
+        train(hpa(hpa_dir), cfg, tmp_path / "ml", progress=lambda stage, done, total: seen.append(stage))
+    assert seen == [] and not (tmp_path / "ml").exists()

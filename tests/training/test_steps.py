@@ -17,7 +17,8 @@ from cellclass.data.presets import bps
 from cellclass.errors import TrainingError
 from cellclass.inference.checkpoint import Checkpoint
 from cellclass.training.config import ConfigError, TrainConfig
-from cellclass.training.loop import auto_batch_size, plan_steps, train
+from cellclass.training.loop import train
+from cellclass.training.optim import auto_batch_size, plan_steps
 
 FAST = {"model": "lenet5", "tasks": ["particle_type"], "image_size": 64, "epochs": 1, "workers": 1,
         "tta": False, "channels_last": False}

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cellclass.atomic import atomic_write_text
 from cellclass.errors import ConfigError
 from cellclass.textfiles import load_yaml
 
@@ -34,7 +35,7 @@ class TrainConfig:
         batch_size: Global batch size (split across devices under DDP), or ``None``
             (``auto``, the default): the largest power of two from 64 down to 8 that gives
             an epoch at least 16 optimizer steps (see
-            :func:`cellclass.training.loop.auto_batch_size`). The size used is recorded
+            :func:`cellclass.training.optim.auto_batch_size`). The size used is recorded
             in the run.
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay (AdamW) or L2 (SGD).
@@ -237,8 +238,6 @@ class TrainConfig:
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the config as YAML (atomically)."""
-        from cellclass.atomic import atomic_write_text
-
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
