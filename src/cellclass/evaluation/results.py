@@ -18,6 +18,7 @@ import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.prepared import PreparedData
+from cellclass.data.spec import ROW_COLUMN
 from cellclass.evaluation import plots as P
 from cellclass.evaluation.metrics import task_metrics
 from cellclass.evaluation.thresholds import tune_thresholds
@@ -26,8 +27,6 @@ from cellclass.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
-ROW = "_row"
-"""The manifest column holding each row's line number in its file."""
 TTA_TEXT = "D4 (8 flips/rotations averaged)"
 
 
@@ -158,7 +157,7 @@ def write_results(out: Path, result: Mapping[str, Any], predictor: Predictor, da
     ``side``), the plots and ``report.html`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=json_default))
-    frame = predictions_frame(predictor, [data.ids[i] for i in idx], data.frame[ROW].to_numpy()[idx], targets,
+    frame = predictions_frame(predictor, [data.ids[i] for i in idx], data.frame[ROW_COLUMN].to_numpy()[idx], targets,
                               probs, side)
     with atomic_path(out / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
