@@ -177,8 +177,8 @@ def cv(
 
     Re-running the same command skips the folds already finished.
     """
-    from cellclass.training.crossval import cross_validate
     from cellclass.tracking.runs import FoldLogger, cv_progress
+    from cellclass.training.crossval import cross_validate
 
     ds = dataset.to_spec(spec)
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
