@@ -52,7 +52,7 @@ from cellclass.evaluation.aggregate import aggregate_multilabel
 from cellclass.evaluation.metrics import multilabel_metrics
 from cellclass.evaluation.segmentation_metrics import match_objects, mean_over_fields
 from cellclass.evaluation.thresholds import tune_thresholds
-from cellclass.serving.predictor import Predictor
+from cellclass.inference.predictor import Predictor
 from cellclass.training.config import TrainConfig
 from cellclass.training.loop import train
 

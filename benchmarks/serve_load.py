@@ -75,8 +75,8 @@ def single_image_speed(run: Path, onnx_file: Path, image: Path, threads: int, re
     import torch
 
     from cellclass.data.io import read_image
-    from cellclass.serving.onnx_model import OnnxBackend
-    from cellclass.serving.predictor import Predictor
+    from cellclass.inference.onnx import OnnxBackend
+    from cellclass.inference.predictor import Predictor
 
     torch.set_num_threads(threads)
     predictor = Predictor.from_checkpoint(run, tta=False)
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="Inference threads (default: every core).")
     parser.add_argument("--max-seconds", type=float, default=None, help="Time limit per concurrency level.")
     args = parser.parse_args()
-    from cellclass.serving.onnx_model import available_cores
+    from cellclass.allocator import available_cores
 
     threads = args.threads or available_cores()
     counts = {1: 60, 8: 150, 32: 300} if args.quick else {1: 400, 8: 1500, 32: 3000}
@@ -214,7 +214,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cellclass-serve-bench-") as tmp:
         work = Path(tmp)
         if args.run is not None:
-            from cellclass.serving.onnx_model import export_onnx
+            from cellclass.inference.onnx import export_onnx
 
             run = args.run
             onnx_file = run / "model.onnx" if (run / "model.onnx").is_file() else export_onnx(run)

@@ -54,21 +54,14 @@ from cellclass.allocator import steady_allocator
 from cellclass.data.batches import BatchLoader, default_workers
 from cellclass.data.cache import CachedImages, CacheSettings, iter_images, prepare_cache
 from cellclass.data.normalize import Normalizer
+from cellclass.data.prepared import prepare_data
 from cellclass.data.presets import bps
 from cellclass.data.simulate import simulate_bps
 from cellclass.models import create_model
 from cellclass.training.config import TrainConfig
 from cellclass.training.losses import build_loss, multitask_loss
-from cellclass.training.loop import (
-    _fabric,
-    _optimizer,
-    _scheduler,
-    augmenter,
-    normalized_images,
-    prepare_data,
-    resolve_precision,
-    train_step,
-)
+from cellclass.training.loop import _fabric, augmenter, normalized_images, resolve_precision, train_step
+from cellclass.training.optim import build_optimizer, build_scheduler
 
 TASK = "particle_type"
 BATCH = 64
@@ -93,8 +86,8 @@ class Pipeline:
                              task_types={TASK: enc.type})
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = _optimizer(model, cfg)
-        self.scheduler = _scheduler(optimizer, cfg, 100_000)
+        optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(optimizer, cfg, 100_000)
         self.model, self.optimizer = self.fabric.setup(model, optimizer)
         self.loss = multitask_loss({TASK: build_loss(enc, cfg, data.targets[TASK][self.train_idx])}, {})
         self.y = {TASK: torch.from_numpy(data.targets[TASK][self.train_idx])}

@@ -12,8 +12,8 @@ import tifffile
 import yaml
 
 from cellclass.data.axes import AxesPolicy
-from cellclass.serving.predictor import Predictor
-from cellclass.training.checkpoint import load_checkpoint
+from cellclass.inference.checkpoint import Checkpoint
+from cellclass.inference.predictor import Predictor
 
 pytestmark = pytest.mark.slow  # every test runs the cellclass console script in a new process
 
@@ -80,7 +80,7 @@ def test_bad_z_value_is_a_one_line_error(cli, stacks: Path) -> None:
 def test_run_and_checkpoint_record_the_projection(stack_run: Path, stacks: Path) -> None:
     config = yaml.safe_load((stack_run / "config.yaml").read_text())
     assert config["dataset"]["image"]["z"] == "max"
-    assert load_checkpoint(stack_run)["spec"]["image"]["z"] == "max"
+    assert Checkpoint.load(stack_run).spec["image"]["z"] == "max"
     predictor = Predictor.from_checkpoint(stack_run)
     assert predictor.axes == AxesPolicy(z="max")
     stack = tifffile.imread(stacks.parent / "cell01.tif")

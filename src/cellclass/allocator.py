@@ -1,4 +1,5 @@
-"""How glibc's ``malloc`` hands memory back to the system, set for what a process does.
+"""The machine as a process sees it: the CPU cores it may run on (:func:`available_cores`),
+and how glibc's ``malloc`` hands memory back to the system, set for what the process does.
 
 glibc serves large allocations with their own ``mmap`` (above a threshold it adjusts as it
 goes) and trims the top of its heap when enough is free there, so a training loop that
@@ -19,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +29,14 @@ _M_MMAP_THRESHOLD = -3
 _STEADY_MMAP_BYTES = 32 << 20  # the highest glibc's own adjustment reaches on 64-bit systems
 _STEADY_TRIM_BYTES = 1 << 30
 _AFTER_TRIM_BYTES = 64 << 20
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @functools.cache

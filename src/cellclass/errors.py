@@ -148,3 +148,22 @@ class StoreError(ServiceError):
 
 class ExportError(ServiceError):
     """A model or contributions cannot be exported as asked."""
+
+
+# Training, checkpoints, evaluation and model export
+
+
+class TrainingError(CellclassError):
+    """Training cannot start or continue as asked."""
+
+
+class CheckpointError(CellclassError):
+    """A checkpoint is missing, unreadable or not a cellclass checkpoint."""
+
+
+class EvaluationError(CellclassError, ValueError):
+    """Arrays, options or tables given to an evaluation function are inconsistent."""
+
+
+class ModelExportError(CellclassError):
+    """A network cannot be exported (ONNX) as asked, or an exported model does not fit its checkpoint."""

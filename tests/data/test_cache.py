@@ -222,8 +222,9 @@ def test_cache_location_argument_environment_and_defaults(data: Path, tmp_path: 
 @pytest.mark.slow
 def test_training_builds_then_reads_the_cache(data: Path, tmp_path: Path) -> None:
     from cellclass.data.cache import CachedImages as Reader
+    from cellclass.data.prepared import prepare_data
     from cellclass.training.config import TrainConfig
-    from cellclass.training.loop import prepare_data, train
+    from cellclass.training.loop import train
 
     cfg = TrainConfig(model="lenet5", tasks=["particle_type"], image_size=32, epochs=1, batch_size=16,
                       tta=False, cache=True, loader_workers=1)

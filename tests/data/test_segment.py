@@ -28,8 +28,7 @@ from cellclass.data.segment import (
     segment_nuclei,
 )
 from cellclass.data.simulate_fields import simulate_nuclei_field
-from cellclass.errors import MissingDependencyError, ModelError, SegmentationError
-from cellclass.evaluation._validation import EvaluationError
+from cellclass.errors import EvaluationError, MissingDependencyError, ModelError, SegmentationError
 from cellclass.evaluation.segmentation_metrics import (
     iou_matrix,
     match_objects,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellclass.evaluation._validation import EvaluationError
+from cellclass.errors import EvaluationError
 from cellclass.evaluation.aggregate import aggregate_frame, aggregate_multilabel, aggregate_single
 
 # Field "b" has three cells, field "a" two; "b" comes first.

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cellclass.errors import EvaluationError
 from cellclass.evaluation.compare import (
     align_predictions,
     compare_predictions,
@@ -16,7 +17,6 @@ from cellclass.evaluation.compare import (
     model_table,
     paired_bootstrap,
 )
-from cellclass.evaluation.metrics import EvaluationError
 
 
 @pytest.fixture

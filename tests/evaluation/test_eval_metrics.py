@@ -16,9 +16,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cellclass.errors import CellclassError, LabelError
+from cellclass.errors import CellclassError, EvaluationError, LabelError
 from cellclass.evaluation.metrics import (
-    EvaluationError,
     accuracy,
     binary_metrics,
     bootstrap_ci,

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellclass.evaluation.metrics import EvaluationError, single_label_metrics
+from cellclass.errors import EvaluationError
+from cellclass.evaluation.metrics import single_label_metrics
 from cellclass.evaluation.plots import (
     plot_calibration,
     plot_comparison,

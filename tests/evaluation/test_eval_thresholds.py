@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellclass.errors import LabelError
-from cellclass.evaluation.metrics import EvaluationError, multilabel_metrics
+from cellclass.errors import EvaluationError, LabelError
+from cellclass.evaluation.metrics import multilabel_metrics
 from cellclass.evaluation.thresholds import apply_thresholds, tune_thresholds
 
 # Class 0: positives at 0.3, negatives at 0.1 -> any threshold in (0.1, 0.3] is perfect,

@@ -24,7 +24,7 @@ from serve_helpers import api_settings, auth, contribute, npy_bytes, tiff_bytes
 from cellclass.data.io import read_image_bytes
 from cellclass.data.spec import DatasetSpec
 from cellclass.serving.app import create_app
-from cellclass.serving.predictor import Predictor
+from cellclass.inference.predictor import Predictor
 
 
 def png_bomb(side: int = 50000) -> bytes:

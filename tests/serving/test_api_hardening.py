@@ -18,7 +18,7 @@ from serve_helpers import auth, contribute, npy_bytes, upload_of
 from cellclass.data.normalize import Normalizer
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import UploadError
-from cellclass.serving.predictor import Predictor
+from cellclass.inference.predictor import Predictor
 from cellclass.serving.service import Service
 
 FE = json.dumps({"particle_type": "Fe"})

@@ -26,8 +26,8 @@ def onnx_file(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_onnx_matches_pytorch(served_run: Path, onnx_file: Path) -> None:
     import torch
 
-    from cellclass.serving.onnx_model import METADATA_CHECKPOINT, OnnxBackend, onnx_metadata
-    from cellclass.serving.predictor import Predictor
+    from cellclass.inference.onnx import METADATA_CHECKPOINT, OnnxBackend, onnx_metadata
+    from cellclass.inference.predictor import Predictor
 
     checkpoint = served_run / "checkpoints" / "best.ckpt"
     assert onnx_metadata(onnx_file)[METADATA_CHECKPOINT] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -81,8 +81,8 @@ def test_stale_onnx_export_is_refused_or_skipped(served_run: Path, onnx_file: Pa
     import onnx
 
     from cellclass.errors import ExportError
-    from cellclass.serving.onnx_model import METADATA_CHECKPOINT
-    from cellclass.serving.predictor import Predictor
+    from cellclass.inference.onnx import METADATA_CHECKPOINT
+    from cellclass.inference.predictor import Predictor
     from cellclass.serving.service import onnx_backend
     from cellclass.serving.settings import ServeSettings
 
@@ -108,16 +108,16 @@ def test_stale_onnx_export_is_refused_or_skipped(served_run: Path, onnx_file: Pa
 
 
 def test_export_errors(served_run: Path, onnx_file: Path, tmp_path: Path) -> None:
-    from cellclass.errors import ExportError
-    from cellclass.serving.onnx_model import OnnxBackend, export_onnx
+    from cellclass.errors import ModelExportError
+    from cellclass.inference.onnx import OnnxBackend, export_onnx
 
     result = run_cellclass("export", served_run, "--format", "tflite")
     assert result.returncode == 2 and "unknown export format 'tflite'; valid: onnx" in result.stderr
     result = run_cellclass("export", tmp_path / "nothing")
     assert result.returncode == 2 and "no checkpoint at" in result.stderr
-    with pytest.raises(ExportError, match="unknown ONNX exporter 'jit'; valid: auto, dynamo, legacy"):
+    with pytest.raises(ModelExportError, match="unknown ONNX exporter 'jit'; valid: auto, dynamo, legacy"):
         export_onnx(served_run, tmp_path / "x.onnx", exporter="jit")
-    with pytest.raises(ExportError, match="does not exist; make it with `cellclass export RUN --format onnx`"):
+    with pytest.raises(ModelExportError, match="does not exist; make it with `cellclass export RUN --format onnx`"):
         OnnxBackend(tmp_path / "missing.onnx", ["particle_type"])
-    with pytest.raises(ExportError, match=r"the checkpoint's tasks \['dose'\] are missing"):
+    with pytest.raises(ModelExportError, match=r"the checkpoint's tasks \['dose'\] are missing"):
         OnnxBackend(onnx_file, ["dose"])

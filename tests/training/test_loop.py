@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 from cellclass.data.presets import bps, hpa
-from cellclass.serving.predictor import Predictor
-from cellclass.training.checkpoint import load_checkpoint
+from cellclass.errors import TrainingError
+from cellclass.inference.checkpoint import Checkpoint
+from cellclass.inference.predictor import Predictor
 from cellclass.training.config import ConfigError, TrainConfig, parse_set_options
-from cellclass.training.loop import TrainingError, train
+from cellclass.training.loop import monitor_names, train
 
 FAST = {"image_size": 32, "epochs": 2, "batch_size": 16, "workers": 2, "tta": False}
 
@@ -35,6 +36,7 @@ def test_lenet_run_folder_is_complete_and_honest(bps_dir: Path, tmp_path: Path) 
     per_epoch = pd.read_csv(out / "metrics.csv")
     assert per_epoch["epoch"].tolist() == [1, 2]
     assert {"train_loss", "val_loss", "val/macro_f1", "val/particle_type/macro_f1"} <= set(per_epoch.columns)
+    assert set(monitor_names({"particle_type": "single"})) <= set(per_epoch.columns)  # each one a monitor may name
     split = json.loads((out / "split.json").read_text())
     test_ids = set(split["ids"]["test"])
     assert set(pd.read_csv(out / "predictions.csv")["image"]) == test_ids
@@ -46,11 +48,12 @@ def test_lenet_run_folder_is_complete_and_honest(bps_dir: Path, tmp_path: Path) 
 def test_checkpoint_is_enough_to_serve(bps_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(bps(bps_dir), TrainConfig(model="lenet5", tasks=["particle_type"], **FAST), out)
-    ckpt = load_checkpoint(out)
-    for key in ("model_config", "state_dict", "encoders", "channels", "normalizer", "image_size", "config"):
-        assert key in ckpt, key
-    assert ckpt["channels"] == ["53BP1"]
-    assert ckpt["encoders"]["particle_type"]["classes"] == ["Fe", "X-ray"]
+    ckpt = Checkpoint.load(out)
+    assert ckpt.kind == "network" and ckpt.state_dict and ckpt.model_config["name"] == "lenet5"
+    assert ckpt.config["model"] == "lenet5" and ckpt.image_size == 32
+    assert ckpt.channels == ["53BP1"]
+    assert ckpt.encoders["particle_type"].classes == ["Fe", "X-ray"]
+    assert ckpt.normalizer.low_values_ is not None
     predictor = Predictor.from_checkpoint(out)
     frame = pd.read_csv(out / "predictions.csv")
     from cellclass.data.io import read_image
@@ -98,7 +101,7 @@ def test_baseline_and_multitask_network(bps_dir: Path, tmp_path: Path) -> None:
     spec = bps(bps_dir)
     result = train(spec, TrainConfig(model="logreg", tasks=["particle_type", "dose"], **FAST), tmp_path / "lr")
     assert set(result["tasks"]) == {"particle_type", "dose"}
-    assert load_checkpoint(tmp_path / "lr")["kind"] == "baseline"
+    assert Checkpoint.load(tmp_path / "lr").kind == "baseline"
     net = train(spec, TrainConfig(model="lenet5", tasks=["particle_type", "dose"], **FAST), tmp_path / "net")
     assert set(net["tasks"]) == {"particle_type", "dose"}
     header = pd.read_csv(tmp_path / "net" / "metrics.csv").columns
@@ -113,7 +116,8 @@ def test_multilabel_run_tunes_thresholds(hpa_dir: Path, tmp_path: Path) -> None:
     # A multi-label task's test metrics always say the thresholds they used: here the ones tuned on validation.
     assert len(task["thresholds"]) == 28 and task["thresholds"] != [0.5] * 28
     assert "fixed_threshold_0.5" in task and "hamming_loss" in task
-    assert load_checkpoint(tmp_path / "ml")["thresholds"]["localization"]
+    assert Checkpoint.load(tmp_path / "ml").thresholds["localization"] == task["thresholds"]
+    assert set(monitor_names({"localization": "multilabel"})) <= set(pd.read_csv(tmp_path / "ml" / "metrics.csv"))
 
 
 def test_config_errors_and_set_options(tmp_path: Path) -> None:
@@ -129,7 +133,18 @@ def test_config_errors_and_set_options(tmp_path: Path) -> None:
     assert TrainConfig.from_yaml(path).epochs == 3
 
 
-def test_monitor_must_be_a_validation_metric(bps_dir: Path, tmp_path: Path) -> None:
+def test_a_wrong_monitor_fails_before_anything_is_read(bps_dir: Path, hpa_dir: Path, tmp_path: Path) -> None:
+    seen: list[str] = []
     cfg = TrainConfig(model="lenet5", tasks=["particle_type"], monitor="train_loss", **FAST)
-    with pytest.raises(TrainingError, match="monitor 'train_loss' is not a validation metric"):
-        train(bps(bps_dir), cfg, tmp_path / "r")
+    with pytest.raises(TrainingError, match=r"monitor 'train_loss' is not a validation metric of this run \(the "
+                                            r"best epoch is chosen on validation data\); valid: val_loss, "
+                                            r"val/accuracy, .*, val/particle_type/roc_auc$"):
+        train(bps(bps_dir), cfg, tmp_path / "r", progress=lambda stage, done, total: seen.append(stage))
+    assert seen == [] and not (tmp_path / "r").exists()  # no image read, no epoch, no run folder
+    # Multi-label tasks record no accuracy: a monitor of one is refused as early.
+    cfg = TrainConfig(model="lenet5", monitor="val/localization/accuracy", **FAST)
+    with pytest.raises(TrainingError, match=r"valid: val_loss, val/macro_f1, val/micro_f1, val/map, "
+                                            r"val/localization/macro_f1, val/localization/micro_f1, "
+                                            r"val/localization/map$"):
+        train(hpa(hpa_dir), cfg, tmp_path / "ml", progress=lambda stage, done, total: seen.append(stage))
+    assert seen == [] and not (tmp_path / "ml").exists()

@@ -14,9 +14,11 @@ import pytest
 import yaml
 
 from cellclass.data.presets import bps
-from cellclass.training.checkpoint import load_checkpoint
+from cellclass.errors import TrainingError
+from cellclass.inference.checkpoint import Checkpoint
 from cellclass.training.config import ConfigError, TrainConfig
-from cellclass.training.loop import TrainingError, auto_batch_size, plan_steps, train
+from cellclass.training.loop import train
+from cellclass.training.optim import auto_batch_size, plan_steps
 
 FAST = {"model": "lenet5", "tasks": ["particle_type"], "image_size": 64, "epochs": 1, "workers": 1,
         "tta": False, "channels_last": False}
@@ -108,7 +110,7 @@ def test_a_run_of_few_steps_trains_on_a_schedule_that_fits(bps160: Path, tmp_pat
     assert (recorded["steps_per_epoch"], recorded["total_steps"], recorded["schedule"]) == (steps, steps, "cosine")
     assert "onecycle needs at least 2 warm-up steps" in recorded["schedule_note"]
     assert result["steps"]["schedule"] == "cosine"
-    assert load_checkpoint(out)["steps"]["schedule"] == "cosine"
+    assert Checkpoint.load(out).steps["schedule"] == "cosine"
     lines = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
     assert len(lines) == 1 and f"{steps} step(s) x warmup_fraction 0.2" in lines[0]
 
@@ -128,7 +130,7 @@ def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path
         "batch_size": 8, "batch_size_from": "auto", "train_images": 94, "steps_per_epoch": 11, "total_steps": 11,
         "schedule": "onecycle", "schedule_note": None}
     assert result["batch_size"] == 8 and json.loads((out / "metrics.json").read_text())["batch_size"] == 8
-    assert load_checkpoint(out)["config"]["batch_size"] == 8
+    assert Checkpoint.load(out).config["batch_size"] == 8
     assert tracker.params["batch_size"] == 8 and tracker.params["batch_size_from"] == "auto"
     assert tracker.params["schedule_used"] == "onecycle" and tracker.params["steps_per_epoch"] == 11
 
@@ -143,9 +145,10 @@ def test_resume_with_more_epochs_extends_the_run(bps160: Path, tmp_path: Path) -
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 3
     # The longer run's one-cycle schedule (33 steps), continued at step 11 and run to its end.
     assert runtime_steps(out)["total_steps"] == 33 and runtime_steps(out)["schedule"] == "onecycle"
-    last = load_checkpoint(out, "last")
-    assert last["epoch"] == 3 and last["training_state"]["scheduler"]["total_steps"] == 33
-    assert last["training_state"]["scheduler"]["last_epoch"] == 33
+    last = Checkpoint.load(out, "last")
+    assert last.epoch == 3 and last.training_state["scheduler"]["total_steps"] == 33
+    assert last.training_state["scheduler"]["last_epoch"] == 33
+    assert last.training_state["epoch"] == 3 and last.training_state["epochs"] == 3
     lr = pd.read_csv(out / "metrics.csv")["lr"].tolist()
     assert lr[1] > lr[0] and lr[1] > lr[2]  # the rate rose again for the longer cycle, then fell
 

@@ -89,7 +89,7 @@ def _demo_run(spec: Any, run: Path, model: str, epochs: int, seed: int) -> Path:
 
 def _demo_compare(runs: list[Path], out: Path) -> None:
     """Step 5: the runs' macro F1 with confidence intervals, and their paired difference."""
-    from cellclass.evaluation.evaluate import compare_runs
+    from cellclass.evaluation.compare import compare_runs
 
     comparison = compare_runs(runs, metric="macro_f1", n_boot=1000, out=out)
     for task_name, block in comparison["tasks"].items():

@@ -90,9 +90,9 @@ def serve(
         open_predict=open_predict, tta=tta, threads=threads, max_batch=max_batch, max_wait_ms=max_wait_ms,
         max_upload_bytes=None if max_upload_mb is None else int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
     )
-    from cellclass.training.checkpoint import load_checkpoint
+    from cellclass.inference.checkpoint import Checkpoint
 
-    load_checkpoint(settings.run)  # a clear error now rather than a traceback from the server's start-up
+    Checkpoint.load(settings.run)  # a clear error now rather than a traceback from the server's start-up
     console.print(f"serving {run} on http://{host}:{port} (web page /, API docs /docs); state in {settings.state_dir}",
                   highlight=False)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log,
@@ -192,7 +192,7 @@ def export_model(
 ) -> None:
     """Export a run's network for serving elsewhere (ONNX: normalized (N, C, S, S) in, logits per task out)."""
     from cellclass.errors import ExportError
-    from cellclass.serving.onnx_model import export_onnx
+    from cellclass.inference.onnx import export_onnx
 
     if format_ != "onnx":
         raise ExportError(f"unknown export format {format_!r}; valid: onnx")

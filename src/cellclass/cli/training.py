@@ -63,7 +63,7 @@ def train(
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
     base = None
     if resume and (out / "config.yaml").is_file():
-        from cellclass.evaluation.evaluate import run_config
+        from cellclass.training.config import run_config
 
         base = run_config(out)  # the options given are checked against it (more epochs: applied)
     config = training.to_config(base)
@@ -101,13 +101,14 @@ def evaluate(
 ) -> None:
     """Evaluate a run's best checkpoint on its test split or on another dataset (--data)."""
     from cellclass.evaluation.evaluate import evaluate_run
+    from cellclass.training.config import run_config
 
     if data is None and dataset.given():
         raise SpecError(f"{', '.join(dataset.given())} given without --data; valid: the dataset options with "
                         "--data SPEC (without --data the run's own test split is evaluated)")
     spec = None if data is None else dataset.to_spec(data)
     with stage_progress() as update:
-        result = evaluate_run(run, spec=spec, out=out, tta=tta, progress=update)
+        result = evaluate_run(run, run_config(run), spec=spec, out=out, tta=tta, progress=update)
     print_metrics(result, out or run / "evaluation")
 
 
@@ -127,7 +128,7 @@ def predict(
     import pandas as pd
 
     from cellclass.atomic import atomic_path
-    from cellclass.serving.predictor import Predictor
+    from cellclass.inference.predictor import Predictor
 
     check_output_file(out, "--out", inputs=[run, *images], input_folders=[run])
     predictor = Predictor.from_checkpoint(run, tta=tta)
@@ -176,7 +177,7 @@ def cv(
 
     Re-running the same command skips the folds already finished.
     """
-    from cellclass.evaluation.crossval import cross_validate
+    from cellclass.training.crossval import cross_validate
     from cellclass.tracking.folds import FoldLogger, cv_progress
 
     ds = dataset.to_spec(spec)
@@ -218,7 +219,7 @@ def compare(
     """Side-by-side metrics, paired bootstrap confidence intervals and McNemar tests on the same test images."""
     import pandas as pd
 
-    from cellclass.evaluation.evaluate import compare_runs
+    from cellclass.evaluation.compare import compare_runs
 
     result = compare_runs(runs, task=task, metric=metric, n_boot=n_boot, out=out)
     if output is not OutputFormat.table:

@@ -11,14 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from cellclass.errors import CellclassError, LabelError
+from cellclass.errors import EvaluationError, LabelError
 
 # Probabilities computed in float32 may overshoot [0, 1] by a rounding error.
 _PROBA_TOLERANCE = 1e-6
-
-
-class EvaluationError(CellclassError, ValueError):
-    """Arrays, options or tables given to an evaluation function are inconsistent."""
 
 
 def as_proba(proba: ArrayLike, name: str = "proba") -> NDArray[np.float64]:

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from cellclass.evaluation._validation import EvaluationError, as_proba
+from cellclass.errors import EvaluationError
+from cellclass.evaluation._validation import as_proba
 
 __all__ = [
     "MULTILABEL_METHODS",

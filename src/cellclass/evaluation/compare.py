@@ -7,13 +7,17 @@ resample, :func:`mcnemar` counts the images on which exactly one model is right.
 
 Predictions of a run are a DataFrame with columns ``image`` (an id unique within the run),
 ``y_true`` and ``y_pred`` (class names or indices) for one single-label task.
+:func:`compare_runs` compares finished run folders, task by task, from their
+``predictions.csv``.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,13 +25,18 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-from cellclass.evaluation._validation import EvaluationError, check_bootstrap_args
+from cellclass.atomic import atomic_write_text
+from cellclass.errors import CellclassError, EvaluationError
+from cellclass.evaluation._validation import check_bootstrap_args
 from cellclass.evaluation.metrics import bootstrap_ci, resolve_label_metric
+from cellclass.evaluation.plots import plot_comparison
+from cellclass.evaluation.results import json_default
 
 __all__ = [
     "MCNEMAR_EXACT_BELOW",
     "align_predictions",
     "compare_predictions",
+    "compare_runs",
     "mcnemar",
     "model_table",
     "paired_bootstrap",
@@ -321,3 +330,80 @@ def model_table(
             row[f"{metric}_ci_high"] = ci["ci_high"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def compare_runs(runs: Sequence[str | Path], *, task: str | None = None, metric: str = "macro_f1",
+                 n_boot: int = 2000, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+    """Compare finished runs on the same test images, task by task.
+
+    For each task: every run's accuracy and macro F1 with bootstrap confidence intervals,
+    and for every pair a paired bootstrap of the difference and McNemar's test. Runs
+    scored on different test images are refused (see :func:`align_predictions`).
+
+    Args:
+        runs: Two or more run folders (each with ``metrics.json`` and ``predictions.csv``).
+        task: The task to compare (default: every task the runs share).
+        metric: ``macro_f1`` or ``accuracy``, for the paired bootstrap.
+        n_boot: Bootstrap resamples.
+        seed: Seed of the resamples.
+        out: Folder for ``compare.json`` and a plot per task (nothing written when ``None``).
+
+    Raises:
+        CellclassError: When fewer than two runs are given, one is not a finished run, or
+            they share no task.
+    """
+    if len(runs) < 2:
+        raise CellclassError(f"compare needs at least two run folders, got {len(runs)}")
+    names, metas, preds = _read_runs(runs)
+    shared = [t for t in metas[names[0]]["tasks"] if all(t in m["tasks"] for m in metas.values())]
+    if task is not None:
+        if task not in shared:
+            raise CellclassError(f"task {task!r} is not in every run; shared tasks: {', '.join(shared) or 'none'}")
+        shared = [task]
+    if not shared:
+        raise CellclassError("the runs share no task")
+    result: dict[str, Any] = {"metric": metric, "n_boot": n_boot,
+                              "runs": {n: str(r) for n, r in zip(names, runs, strict=True)}, "tasks": {}}
+    for t in shared:
+        frames = {n: pd.DataFrame({"image": p["image"], "y_true": p[f"{t}__true"], "y_pred": p[f"{t}__pred"]})
+                  for n, p in preds.items()}
+        table = model_table(frames, metrics=("accuracy", "macro_f1"), n_boot=n_boot, seed=seed)
+        table.insert(0, "run", table.pop("model"))
+        table["model_name"] = [metas[n].get("model") for n in table["run"]]
+        table["split"] = [_split_text(metas[n]["split"]) for n in table["run"]]
+        pairs = compare_predictions(frames, metric=metric, n_boot=n_boot, seed=seed)
+        result["tasks"][t] = {"n": int(table["n"].iloc[0]), "table": table.to_dict("records"),
+                              "pairs": pairs.to_dict("records")}
+    if out is not None:
+        _write_comparison(Path(out), result)
+    return result
+
+
+def _read_runs(runs: Sequence[str | Path]) -> tuple[list[str], dict[str, Any], dict[str, pd.DataFrame]]:
+    """Each run's name (its folder's, or its path where two share one), metrics and predictions."""
+    names: list[str] = []
+    metas: dict[str, Any] = {}
+    preds: dict[str, pd.DataFrame] = {}
+    for run in map(Path, runs):
+        for required in ("metrics.json", "predictions.csv"):
+            if not (run / required).is_file():
+                raise CellclassError(f"{str(run)!r} has no {required}; is it a finished `cellclass train` run?")
+        name = run.name if run.name not in names else str(run)
+        names.append(name)
+        metas[name] = json.loads((run / "metrics.json").read_text())
+        preds[name] = pd.read_csv(run / "predictions.csv", dtype=str, keep_default_na=False)
+    return names, metas, preds
+
+
+def _write_comparison(out: Path, result: Mapping[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2, default=json_default))
+    for t, block in result["tasks"].items():
+        frame = pd.DataFrame(block["table"]).rename(columns={"run": "model"})
+        plot_comparison(frame, "macro_f1", out / f"compare_{t}.png")
+
+
+def _split_text(split: Mapping[str, Any]) -> str:
+    method = split.get("method", "?")
+    group = split.get("group_column")
+    return f"{method} by {group}" if group else str(method)

@@ -24,9 +24,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cellclass.errors import LabelError
+from cellclass.errors import EvaluationError, LabelError
 from cellclass.evaluation._validation import (
-    EvaluationError,
     as_indicator,
     as_labels,
     as_proba,
@@ -38,7 +37,6 @@ from cellclass.evaluation._validation import (
 __all__ = [
     "LABEL_METRICS",
     "TASK_TYPES",
-    "EvaluationError",
     "accuracy",
     "binary_metrics",
     "bootstrap_ci",

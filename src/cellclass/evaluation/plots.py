@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike, NDArray
@@ -29,8 +30,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from cellclass.errors import EvaluationError
 from cellclass.evaluation._validation import (
-    EvaluationError,
     as_indicator,
     as_labels,
     as_proba,
@@ -320,8 +321,6 @@ def plot_roc_pr(
 
 
 def _palette(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(max(n, 1))]
 

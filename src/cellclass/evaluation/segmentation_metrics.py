@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from cellclass.evaluation._validation import EvaluationError
+from cellclass.errors import EvaluationError
 
 __all__ = [
     "DEFAULT_THRESHOLDS",

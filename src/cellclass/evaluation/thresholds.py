@@ -13,8 +13,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from cellclass.errors import EvaluationError
 from cellclass.evaluation._validation import (
-    EvaluationError,
     as_indicator,
     as_proba,
     as_thresholds,

@@ -18,7 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from cellclass.errors import PayloadTooLargeError
 from cellclass.serving.contributions import ContributionStore
 from cellclass.serving.keys import ApiKey
-from cellclass.serving.predictor import Predictor
+from cellclass.inference.predictor import Predictor
 from cellclass.serving.service import Service
 from cellclass.serving.settings import ServeSettings
 

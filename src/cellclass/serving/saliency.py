@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cellclass.inference.probabilities import probabilities
 from cellclass.errors import UploadError
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def grad_cam(model: Any, x: np.ndarray, task: str, class_index: int | None = Non
             logits = model(inputs)[task][0]
             if class_index is None:
                 class_index = int(logits.argmax())
-            probs = torch.sigmoid(logits) if activation == "multilabel" else torch.softmax(logits, dim=0)
+            probs = probabilities(logits, activation)
             model.zero_grad(set_to_none=True)
             logits[class_index].backward()
     finally:

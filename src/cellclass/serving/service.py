@@ -18,24 +18,19 @@ import anyio
 import numpy as np
 import torch
 
+from cellclass.allocator import available_cores
 from cellclass.errors import CellclassError, ExportError, UploadError
+from cellclass.inference.checkpoint import Checkpoint, file_sha256, find_checkpoint
+from cellclass.inference.onnx import METADATA_CHECKPOINT, OnnxBackend, onnx_metadata
+from cellclass.inference.predictor import Predictor
 from cellclass.serving.batching import MicroBatcher
 from cellclass.serving.contributions import ContributionStore, dataset_definition, parse_json_field, validate_labels
 from cellclass.serving.database import Database
 from cellclass.serving.files import open_file_store, private_folder
 from cellclass.serving.keys import KeyStore
-from cellclass.serving.onnx_model import (
-    METADATA_CHECKPOINT,
-    OnnxBackend,
-    available_cores,
-    file_sha256,
-    onnx_metadata,
-)
-from cellclass.serving.predictor import Predictor
 from cellclass.serving.saliency import grad_cam, overlay_png
 from cellclass.serving.settings import ServeSettings
 from cellclass.serving.uploads import Upload, decode_upload
-from cellclass.training.checkpoint import find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +41,7 @@ class Service:
 
     Attributes:
         settings: The settings it was made from.
-        predictor: The loaded :class:`~cellclass.serving.predictor.Predictor`.
+        predictor: The loaded :class:`~cellclass.inference.predictor.Predictor`.
         identity: The model identity reported with predictions.
         definition: Tasks, classes and channels contributions are checked against.
         dataset_id: Identifier of ``definition`` in the contribution store.
@@ -83,11 +78,12 @@ class Service:
         threads = settings.threads or available_cores()
         torch.set_num_threads(threads)
         checkpoint = find_checkpoint(settings.run)
-        predictor = Predictor.from_checkpoint(checkpoint, tta=settings.tta)
+        loaded = Checkpoint.load(checkpoint)  # read once: the predictor and the spec come from it
+        predictor = Predictor.from_checkpoint(loaded, tta=settings.tta)
         sha = file_sha256(checkpoint)
         backend = onnx_backend(settings, predictor, sha, threads)
         predictor.backend = backend
-        spec = load_checkpoint(checkpoint).get("spec")
+        spec = loaded.spec
         run_name = settings.run.name if settings.run.is_dir() else checkpoint.parent.parent.name or checkpoint.name
         identity = {"name": predictor.identity.get("model"), "run": run_name, "epoch": predictor.identity.get("epoch"),
                     "checkpoint_sha256": sha, "backend": "onnxruntime" if backend is not None else "torch",

@@ -100,7 +100,7 @@ def _nan(value: Any) -> bool:
 
 
 def cv_progress(logger: FoldLogger, progress: ProgressFn | None) -> ProgressFn:
-    """A progress callback for :func:`~cellclass.evaluation.crossval.cross_validate` that also
+    """A progress callback for :func:`~cellclass.training.crossval.cross_validate` that also
     logs folds as they finish (checked when the stage changes: a new epoch or fold)."""
     last = {"stage": None}
 

@@ -52,9 +52,9 @@ import torch
 from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState
 
+from cellclass.data.prepared import prepare_data
 from cellclass.data.spec import DatasetSpec
 from cellclass.errors import CellclassError, SweepError, TrialCrash
-from cellclass.evaluation.crossval import cross_validate
 from cellclass.progress import ProgressFn
 from cellclass.tracking.folds import FoldLogger, cv_progress
 from cellclass.tracking.space import SweepSpace
@@ -72,7 +72,8 @@ from cellclass.tracking.study import (
 from cellclass.tracking.sweep_report import write_sweep_report
 from cellclass.tracking.trackers import Tracker, make_tracker
 from cellclass.training.config import TrainConfig
-from cellclass.training.loop import prepare_data, train
+from cellclass.training.crossval import cross_validate
+from cellclass.training.loop import train
 
 log = logging.getLogger(__name__)
 

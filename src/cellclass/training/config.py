@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
+from cellclass.atomic import atomic_write_text
 from cellclass.errors import ConfigError
 from cellclass.textfiles import load_yaml
 
-__all__ = ["ConfigError", "TrainConfig", "parse_set_options"]
+__all__ = ["ConfigError", "TrainConfig", "parse_set_options", "run_config"]
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TrainConfig:
         batch_size: Global batch size (split across devices under DDP), or ``None``
             (``auto``, the default): the largest power of two from 64 down to 8 that gives
             an epoch at least 16 optimizer steps (see
-            :func:`cellclass.training.loop.auto_batch_size`). The size used is recorded
+            :func:`cellclass.training.optim.auto_batch_size`). The size used is recorded
             in the run.
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay (AdamW) or L2 (SGD).
@@ -237,8 +238,6 @@ class TrainConfig:
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the config as YAML (atomically)."""
-        from cellclass.atomic import atomic_write_text
-
         return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
@@ -264,6 +263,18 @@ class TrainConfig:
     def override(self, values: Mapping[str, Any]) -> TrainConfig:
         """A copy with ``values`` applied (validated again)."""
         return TrainConfig.from_dict({**self.to_dict(), **dict(values)})
+
+
+def run_config(run: str | Path) -> TrainConfig:
+    """The resolved configuration of a finished or interrupted run (its folder's ``config.yaml``).
+
+    Raises:
+        ConfigError: When the folder holds no run.
+    """
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{str(run)!r} is not a run folder: no config.yaml (made by `cellclass train`)")
+    return TrainConfig.from_dict(yaml.safe_load(path.read_text())["train"])
 
 
 def _matches(value: Any, annotation: str) -> bool:

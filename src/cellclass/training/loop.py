@@ -1,10 +1,14 @@
-"""The training loop, read top to bottom: data, split, normalization, model, epochs,
-selection of the best epoch, thresholds, test evaluation, run folder.
+"""The training loop, read top to bottom: :func:`train` checks the run folder and the
+monitored metric, prepares data, split and normalization, builds the model, trains it
+(:func:`train_one_epoch`, :func:`validate` and a :class:`~cellclass.training.saver.CheckpointSaver`
+per epoch), then tunes thresholds and evaluates the best epoch on test.
 
 Networks train on Lightning Fabric, which brings devices, mixed precision and DDP
 (``--devices 2 --strategy ddp`` on CPU runs two gloo processes). Baselines from
 scikit-learn go through the same data, split, normalization and evaluation, so their
-numbers are comparable with the networks'.
+numbers are comparable with the networks'. An interrupted run resumes from ``last.ckpt``:
+the weights, and the :class:`Trainer`'s state dict (optimizer, schedule, random
+generators, best epoch).
 
 A run folder holds ``config.yaml`` (resolved configuration, dataset spec, split),
 ``encoders.json``, ``split.json``, ``metrics.csv`` (one row per epoch), ``metrics.json``
@@ -16,46 +20,51 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import math
 import time
-import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
+from lightning_fabric import Fabric
 
+from cellclass.allocator import steady_allocator
 from cellclass.atomic import atomic_path, atomic_write_text
-from cellclass.data.labels import TaskEncoder, encode_frame, fit_encoders, save_encoders
+from cellclass.data.augment import AugmentConfig, BatchAugment
+from cellclass.data.cache import iter_images
+from cellclass.data.labels import save_encoders
+from cellclass.data.batches import BatchLoader, default_workers
+from cellclass.data.normalize import NormalizedView
+from cellclass.data.normalize import Normalizer
+from cellclass.data.prepared import PreparedData, prepare_data, read_split, write_split
 from cellclass.data.spec import DatasetSpec
-from cellclass.errors import CellclassError
+from cellclass.errors import TrainingError
+from cellclass.evaluation.metrics import task_metrics
+from cellclass.evaluation.results import write_evaluation
+from cellclass.inference.checkpoint import Checkpoint
+from cellclass.inference.predictor import Predictor
+from cellclass.inference.probabilities import probabilities
+from cellclass.models import create_model, is_baseline
+from cellclass.progress import ProgressFn
 from cellclass.training.config import TrainConfig
+from cellclass.training.losses import build_loss, multitask_loss
+from cellclass.training.optim import StepPlan, build_optimizer, build_scheduler, extended_scheduler, plan_steps
+from cellclass.training.saver import CheckpointSaver
 
 log = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1", "map", "roc_auc")
-
-AUTO_BATCH_MAX = 64
-"""Largest batch ``batch_size: auto`` picks (every set with 1,024 training images or more)."""
-AUTO_BATCH_MIN = 8
-"""Smallest batch ``batch_size: auto`` picks, however small the training set."""
-AUTO_MIN_STEPS = 16
-"""Optimizer steps an epoch should have under ``batch_size: auto``."""
-MIN_WARMUP_STEPS = 2
-"""Fewest warm-up steps of a one-cycle schedule: with fewer the rate cannot rise (and
-torch's ``OneCycleLR`` divides by zero at exactly one)."""
+"""Validation metrics every epoch records, per task (``val/<task>/<metric>``) and over tasks
+(``val/<metric>``), for the task types that have them (see :data:`EPOCH_METRICS_BY_TYPE`)."""
+EPOCH_METRICS_BY_TYPE = {"single": EPOCH_METRICS, "binary": EPOCH_METRICS,
+                         "multilabel": ("macro_f1", "micro_f1", "map")}
 RESUMABLE = {"epochs", "workers", "loader_workers", "loader_memory_mb", "cache", "cache_dir", "accelerator",
              "precision", "channels_last"}
 """Settings a resumed run may change: the epochs, and how this machine runs the same steps."""
-
-
-class TrainingError(CellclassError):
-    """Training cannot start or continue as asked."""
 
 
 class Tracker(Protocol):
@@ -66,93 +75,89 @@ class Tracker(Protocol):
     def log_artifacts(self, folder: Path) -> None: ...
 
 
-ProgressFn = Callable[[str, int, int], None]
-"""Called as ``progress(stage, done, total)``."""
+def train(
+    spec: DatasetSpec,
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    tracker: Tracker | None = None,
+    data: PreparedData | None = None,
+) -> dict[str, Any]:
+    """Train one model and evaluate it; return the final ``metrics.json`` content.
 
+    Args:
+        spec: Dataset (restricted to ``config.tasks`` when given).
+        config: Resolved configuration.
+        out: Run folder.
+        resume: Continue from ``out/checkpoints/last.ckpt``.
+        progress: Progress callback.
+        tracker: Experiment tracker told about params, per-epoch metrics and artifacts.
+        data: Already prepared data (cross-validation reuses it across folds).
 
-@dataclass
-class PreparedData:
-    """Everything the loop needs from a dataset, computed once per run."""
-
-    spec: DatasetSpec
-    frame: pd.DataFrame
-    encoders: dict[str, TaskEncoder]
-    targets: dict[str, np.ndarray]
-    groups: np.ndarray | None
-    split: Any
-    split_warning: str | None
-    images: np.ndarray
-    ids: list[str]
-
-    def describe_split(self) -> dict[str, Any]:
-        """How the split was made and the class counts per side, by class name, per task."""
-        info = self.split.describe(labels=self.targets, classes={t: e.classes for t, e in self.encoders.items()})
-        if self.split_warning:
-            info["warning"] = self.split_warning
-        return info
-
-
-def auto_batch_size(n_train: int) -> int:
-    """The batch size of ``batch_size: auto`` for ``n_train`` training images.
-
-    The largest power of two from :data:`AUTO_BATCH_MAX` (64) down to :data:`AUTO_BATCH_MIN`
-    (8) that gives an epoch at least :data:`AUTO_MIN_STEPS` (16) optimizer steps: a set of
-    1,024 training images or more trains at 64, one of 206 at 8, so that a small set gets
-    enough updates to learn from instead of a handful per epoch.
+    Raises:
+        TrainingError: When the run folder holds a finished or interrupted run and
+            ``resume`` was not asked, ``resume`` was asked with nothing to resume, or with
+            settings other than the run's (see :func:`resumed_config`), or when the
+            monitored metric is not one the run records (checked before anything is read).
     """
-    batch = AUTO_BATCH_MAX
-    while batch > AUTO_BATCH_MIN and n_train // batch < AUTO_MIN_STEPS:
-        batch //= 2
-    return batch
+    out = Path(out)
+    previous = _previous_run(out, resume)
+    if previous is not None:
+        config = resumed_config(config, previous.config, previous.epoch, out)
+    spec = spec.select_tasks(config.tasks)
+    check_monitor(config.monitor, {t.name: t.type for t in spec.tasks})
+    fabric = None if is_baseline(config.model) else _fabric(config)
+    is_main = fabric is None or fabric.is_global_zero
+
+    # data, split and normalization
+    if data is None:
+        saved = read_split(out / "split.json") if resume else None
+        data = prepare_data(spec, config, split_override=saved, progress=progress)
+    _check_split(data, warn=is_main)
+    plan = None if fabric is None else _step_plan(config, data, fabric.world_size, previous, log_it=is_main)
+    if plan is not None:  # networks: the batch size used is recorded in the config of the run
+        config = dataclasses.replace(config, batch_size=plan.batch_size)
+    norm = _fit_normalizer(data, config)
+    x = normalized_images(data, norm, config)
+
+    # model and run folder
+    model = _create_model(config, data, in_chans=x.shape[1])
+    if is_main:
+        _start_run_folder(out, spec, config, data, plan, tracker)
+    template = _checkpoint_template(model, spec, data, config, norm, plan, out, in_chans=x.shape[1])
+
+    # fit, then evaluate the best epoch
+    started = time.perf_counter()
+    if fabric is None:
+        best_epoch = _fit_baseline(model, x, data, out, template, progress, tracker)
+    else:
+        with steady_allocator():  # freed buffers stay in the process: no page faults per step
+            best_epoch = _fit_network(fabric, model, x, data, config, plan, out, template, previous, progress,
+                                      tracker)
+    seconds = time.perf_counter() - started
+    if not is_main:
+        return {}
+    return finish_run(out, data, x, config, best_epoch=best_epoch, train_seconds=seconds, tracker=tracker,
+                      steps=plan)
 
 
-@dataclass
-class StepPlan:
-    """How a run steps through its epochs: batch size, steps and the learning-rate schedule.
+# -- before anything is read -----------------------------------------------------------
+def _previous_run(out: Path, resume: bool) -> Checkpoint | None:
+    """The last checkpoint of the run to resume (``None`` for a new run).
 
-    Attributes:
-        batch_size: Global batch size used.
-        batch_size_from: ``auto`` (chosen by :func:`auto_batch_size`) or ``config``.
-        train_images: Training images per epoch.
-        steps_per_epoch: Optimizer steps per epoch (a last partial batch is dropped).
-        total_steps: Optimizer steps of the whole run.
-        schedule: Schedule used (``onecycle``, ``cosine`` or ``none``).
-        schedule_note: Why it is not the configured one (``None`` when it is).
+    Raises:
+        TrainingError: When ``resume`` finds no run, or a new run would overwrite one.
     """
-
-    batch_size: int
-    batch_size_from: str
-    train_images: int
-    steps_per_epoch: int
-    total_steps: int
-    schedule: str
-    schedule_note: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (recorded in config.yaml, metrics.json and the checkpoints)."""
-        return dataclasses.asdict(self)
-
-
-def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
-    """Resolve the batch size (``auto`` or the configured one) and the schedule that fits.
-
-    One-cycle needs :data:`MIN_WARMUP_STEPS` warm-up steps; a run with fewer (a small set,
-    few epochs) decays the rate by cosine from its peak instead.
-    """
-    batch = config.batch_size if config.batch_size is not None else auto_batch_size(n_train)
-    per_rank = max(1, batch // world)
-    steps = max(1, (n_train // world) // per_rank)
-    total = steps * config.epochs
-    schedule, note = config.schedule, None
-    warmup = config.warmup_fraction * total
-    if schedule == "onecycle" and warmup < MIN_WARMUP_STEPS:
-        schedule = "cosine"
-        note = (f"onecycle needs at least {MIN_WARMUP_STEPS} warm-up steps, and {total} step(s) x "
-                f"warmup_fraction {config.warmup_fraction:g} give {warmup:.3g}: training with cosine decay from "
-                "the peak rate (no warm-up) instead")
-    return StepPlan(batch_size=batch, batch_size_from="config" if config.batch_size is not None else "auto",
-                    train_images=n_train, steps_per_epoch=steps, total_steps=total, schedule=schedule,
-                    schedule_note=note)
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise TrainingError(f"nothing to resume in {str(out)!r}: no checkpoints/last.ckpt")
+    if not resume and (last.is_file() or (out / "metrics.json").is_file()):
+        raise TrainingError(
+            f"run folder {str(out)!r} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    return Checkpoint.load(last) if resume else None
 
 
 def resumed_config(config: TrainConfig, saved: Mapping[str, Any], done_epochs: int, out: Path) -> TrainConfig:
@@ -186,187 +191,28 @@ def resumed_config(config: TrainConfig, saved: Mapping[str, Any], done_epochs: i
     return config
 
 
-def prepare_data(spec: DatasetSpec, config: TrainConfig, *, split_override: Mapping[str, Any] | None = None,
-                 progress: ProgressFn | None = None) -> PreparedData:
-    """Load labels, split and images (fitted to size, intensities unchanged)."""
-    from cellclass.data.cache import images_for_training
-    from cellclass.data.splits import Split, choose_split_method, make_split
-
-    frame = spec.load_manifest()
-    encoders = fit_encoders(spec, frame)
-    targets = encode_frame(spec, frame, encoders)
-    method, group_col, warning = choose_split_method(spec.groups, config.split_by, config.split,
-                                                     split_column=spec.split_column)
-    groups = frame[group_col].astype(str).to_numpy() if group_col else None
-    first = targets[spec.tasks[0].name]
-    if split_override is not None:
-        split = Split(**split_override, groups=groups, labels=first)
-    else:
-        split = make_split(
-            frame, labels=first, groups=groups, method=method, val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction, seed=config.seed, group_column=group_col,
-            predefined=frame[spec.split_column].to_numpy() if method == "predefined" else None,
-        )
-    ids = [spec.image_id(r) for r in frame.to_dict("records")]
-    # A valid prepared cache is read in place (bounded memory); otherwise images are decoded
-    # into memory, or cached first when config.cache asks for it.
-    images = images_for_training(
-        spec, frame, size=config.image_size, mode=config.fit, channels=config.channels or None,
-        workers=config.workers, build=config.cache, cache_dir=config.cache_dir,
-        progress=progress,
-    )
-    return PreparedData(spec, frame, encoders, targets, groups, split, warning, images, ids)
-
-
-def train(
-    spec: DatasetSpec,
-    config: TrainConfig,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    tracker: Tracker | None = None,
-    data: PreparedData | None = None,
-) -> dict[str, Any]:
-    """Train one model and evaluate it; return the final ``metrics.json`` content.
+def monitor_names(task_types: Mapping[str, str]) -> list[str]:
+    """Every metric a run of these tasks records per epoch and can pick its best epoch by.
 
     Args:
-        spec: Dataset (restricted to ``config.tasks`` when given).
-        config: Resolved configuration.
-        out: Run folder.
-        resume: Continue from ``out/checkpoints/last.ckpt``.
-        progress: Progress callback.
-        tracker: Experiment tracker told about params, per-epoch metrics and artifacts.
-        data: Already prepared data (cross-validation reuses it across folds).
+        task_types: Task name to type (``single``, ``binary``, ``multilabel``).
+    """
+    per_task = {task: EPOCH_METRICS_BY_TYPE[kind] for task, kind in task_types.items()}
+    overall = [m for m in EPOCH_METRICS if any(m in metrics for metrics in per_task.values())]
+    return (["val_loss"] + [f"val/{m}" for m in overall]
+            + [f"val/{task}/{m}" for task, metrics in per_task.items() for m in metrics])
+
+
+def check_monitor(monitor: str, task_types: Mapping[str, str]) -> None:
+    """Refuse a monitored metric the run would not record, before any data is read.
 
     Raises:
-        TrainingError: When the run folder holds a finished or interrupted run and
-            ``resume`` was not asked, ``resume`` was asked with nothing to resume, or with
-            settings other than the run's (see :func:`resumed_config`).
+        TrainingError: Naming the valid metrics.
     """
-    from cellclass.models import create_model, is_baseline
-    from cellclass.training.checkpoint import load_checkpoint
-
-    out = Path(out)
-    last = out / "checkpoints" / "last.ckpt"
-    if resume and not last.is_file():
-        raise TrainingError(f"nothing to resume in {str(out)!r}: no checkpoints/last.ckpt")
-    if not resume and (last.is_file() or (out / "metrics.json").is_file()):
-        raise TrainingError(
-            f"run folder {str(out)!r} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    state = None
-    if resume:
-        state = load_checkpoint(out, "last")
-        config = resumed_config(config, state["config"], int(state["epoch"]), out)
-    if not (config.monitor == "val_loss" or config.monitor.startswith("val/")):
-        raise TrainingError(
-            f"monitor {config.monitor!r} is not a validation metric; the best epoch is chosen on validation "
-            "data: use val_loss, val/<metric> or val/<task>/<metric> (e.g. val/macro_f1)"
-        )
-    spec = spec.select_tasks(config.tasks)
-    fabric = None
-    if not is_baseline(config.model):
-        fabric = _fabric(config)
-    is_main = fabric is None or fabric.is_global_zero
-
-    split_override = None
-    if resume and (out / "split.json").is_file():
-        split_override = json.loads((out / "split.json").read_text())["split"]
-        split_override = {k: (np.asarray(v) if k in ("train", "val", "test") else v)
-                          for k, v in split_override.items()}
-    if data is None:
-        data = prepare_data(spec, config, split_override=split_override, progress=progress)
-    split = data.split
-    if data.split_warning and is_main:
-        log.warning(data.split_warning)
-    if len(split.train) == 0 or len(split.val) == 0:
-        raise TrainingError(f"the split left {len(split.train)} training and {len(split.val)} validation rows; "
-                            "use more data or other fractions")
-    plan = None
-    if fabric is not None:  # networks: the batch size used is recorded in the config of the run
-        plan = plan_steps(config, len(split.train), fabric.world_size)
-        config = dataclasses.replace(config, batch_size=plan.batch_size)
-        chosen = (state or {}).get("steps") or {}
-        if chosen.get("batch_size") == plan.batch_size:  # resumed: as the run chose it
-            plan.batch_size_from = chosen.get("batch_size_from", plan.batch_size_from)
-        if is_main and plan.batch_size_from == "auto":
-            log.info("batch size auto: %d (%d training images, %d optimizer steps per epoch)",
-                     plan.batch_size, plan.train_images, plan.steps_per_epoch)
-        if is_main and plan.schedule_note:
-            log.warning("schedule: %s", plan.schedule_note)
-
-    from cellclass.data.normalize import Normalizer
-
-    norm = Normalizer(mode=config.normalize, low=config.norm_low, high=config.norm_high)
-    train_groups = None if data.groups is None else data.groups[split.train]
-    from cellclass.data.cache import iter_images
-
-    # One training image at a time: a cache larger than memory is never read whole.
-    norm.fit(iter_images(data.images, split.train), groups=train_groups, seed=config.seed)
-    x = normalized_images(data, norm, config)
-
-    heads = {t: e.n_outputs for t, e in data.encoders.items()}
-    task_types = {t: e.type for t, e in data.encoders.items()}
-    model_kwargs: dict[str, Any] = {"task_types": task_types}
-    if is_baseline(config.model):
-        model_kwargs["pixels"] = config.pixels
-    elif config.drop_rate:
-        model_kwargs["drop_rate"] = config.drop_rate
-    import torch
-
-    torch.manual_seed(config.seed)  # weights are initialised in create_model: seed first
-    model = create_model(config.model, in_chans=x.shape[1], heads=heads, image_size=config.image_size,
-                         pretrained=config.pretrained, **model_kwargs)
-
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_run_header(out, spec, config, data, plan)
-        if tracker is not None:
-            steps = {} if plan is None else {"batch_size_from": plan.batch_size_from,
-                                             "steps_per_epoch": plan.steps_per_epoch, "schedule_used": plan.schedule}
-            tracker.log_params({**config.to_dict(), **steps, "dataset": spec.name, "split": split.method})
-
-    common = {
-        "model_config": model.config,
-        "encoders": {t: e.to_dict() for t, e in data.encoders.items()},
-        "channels": _channel_names(spec, x.shape[1], config.channels),
-        "channel_indices": list(config.channels),
-        "image_size": config.image_size,
-        "fit": config.fit,
-        "normalizer": norm.to_dict(),
-        "config": config.to_dict(),
-        "steps": None if plan is None else plan.to_dict(),
-        "spec": spec.to_dict(),
-        "run": str(out),
-    }
-    started = time.perf_counter()
-    if fabric is None:
-        best_epoch = _fit_baseline(model, x, data, out, common, progress, tracker)
-    else:
-        from cellclass.allocator import steady_allocator
-
-        with steady_allocator():  # freed buffers stay in the process: no page faults per step
-            best_epoch = _fit_network(fabric, model, x, data, config, plan, out, common, state, progress, tracker)
-    seconds = time.perf_counter() - started
-    if not is_main:
-        return {}
-    return finish_run(out, data, x, config, best_epoch=best_epoch, train_seconds=seconds, tracker=tracker,
-                      steps=plan)
-
-
-# -- set-up --------------------------------------------------------------------------
-def normalized_images(data: PreparedData, normalizer: Any, config: TrainConfig) -> Any:
-    """The images as the network reads them: normalized with ``normalizer``.
-
-    Within ``loader_memory_mb`` they are normalized once, into memory (a batch is then one
-    gather, as in a plain loop over tensors in memory); otherwise a
-    :class:`~cellclass.data.normalize.NormalizedView` normalizes each read.
-    """
-    from cellclass.data.normalize import NormalizedView
-
-    view = NormalizedView(data.images, normalizer, data.groups)
-    return view.materialize() if view.nbytes <= config.loader_memory_mb * 2**20 else view
+    valid = monitor_names(task_types)
+    if monitor not in valid:
+        raise TrainingError(f"monitor {monitor!r} is not a validation metric of this run (the best epoch is "
+                            f"chosen on validation data); valid: {', '.join(valid)}")
 
 
 def resolve_precision(config: TrainConfig) -> str:
@@ -379,8 +225,6 @@ def resolve_precision(config: TrainConfig) -> str:
     """
     if config.precision != "auto":
         return config.precision
-    import torch
-
     if config.accelerator != "cpu" and torch.cuda.is_available():
         return "bf16-mixed"
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
@@ -400,32 +244,81 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def _fabric(config: TrainConfig) -> Any:
-    import torch
-    from lightning_fabric import Fabric
-
+def _fabric(config: TrainConfig) -> Fabric:
+    """The launched Fabric of a network's run (on CPU, DDP runs gloo processes; Fabric picks the backend)."""
     precision = resolve_precision(config)
     if config.precision == "auto":
         log.info("precision auto: training in %s", precision)
-    strategy = config.strategy
-    if strategy == "ddp" and config.accelerator in ("auto", "cpu") and not torch.cuda.is_available():
-        strategy = "ddp"  # gloo on CPU; Fabric picks the backend
-    fabric = Fabric(accelerator=config.accelerator, devices=config.devices, strategy=strategy,
+    fabric = Fabric(accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
                     precision=precision)
     fabric.launch()
     return fabric
 
 
-def _channel_names(spec: DatasetSpec, n: int, indices: list[int]) -> list[str]:
-    names = spec.image.channel_names or [f"ch{i}" for i in range(n if not indices else max(indices) + 1)]
-    if indices:
-        names = [names[i] if i < len(names) else f"ch{i}" for i in indices]
-    return list(names)[:n] if len(names) >= n else [f"ch{i}" for i in range(n)]
-
-
-def _write_run_header(out: Path, spec: DatasetSpec, config: TrainConfig, data: PreparedData,
-                      plan: StepPlan | None) -> None:
+# -- data, split and normalization ------------------------------------------------------
+def _check_split(data: PreparedData, *, warn: bool) -> None:
+    """Refuse a split without training or validation rows; log why the split is weaker than asked."""
     split = data.split
+    if data.split_warning and warn:
+        log.warning(data.split_warning)
+    if len(split.train) == 0 or len(split.val) == 0:
+        raise TrainingError(f"the split left {len(split.train)} training and {len(split.val)} validation rows; "
+                            "use more data or other fractions")
+
+
+def _step_plan(config: TrainConfig, data: PreparedData, world: int, previous: Checkpoint | None, *,
+               log_it: bool) -> StepPlan:
+    """A network's batch size and schedule; a resumed run keeps how its batch size was chosen."""
+    plan = plan_steps(config, len(data.split.train), world)
+    chosen = (previous.steps if previous is not None else None) or {}
+    if chosen.get("batch_size") == plan.batch_size:
+        plan.batch_size_from = chosen.get("batch_size_from", plan.batch_size_from)
+    if log_it and plan.batch_size_from == "auto":
+        log.info("batch size auto: %d (%d training images, %d optimizer steps per epoch)",
+                 plan.batch_size, plan.train_images, plan.steps_per_epoch)
+    if log_it and plan.schedule_note:
+        log.warning("schedule: %s", plan.schedule_note)
+    return plan
+
+
+def _fit_normalizer(data: PreparedData, config: TrainConfig) -> Normalizer:
+    """The normalization fitted on the training images, one image at a time (a cache larger
+    than memory is never read whole)."""
+    norm = Normalizer(mode=config.normalize, low=config.norm_low, high=config.norm_high)
+    train_groups = None if data.groups is None else data.groups[data.split.train]
+    norm.fit(iter_images(data.images, data.split.train), groups=train_groups, seed=config.seed)
+    return norm
+
+
+def normalized_images(data: PreparedData, normalizer: Normalizer, config: TrainConfig) -> Any:
+    """The images as the network reads them: normalized with ``normalizer``.
+
+    Within ``loader_memory_mb`` they are normalized once, into memory (a batch is then one
+    gather, as in a plain loop over tensors in memory); otherwise a
+    :class:`~cellclass.data.normalize.NormalizedView` normalizes each read.
+    """
+    view = NormalizedView(data.images, normalizer, data.groups)
+    return view.materialize() if view.nbytes <= config.loader_memory_mb * 2**20 else view
+
+
+# -- model and run folder ----------------------------------------------------------------
+def _create_model(config: TrainConfig, data: PreparedData, *, in_chans: int) -> Any:
+    """The network or baseline, one head per task, its weights drawn from ``config.seed``."""
+    heads = {t: e.n_outputs for t, e in data.encoders.items()}
+    kwargs: dict[str, Any] = {"task_types": {t: e.type for t, e in data.encoders.items()}}
+    if is_baseline(config.model):
+        kwargs["pixels"] = config.pixels
+    elif config.drop_rate:
+        kwargs["drop_rate"] = config.drop_rate
+    torch.manual_seed(config.seed)  # weights are initialised in create_model: seed first
+    return create_model(config.model, in_chans=in_chans, heads=heads, image_size=config.image_size,
+                        pretrained=config.pretrained, **kwargs)
+
+
+def _start_run_folder(out: Path, spec: DatasetSpec, config: TrainConfig, data: PreparedData,
+                      plan: StepPlan | None, tracker: Tracker | None) -> None:
+    """Write ``config.yaml``, ``encoders.json`` and ``split.json``; tell the tracker the parameters."""
+    out.mkdir(parents=True, exist_ok=True)
     resolved = {
         "train": config.to_dict(),
         "runtime": {"precision": None if plan is None else resolve_precision(config),
@@ -435,20 +328,43 @@ def _write_run_header(out: Path, spec: DatasetSpec, config: TrainConfig, data: P
     }
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     save_encoders(out / "encoders.json", data.encoders)
-    payload = {
-        "split": {"train": split.train.tolist(), "val": split.val.tolist(), "test": split.test.tolist(),
-                  "method": split.method, "group": split.group, "seed": split.seed,
-                  "fractions": split.fractions},
-        "ids": {side: [data.ids[i] for i in getattr(split, side)] for side in ("train", "val", "test")},
-    }
-    atomic_write_text(out / "split.json", json.dumps(payload))
+    write_split(out / "split.json", data)
+    if tracker is not None:
+        steps = {} if plan is None else {"batch_size_from": plan.batch_size_from,
+                                         "steps_per_epoch": plan.steps_per_epoch, "schedule_used": plan.schedule}
+        tracker.log_params({**config.to_dict(), **steps, "dataset": spec.name, "split": data.split.method})
 
 
-# -- baselines -----------------------------------------------------------------------
-def _fit_baseline(model: Any, x: np.ndarray, data: PreparedData, out: Path, common: dict[str, Any],
+def _checkpoint_template(model: Any, spec: DatasetSpec, data: PreparedData, config: TrainConfig,
+                         norm: Normalizer, plan: StepPlan | None, out: Path, *, in_chans: int) -> Checkpoint:
+    """What every checkpoint of the run holds; each epoch adds its weights, epoch and metrics."""
+    return Checkpoint(
+        kind="baseline" if is_baseline(config.model) else "network",
+        model_config=model.config,
+        encoders=dict(data.encoders),
+        normalizer=norm,
+        image_size=config.image_size,
+        fit=config.fit,
+        channels=_channel_names(spec, in_chans, config.channels),
+        channel_indices=list(config.channels),
+        config=config.to_dict(),
+        spec=spec.to_dict(),
+        steps=None if plan is None else plan.to_dict(),
+        run=str(out),
+    )
+
+
+def _channel_names(spec: DatasetSpec, n: int, indices: list[int]) -> list[str]:
+    names = spec.image.channel_names or [f"ch{i}" for i in range(n if not indices else max(indices) + 1)]
+    if indices:
+        names = [names[i] if i < len(names) else f"ch{i}" for i in indices]
+    return list(names)[:n] if len(names) >= n else [f"ch{i}" for i in range(n)]
+
+
+# -- baselines -----------------------------------------------------------------------------
+def _fit_baseline(model: Any, x: Any, data: PreparedData, out: Path, template: Checkpoint,
                   progress: ProgressFn | None, tracker: Tracker | None) -> int:
-    from cellclass.training.checkpoint import baseline_bytes, save_checkpoint
-
+    """Fit a baseline once (its one "epoch"), record its validation metrics, save it; return 1."""
     train_idx = _labeled(data, data.split.train)
     if progress:
         progress("fitting baseline", 0, 1)
@@ -460,10 +376,9 @@ def _fit_baseline(model: Any, x: np.ndarray, data: PreparedData, out: Path, comm
     _append_metrics(out, row)
     if tracker is not None:
         tracker.log_metrics(_numeric(row), step=1)
-    save_checkpoint(out / "checkpoints" / "best.ckpt",
-                    {**common, "kind": "baseline", "estimator": baseline_bytes(model), "epoch": 1})
-    save_checkpoint(out / "checkpoints" / "last.ckpt",
-                    {**common, "kind": "baseline", "estimator": baseline_bytes(model), "epoch": 1})
+    fitted = template.replace(estimator=model, epoch=1)
+    fitted.save(out / "checkpoints" / "best.ckpt")
+    fitted.save(out / "checkpoints" / "last.ckpt")
     if progress:
         progress("fitting baseline", 1, 1)
     return 1
@@ -478,139 +393,137 @@ def _labeled(data: PreparedData, idx: np.ndarray) -> np.ndarray:
     return idx[keep]
 
 
-# -- networks ------------------------------------------------------------------------
-def _fit_network(fabric: Any, model: Any, x: np.ndarray, data: PreparedData, config: TrainConfig,
-                 plan: StepPlan, out: Path, common: dict[str, Any], state: Mapping[str, Any] | None,
-                 progress: ProgressFn | None, tracker: Tracker | None) -> int:
-    """Train epochs ``state["epoch"] + 1`` (or 1) to ``config.epochs``; return the best epoch."""
-    import torch
-
-    from cellclass.training.checkpoint import save_checkpoint
-    from cellclass.training.losses import build_loss, multitask_loss
-
+# -- networks ------------------------------------------------------------------------------
+def _fit_network(fabric: Fabric, model: Any, x: Any, data: PreparedData, config: TrainConfig, plan: StepPlan,
+                 out: Path, template: Checkpoint, previous: Checkpoint | None, progress: ProgressFn | None,
+                 tracker: Tracker | None) -> int:
+    """Train the epochs after ``previous``'s (from the first for a new run) up to
+    ``config.epochs``, or until patience is spent; return the best epoch."""
     fabric.seed_everything(config.seed)
-    split = data.split
-    train_idx = split.train
-    losses = {t: build_loss(e, config, data.targets[t][train_idx]) for t, e in data.encoders.items()}
-    total_loss = multitask_loss(losses, config.task_weights)
-
-    world = fabric.world_size
-    per_rank = max(1, plan.batch_size // world)
-    shard_len = len(train_idx) // world
-    steps = plan.steps_per_epoch
-
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    inner_optimizer = _optimizer(model, config, fabric.device)
-    scheduler = _scheduler(inner_optimizer, config, plan.total_steps, plan.schedule)
-    model, optimizer = fabric.setup(model, inner_optimizer)
-
-    order = torch.Generator().manual_seed(config.seed)
-    augment = augmenter(config, fabric.global_rank)
-
-    from cellclass.data.batches import BatchLoader, default_workers
-
-    workers = config.loader_workers if config.loader_workers is not None else default_workers(x, world)
-    loader = BatchLoader(x, batch_size=per_rank, augment=augment, workers=workers,
+    loss_fn = multitask_loss({t: build_loss(e, config, data.targets[t][data.split.train])
+                              for t, e in data.encoders.items()}, config.task_weights)
+    saver = CheckpointSaver(out / "checkpoints", config.monitor, config.patience)
+    trainer = Trainer(fabric, model, config, plan, loss_fn, saver)
+    workers = config.loader_workers if config.loader_workers is not None else default_workers(x, fabric.world_size)
+    loader = BatchLoader(x, batch_size=trainer.per_rank, augment=trainer.augment, workers=workers,
                          max_memory_mb=config.loader_memory_mb, channels_last=config.channels_last)
-
-    monitor, mode = config.monitor, ("min" if "loss" in config.monitor else "max")
-    best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 0
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["training_state"]["optimizer"])
-        if state["config"]["epochs"] == config.epochs:
-            scheduler.load_state_dict(state["training_state"]["scheduler"])
-        else:  # more epochs: the schedule of the longer run, at the step reached
-            scheduler = _extended_scheduler(inner_optimizer, config, plan, state["epoch"] * steps)
-        order.set_state(state["training_state"]["order_rng"])
-        if augment is not None and state["training_state"].get("augment_rng") is not None:
-            augment.generator.set_state(state["training_state"]["augment_rng"])
-        best_score = state["training_state"]["best_score"]
-        best_epoch = state["training_state"]["best_epoch"]
-        bad_epochs = state["training_state"]["bad_epochs"]
-        start_epoch = state["epoch"]
-        log.info("resuming %s after epoch %d (best %s = %.4f at epoch %d)",
-                 out, start_epoch, monitor, best_score, best_epoch)
-
-    y_train = {t: torch.from_numpy(v[train_idx]) for t, v in data.targets.items()}
-    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        started = time.perf_counter()
-        model.train()
-        perm = torch.randperm(len(train_idx), generator=order)
-        shard = perm[fabric.global_rank :: world][:shard_len]
-        batches = loader.epoch([train_idx[shard[s * per_rank : (s + 1) * per_rank].numpy()] for s in range(steps)])
-        running, seen = 0.0, 0
-        for step in range(steps):
-            idx = shard[step * per_rank : (step + 1) * per_rank]
-            xb = next(batches)  # read, normalized and augmented by the loader (see data/batches.py)
-            xb = fabric.to_device(xb.contiguous(memory_format=fmt))
-            yb = {t: fabric.to_device(v[idx]) for t, v in y_train.items()}
-            loss = train_step(fabric, model, optimizer, scheduler, total_loss, xb, yb)
-            running += loss * len(idx)
-            seen += len(idx)
-            if progress and fabric.is_global_zero:
-                progress(f"epoch {epoch}/{config.epochs}", step + 1, steps)
-        train_loss = fabric.all_reduce(torch.tensor(running / max(seen, 1)), reduce_op="mean")
-        val_loss, probs = _evaluate_val(fabric, model, x, data, total_loss)
-        row = {"epoch": epoch, "train_loss": round(float(train_loss), 6), "val_loss": round(val_loss, 6),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3),
-               **_val_metrics(data, split.val, probs)}
-        if monitor not in row:
-            raise TrainingError(f"monitor {monitor!r} is not a validation metric; valid: "
-                                f"{', '.join(k for k in row if k.startswith('val'))}")
-        if fabric.is_global_zero:
-            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s %.4f  (%.1f s)", epoch, config.epochs,
-                     row["train_loss"], row["val_loss"], monitor, row[monitor], row["seconds"])
-        score = row[monitor] if mode == "max" else -row[monitor]
-        score = -math.inf if score is None or (isinstance(score, float) and math.isnan(score)) else score
-        improved = score > best_score
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
-        else:
-            bad_epochs += 1
-        unwrapped = _unwrap(model)
-        weights = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
-        if fabric.is_global_zero:
-            _append_metrics(out, row)
-            if tracker is not None:
-                tracker.log_metrics(_numeric(row), step=epoch)
-            payload = {**common, "kind": "network", "state_dict": weights, "epoch": epoch,
-                       "metrics": _numeric(row)}
-            if improved:
-                save_checkpoint(out / "checkpoints" / "best.ckpt", payload)
-            save_checkpoint(out / "checkpoints" / "last.ckpt", {**payload, "training_state": {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "order_rng": order.get_state(),
-                "augment_rng": None if augment is None else augment.generator.get_state(),
-                "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs}})
-        fabric.barrier()
-        if config.patience and bad_epochs >= config.patience:
-            log.info("early stop at epoch %d: %s did not improve for %d epochs", epoch, monitor, bad_epochs)
-            break
-    loader.close()
-    return best_epoch
+    if previous is not None:
+        trainer.model.load_state_dict(previous.state_dict)
+        trainer.load_state_dict(previous.training_state)
+        log.info("resuming %s after epoch %d (best %s = %.4f at epoch %d)", out, trainer.epoch, config.monitor,
+                 saver.best_score, saver.best_epoch)
+    try:
+        for epoch in range(trainer.epoch + 1, config.epochs + 1):
+            started = time.perf_counter()
+            train_loss = train_one_epoch(trainer, loader, data, epoch, progress)
+            val_loss, probs = validate(trainer, x, data)
+            trainer.epoch = epoch
+            row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
+                   "lr": trainer.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3),
+                   **_val_metrics(data, data.split.val, probs)}
+            improved = saver.update(epoch, _monitored(row, config.monitor, epoch))
+            if fabric.is_global_zero:
+                log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s %.4f  (%.1f s)", epoch, config.epochs,
+                         row["train_loss"], row["val_loss"], config.monitor, row[config.monitor], row["seconds"])
+                _append_metrics(out, row)
+                if tracker is not None:
+                    tracker.log_metrics(_numeric(row), step=epoch)
+                checkpoint = template.replace(state_dict=_weights(trainer.model), epoch=epoch, metrics=_numeric(row))
+                saver.save(checkpoint, improved, trainer.state_dict())
+            fabric.barrier()
+            if saver.patience_spent:
+                log.info("early stop at epoch %d: %s did not improve for %d epochs", epoch, config.monitor,
+                         saver.bad_epochs)
+                break
+    finally:
+        loader.close()
+    return saver.best_epoch
 
 
-def augmenter(config: TrainConfig, rank: int = 0) -> Any:
-    """The training batches' :class:`~cellclass.data.augment.BatchAugment` (``None`` when off).
+class Trainer:
+    """A network in training: the Fabric-wrapped model and optimizer, the learning-rate
+    schedule, the generators of data order and augmentation, and the checkpoint saver.
 
-    Each rank of a distributed run draws from its own seed.
+    :meth:`state_dict` is what ``last.ckpt`` keeps beside the weights, and
+    :meth:`load_state_dict` continues from it.
+
+    Args:
+        fabric: The launched Fabric.
+        model: The network (set up for Fabric here).
+        config: The run's configuration.
+        plan: Its batch size and schedule.
+        loss_fn: Loss of ``(logits per task, targets per task)``.
+        saver: Best epoch, patience and checkpoint files.
     """
-    from cellclass.data.augment import AugmentConfig, BatchAugment
 
-    if not config.augment:
-        return None
-    crop = tuple(config.crop_scale) if config.crop_scale else None
-    return BatchAugment(AugmentConfig(dihedral=True, crop_scale=crop, intensity_scale=config.intensity_scale,
-                                      intensity_shift=config.intensity_shift), seed=config.seed + 7919 * rank)
+    def __init__(self, fabric: Fabric, model: Any, config: TrainConfig, plan: StepPlan,
+                 loss_fn: Callable[..., torch.Tensor], saver: CheckpointSaver) -> None:
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.fabric, self.config, self.plan, self.loss_fn, self.saver = fabric, config, plan, loss_fn, saver
+        self.inner_optimizer = build_optimizer(model, config, fabric.device)
+        self.scheduler = build_scheduler(self.inner_optimizer, config, plan.total_steps, plan.schedule)
+        self.model, self.optimizer = fabric.setup(model, self.inner_optimizer)
+        self.order = torch.Generator().manual_seed(config.seed)
+        self.augment = augmenter(config, fabric.global_rank)
+        self.per_rank = max(1, plan.batch_size // fabric.world_size)
+        self.epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights that training needs to continue after :attr:`epoch`."""
+        return {"epoch": self.epoch, "epochs": self.config.epochs,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "order_rng": self.order.get_state(),
+                "augment_rng": None if self.augment is None else self.augment.generator.get_state(),
+                **self.saver.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`; a run now planned for more epochs follows the
+        longer run's schedule from the step reached."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["epochs"] == self.config.epochs:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            done = state["epoch"] * self.plan.steps_per_epoch
+            self.scheduler = extended_scheduler(self.inner_optimizer, self.config, self.plan, done)
+        self.order.set_state(state["order_rng"])
+        if self.augment is not None and state.get("augment_rng") is not None:
+            self.augment.generator.set_state(state["augment_rng"])
+        self.saver.load_state_dict(state)
+        self.epoch = state["epoch"]
 
 
-def train_step(fabric: Any, model: Any, optimizer: Any, scheduler: Any, total_loss: Any, xb: Any,
-               yb: Mapping[str, Any]) -> float:
+def train_one_epoch(trainer: Trainer, loader: BatchLoader, data: PreparedData, epoch: int,
+                    progress: ProgressFn | None = None) -> float:
+    """One pass over this rank's share of the training side, in a fresh random order;
+    returns the training loss averaged over the images and the ranks."""
+    fabric, model, plan = trainer.fabric, trainer.model, trainer.plan
+    train_idx, world, per_rank = data.split.train, fabric.world_size, trainer.per_rank
+    model.train()
+    perm = torch.randperm(len(train_idx), generator=trainer.order)
+    shard = perm[fabric.global_rank :: world][: len(train_idx) // world]
+    steps = plan.steps_per_epoch
+    batches = loader.epoch([train_idx[shard[s * per_rank : (s + 1) * per_rank].numpy()] for s in range(steps)])
+    targets = {t: torch.from_numpy(v[train_idx]) for t, v in data.targets.items()}
+    fmt = torch.channels_last if trainer.config.channels_last else torch.contiguous_format
+    running, seen = 0.0, 0
+    for step in range(steps):
+        idx = shard[step * per_rank : (step + 1) * per_rank]
+        xb = next(batches)  # read, normalized and augmented by the loader (see data/batches.py)
+        xb = fabric.to_device(xb.contiguous(memory_format=fmt))
+        yb = {t: fabric.to_device(v[idx]) for t, v in targets.items()}
+        loss = train_step(fabric, model, trainer.optimizer, trainer.scheduler, trainer.loss_fn, xb, yb)
+        running += loss * len(idx)
+        seen += len(idx)
+        if progress and fabric.is_global_zero:
+            progress(f"epoch {epoch}/{trainer.config.epochs}", step + 1, steps)
+    return float(fabric.all_reduce(torch.tensor(running / max(seen, 1)), reduce_op="mean"))
+
+
+def train_step(fabric: Fabric, model: Any, optimizer: Any, scheduler: Any, loss_fn: Callable[..., torch.Tensor],
+               xb: torch.Tensor, yb: Mapping[str, torch.Tensor]) -> float:
     """One optimization step on a ready batch; returns its loss."""
-    loss = total_loss(model(xb), yb)
+    loss = loss_fn(model(xb), yb)
     optimizer.zero_grad(set_to_none=True)
     fabric.backward(loss)
     optimizer.step()
@@ -618,99 +531,51 @@ def train_step(fabric: Any, model: Any, optimizer: Any, scheduler: Any, total_lo
     return float(loss.detach())
 
 
-def _unwrap(model: Any) -> Any:
-    inner = getattr(model, "module", model)
-    return getattr(inner, "module", inner) if hasattr(inner, "module") else inner
+def validate(trainer: Trainer, x: Any, data: PreparedData, batch_size: int = 256) -> tuple[float, dict[str, Any]]:
+    """Validation loss and probabilities per task over the whole validation side.
 
-
-def _optimizer(model: Any, config: TrainConfig, device: Any = None) -> Any:
-    """AdamW (or SGD) with weight decay on weights only; ``device``: where training runs."""
-    import torch
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
-    # The fused kernel makes the same update in one pass over all parameters instead of
-    # torch's default per-tensor loop on a CPU, which shows in a small network's step.
-    where = {torch.device(device).type} if device is not None else {p.device.type for p in decay + no_decay}
-    fused = where <= {"cpu", "cuda"} and all(p.is_floating_point() for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
-
-
-def _scheduler(optimizer: Any, config: TrainConfig, total_steps: int, schedule: str | None = None) -> Any:
-    """The learning-rate schedule over ``total_steps`` (``schedule``: one that fits, from
-    :func:`plan_steps`; ``config.schedule`` when not given)."""
-    import torch
-
-    schedule = schedule or config.schedule
-    if schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                   pct_start=config.warmup_fraction)
-    if schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def _extended_scheduler(optimizer: Any, config: TrainConfig, plan: StepPlan, done: int) -> Any:
-    """The schedule of a run resumed with more epochs: built for the longer run, at step ``done``.
-
-    The loaded optimizer state carries the old schedule's values (rates, momenta); they are
-    reset to the configured ones first, as when the run started.
+    Every process evaluates the full side, so all ranks agree on the best epoch.
     """
-    for group in optimizer.param_groups:
-        for key in ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"):
-            group.pop(key, None)
-        group["lr"] = config.lr
-        for key in ("betas", "momentum"):
-            if key in group and key in optimizer.defaults:
-                group[key] = optimizer.defaults[key]
-    scheduler = _scheduler(optimizer, config, plan.total_steps, plan.schedule)
-    with warnings.catch_warnings():  # no optimizer step between these scheduler steps, by design
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-        for _ in range(done):
-            scheduler.step()
-    log.info("learning-rate schedule %s rebuilt for %d steps, continuing at step %d", plan.schedule,
-             plan.total_steps, done)
-    return scheduler
-
-
-def _evaluate_val(fabric: Any, model: Any, x: np.ndarray, data: PreparedData,
-                  total_loss: Callable[..., Any], batch_size: int = 256) -> tuple[float, dict[str, np.ndarray]]:
-    """Validation loss and probabilities over the whole validation set.
-
-    Every process evaluates the full set, so all ranks agree on the best epoch.
-    """
-    import torch
-
+    model, idx = trainer.model, data.split.val
     model.eval()
-    idx = data.split.val
     logits: dict[str, list[torch.Tensor]] = {t: [] for t in data.encoders}
     with torch.inference_mode():
         for start in range(0, len(idx), batch_size):
-            xb = fabric.to_device(torch.from_numpy(x[idx[start : start + batch_size]]))
+            xb = trainer.fabric.to_device(torch.from_numpy(x[idx[start : start + batch_size]]))
             for t, v in model(xb).items():
                 logits[t].append(v.float().cpu())
     joined = {t: torch.cat(v) for t, v in logits.items()}
     targets = {t: torch.from_numpy(v[idx]) for t, v in data.targets.items()}
-    loss = float(total_loss(joined, targets))
-    probs = {}
-    for t, v in joined.items():
-        probs[t] = (torch.sigmoid(v) if data.encoders[t].type == "multilabel" else torch.softmax(v, 1)).numpy()
-    return loss, probs
+    loss = float(trainer.loss_fn(joined, targets))
+    return loss, {t: probabilities(v, data.encoders[t].type).numpy() for t, v in joined.items()}
 
 
-# -- metrics -------------------------------------------------------------------------
+def augmenter(config: TrainConfig, rank: int = 0) -> BatchAugment | None:
+    """The training batches' :class:`~cellclass.data.augment.BatchAugment` (``None`` when off).
+
+    Each rank of a distributed run draws from its own seed.
+    """
+    if not config.augment:
+        return None
+    crop = tuple(config.crop_scale) if config.crop_scale else None
+    return BatchAugment(AugmentConfig(dihedral=True, crop_scale=crop, intensity_scale=config.intensity_scale,
+                                      intensity_shift=config.intensity_shift), seed=config.seed + 7919 * rank)
+
+
+def _weights(model: Any) -> dict[str, torch.Tensor]:
+    """The network's weights on the CPU, unwrapped from Fabric (and DDP)."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "module", inner) if hasattr(inner, "module") else inner
+    return {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
+
+
+# -- per-epoch metrics -----------------------------------------------------------------------
 def _val_metrics(data: PreparedData, idx: np.ndarray, probs: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Per-epoch validation metrics named ``val/<task>/<metric>`` and ``val/<metric>``.
 
     ``val/<metric>`` is the task's value for a single-task run and the mean over tasks
     otherwise.
     """
-    from cellclass.evaluation.metrics import task_metrics
-
     row: dict[str, float] = {}
     per_metric: dict[str, list[float]] = {}
     for task, enc in data.encoders.items():
@@ -728,6 +593,19 @@ def _val_metrics(data: PreparedData, idx: np.ndarray, probs: Mapping[str, np.nda
     return row
 
 
+def _monitored(row: Mapping[str, Any], monitor: str, epoch: int) -> float:
+    """The monitored metric's value of an epoch's row.
+
+    Raises:
+        TrainingError: When this epoch's validation side leaves it undefined.
+    """
+    if monitor not in row:
+        raise TrainingError(f"monitor {monitor!r} is undefined at epoch {epoch} (the validation side lacks what "
+                            f"it needs, e.g. both classes of a task); valid here: "
+                            f"{', '.join(k for k in row if k.startswith('val'))}")
+    return row[monitor]
+
+
 def _numeric(row: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
 
@@ -742,16 +620,13 @@ def _append_metrics(out: Path, row: Mapping[str, Any]) -> None:
         frame.to_csv(tmp, index=False)
 
 
-# -- final evaluation ----------------------------------------------------------------
-def finish_run(out: Path, data: PreparedData, x: np.ndarray, config: TrainConfig, *, best_epoch: int,
+# -- final evaluation ------------------------------------------------------------------------
+def finish_run(out: Path, data: PreparedData, x: Any, config: TrainConfig, *, best_epoch: int,
                train_seconds: float, tracker: Tracker | None = None, steps: StepPlan | None = None) -> dict[str, Any]:
     """Tune thresholds on validation, evaluate the best checkpoint on test, write results.
 
     ``steps``: a network's batch size and schedule, recorded in ``metrics.json``.
     """
-    from cellclass.evaluation.report import write_evaluation
-    from cellclass.serving.predictor import Predictor
-
     predictor = Predictor.from_checkpoint(out, tta=config.tta)
     extra: dict[str, Any] = {"model": config.model, "best_epoch": best_epoch, "monitor": config.monitor,
                              "train_seconds": round(train_seconds, 2), "epochs_run": _epochs_run(out)}

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from cellclass.data.presets import bps
-from cellclass.evaluation.crossval import cross_validate
 from cellclass.training.config import TrainConfig
+from cellclass.training.crossval import cross_validate
 
 
 @pytest.mark.slow

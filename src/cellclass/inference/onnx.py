@@ -3,7 +3,7 @@
 The exported graph takes the *normalized* ``(N, C, S, S)`` float32 batch (``input``, any
 ``N``) and returns one output of logits per task, named after the task; preparation,
 normalization, activation, test-time augmentation and thresholds stay in
-:class:`~cellclass.serving.predictor.Predictor`, so both backends share every step but
+:class:`~cellclass.inference.predictor.Predictor`, so both backends share every step but
 the forward pass. The model's metadata records the checkpoint's SHA-256, so a server can
 tell an export made from another checkpoint.
 """
@@ -11,40 +11,26 @@ tell an export made from another checkpoint.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from cellclass.errors import ExportError, MissingDependencyError
+from cellclass.allocator import available_cores
+from cellclass.atomic import atomic_path
+from cellclass.errors import MissingDependencyError, ModelExportError
+from cellclass.inference.checkpoint import file_sha256, find_checkpoint
+from cellclass.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 METADATA_CHECKPOINT = "cellclass.checkpoint_sha256"
 METADATA_TASKS = "cellclass.tasks"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def export_onnx(run: str | Path, out: str | Path | None = None, *, opset: int = 18,
@@ -62,21 +48,15 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, opset: int = 
         The written file (written atomically).
 
     Raises:
-        ExportError: For a baseline (not a network), or when every exporter fails.
+        ModelExportError: For a baseline (not a network), or when every exporter fails.
     """
-    import torch
-
-    from cellclass.atomic import atomic_path
-    from cellclass.serving.predictor import Predictor
-    from cellclass.training.checkpoint import find_checkpoint
-
     if exporter not in ("auto", "dynamo", "legacy"):
-        raise ExportError(f"unknown ONNX exporter {exporter!r}; valid: auto, dynamo, legacy")
+        raise ModelExportError(f"unknown ONNX exporter {exporter!r}; valid: auto, dynamo, legacy")
     checkpoint = find_checkpoint(run)
     predictor = Predictor.from_checkpoint(checkpoint)
     if predictor.kind != "network":
-        raise ExportError(f"{str(run)!r} holds a {predictor.identity.get('model')} baseline, not a network; "
-                          "only networks (lenet5, timm backbones) export to ONNX")
+        raise ModelExportError(f"{str(run)!r} holds a {predictor.identity.get('model')} baseline, not a network; "
+                               "only networks (lenet5, timm backbones) export to ONNX")
     tasks = list(predictor.encoders)
     wrapper = _tuple_outputs(predictor.model, tasks).eval()
     sample = torch.zeros(2, predictor.in_chans, predictor.image_size, predictor.image_size)
@@ -95,13 +75,11 @@ def export_onnx(run: str | Path, out: str | Path | None = None, *, opset: int = 
             continue
         log.info("exported %s to %s (%s exporter, opset %d)", checkpoint, out, method, opset)
         return out
-    raise ExportError(f"cannot export {str(checkpoint)!r} to ONNX: " + "; ".join(errors))
+    raise ModelExportError(f"cannot export {str(checkpoint)!r} to ONNX: " + "; ".join(errors))
 
 
 def _tuple_outputs(model: Any, tasks: list[str]) -> Any:
     """Wrap a multi-head network so it returns a tuple of logits in task order."""
-    import torch
-
     class TupleOutputs(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -115,8 +93,6 @@ def _tuple_outputs(model: Any, tasks: list[str]) -> Any:
 
 
 def _export(wrapper: Any, sample: Any, path: Path, tasks: list[str], opset: int, method: str) -> None:
-    import torch
-
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if method == "dynamo":
@@ -131,8 +107,7 @@ def _export(wrapper: Any, sample: Any, path: Path, tasks: list[str], opset: int,
 
 
 def _set_metadata(path: Path, values: dict[str, str]) -> None:
-    import onnx
-
+    onnx = _onnx()
     model = onnx.load(str(path))
     for key, value in values.items():
         entry = model.metadata_props.add()
@@ -142,10 +117,18 @@ def _set_metadata(path: Path, values: dict[str, str]) -> None:
 
 def onnx_metadata(path: str | Path) -> dict[str, str]:
     """The custom metadata of an ONNX file (without loading its weights into a session)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+    model = _onnx().load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise MissingDependencyError(
+            "ONNX export needs onnx, which is not installed: pip install onnx (part of cellclass's default install)"
+        ) from None
+    return onnx
 
 
 class OnnxBackend:
@@ -158,7 +141,7 @@ class OnnxBackend:
             is off (a sequential graph gains nothing from it) and idle threads do not spin.
 
     Raises:
-        ExportError: When the file is missing or lacks an output for a task.
+        ModelExportError: When the file is missing or lacks an output for a task.
         MissingDependencyError: When onnxruntime is not installed.
     """
 
@@ -169,12 +152,13 @@ class OnnxBackend:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError(
-                "the ONNX backend needs onnxruntime, which is not installed: pip install onnxruntime"
+                "the ONNX backend needs onnxruntime, which is not installed: pip install onnxruntime (part of "
+                "cellclass's default install)"
             ) from None
         self.path = Path(path)
         if not self.path.is_file():
-            raise ExportError(f"ONNX model {str(self.path)!r} does not exist; make it with "
-                              "`cellclass export RUN --format onnx`")
+            raise ModelExportError(f"ONNX model {str(self.path)!r} does not exist; make it with "
+                                   "`cellclass export RUN --format onnx`")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()
         options.inter_op_num_threads = 1
@@ -189,8 +173,8 @@ class OnnxBackend:
         outputs = [o.name for o in self.session.get_outputs()]
         missing = [t for t in tasks if t not in outputs]
         if missing:
-            raise ExportError(f"ONNX model {str(self.path)!r} has outputs {outputs} but the checkpoint's tasks "
-                              f"{missing} are missing; export it again from this run")
+            raise ModelExportError(f"ONNX model {str(self.path)!r} has outputs {outputs} but the checkpoint's "
+                                   f"tasks {missing} are missing; export it again from this run")
         self.tasks = list(tasks)
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cellclass.errors import ImageReadError
-from cellclass.serving.predictor import check_image
+from cellclass.inference.predictor import check_image
 
 
 @pytest.mark.parametrize(("image", "match"), [

@@ -1,5 +1,6 @@
-"""Final evaluation of a run: thresholds tuned on validation, metrics on test, the
-predictions table, plots and an HTML report that says how every number was obtained.
+"""A run's results: thresholds tuned on validation, metrics per task on test, and the files
+that hold them: ``metrics.json``, ``predictions.csv``, ``plots/`` and ``report.html``, an HTML
+page that says how every number was obtained.
 """
 
 from __future__ import annotations
@@ -16,19 +17,26 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
+from cellclass.data.prepared import PreparedData
+from cellclass.data.spec import ROW_COLUMN
+from cellclass.evaluation import plots as P
+from cellclass.evaluation.metrics import task_metrics
+from cellclass.evaluation.thresholds import tune_thresholds
+from cellclass.inference.checkpoint import Checkpoint
+from cellclass.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
+
+TTA_TEXT = "D4 (8 flips/rotations averaged)"
 
 
 def _keep(encoder_type: str, y: np.ndarray) -> np.ndarray:
     return np.ones(len(y), dtype=bool) if encoder_type == "multilabel" else y >= 0
 
 
-def tune_task_thresholds(predictor: Any, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
+def tune_task_thresholds(predictor: Predictor, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
                          method: str) -> dict[str, list[float]]:
     """Per-class thresholds of every multi-label task, tuned on validation data."""
-    from cellclass.evaluation.thresholds import tune_thresholds
-
     out = {}
     for task, enc in predictor.encoders.items():
         if enc.type != "multilabel":
@@ -40,11 +48,9 @@ def tune_task_thresholds(predictor: Any, targets: Mapping[str, np.ndarray], prob
     return out
 
 
-def evaluate_tasks(predictor: Any, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
+def evaluate_tasks(predictor: Predictor, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
                    thresholds: Mapping[str, list[float]] | None = None) -> dict[str, dict[str, Any]]:
     """Metrics per task; multi-label tasks also report the fixed 0.5 threshold for contrast."""
-    from cellclass.evaluation.metrics import task_metrics
-
     result = {}
     for task, enc in predictor.encoders.items():
         y = np.asarray(targets[task])
@@ -64,7 +70,7 @@ def evaluate_tasks(predictor: Any, targets: Mapping[str, np.ndarray], probs: Map
     return result
 
 
-def predictions_frame(predictor: Any, ids: list[str], rows: np.ndarray, targets: Mapping[str, np.ndarray],
+def predictions_frame(predictor: Predictor, ids: list[str], rows: np.ndarray, targets: Mapping[str, np.ndarray],
                       probs: Mapping[str, np.ndarray], split_name: str) -> pd.DataFrame:
     """One row per image: true and predicted labels and every probability, per task."""
     labels = predictor.decide(probs)
@@ -82,22 +88,30 @@ def predictions_frame(predictor: Any, ids: list[str], rows: np.ndarray, targets:
     return frame
 
 
-def write_evaluation(out: Path, predictor: Any, data: Any, x: np.ndarray, *, threshold_method: str,
+def write_evaluation(out: Path, predictor: Predictor, data: PreparedData, x: Any, *, threshold_method: str,
                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate the run's best checkpoint and write metrics.json, predictions.csv, plots, report.html."""
-    import torch
+    """Tune the thresholds on validation (saved in ``best.ckpt``), evaluate the best checkpoint on
+    test (on validation when there is no test side) and write the run's results.
 
+    Args:
+        out: Run folder.
+        predictor: The run's best checkpoint.
+        data: The run's prepared data.
+        x: Its images as the model reads them (normalized), indexable by row.
+        threshold_method: How multi-label thresholds are tuned (``f1``, ``prevalence``, ``none``).
+        extra: More entries of ``metrics.json`` (model, best epoch, training time ...).
+
+    Returns:
+        The ``metrics.json`` content.
+    """
     split = data.split
     val_probs = predictor.predict_normalized(x[split.val])
     val_targets = {t: v[split.val] for t, v in data.targets.items()}
     thresholds = tune_task_thresholds(predictor, val_targets, val_probs, threshold_method)
     predictor.thresholds = {**predictor.thresholds, **thresholds}
-    ckpt_path = out / "checkpoints" / "best.ckpt"
-    if thresholds and ckpt_path.is_file():
-        payload = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        payload["thresholds"] = thresholds
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(payload, tmp)
+    best = out / "checkpoints" / "best.ckpt"
+    if thresholds and best.is_file():
+        Checkpoint.load(best).replace(thresholds=thresholds).save(best)
     on_test = len(split.test) > 0
     idx = split.test if on_test else split.val
     test_probs = predictor.predict_normalized(x[idx]) if on_test else val_probs
@@ -107,37 +121,51 @@ def write_evaluation(out: Path, predictor: Any, data: Any, x: np.ndarray, *, thr
     for task in tasks:
         tasks[task]["val"] = {k: v for k, v in val_tasks[task].items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    split_info = data.describe_split()
     result = {
         "dataset": data.spec.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "split": split_info,
-        "evaluation": {
-            "on": "test" if on_test else "val (no test split: test_fraction = 0)",
-            "n_images": int(len(idx)),
-            "checkpoint": "best (selected on validation)",
-            "tta": "D4 (8 flips/rotations averaged)" if predictor.tta else "none",
-            "thresholds": (f"per class, tuned on validation ({threshold_method})" if thresholds
-                           else "argmax (single-label tasks)"),
-        },
+        "split": data.describe_split(),
+        "evaluation": evaluation_block(
+            on="test" if on_test else "val (no test split: test_fraction = 0)", n_images=len(idx),
+            checkpoint="best (selected on validation)", tta=predictor.tta,
+            thresholds=f"per class, tuned on validation ({threshold_method})" if thresholds else None),
         **dict(extra or {}),
         "tasks": tasks,
     }
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=_json_default))
-    frame = predictions_frame(predictor, [data.ids[i] for i in idx],
-                              data.frame[ROW].to_numpy()[idx], test_targets, test_probs,
-                              "test" if on_test else "val")
-    with atomic_path(out / "predictions.csv") as tmp:
-        frame.to_csv(tmp, index=False)
-    plots = write_plots(out, predictor, test_targets, test_probs, tasks)
-    write_report(out, result, plots)
+    write_results(out, result, predictor, data, idx, test_targets, test_probs, "test" if on_test else "val")
     return result
 
 
-ROW = "_row"
+def evaluation_block(*, on: str, n_images: int, checkpoint: str | None, tta: bool,
+                     thresholds: str | None) -> dict[str, Any]:
+    """The ``evaluation`` entry of ``metrics.json``: what was evaluated, and how.
+
+    Args:
+        on: Which images (``test``, ``all rows`` ...).
+        n_images: How many.
+        checkpoint: Which checkpoint.
+        tta: Whether D4 test-time augmentation was used.
+        thresholds: Where the multi-label thresholds come from; ``None`` for argmax decisions only.
+    """
+    return {"on": on, "n_images": int(n_images), "checkpoint": checkpoint, "tta": TTA_TEXT if tta else "none",
+            "thresholds": thresholds or "argmax (single-label tasks)"}
 
 
-def _json_default(value: Any) -> Any:
+def write_results(out: Path, result: Mapping[str, Any], predictor: Predictor, data: PreparedData, idx: np.ndarray,
+                  targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray], side: str) -> None:
+    """Write ``metrics.json`` (``result``), ``predictions.csv`` (rows ``idx`` of ``data``, named
+    ``side``), the plots and ``report.html`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=json_default))
+    frame = predictions_frame(predictor, [data.ids[i] for i in idx], data.frame[ROW_COLUMN].to_numpy()[idx], targets,
+                              probs, side)
+    with atomic_path(out / "predictions.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    write_report(out, result, write_plots(out, predictor, targets, probs, result["tasks"]))
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps`` ``default`` for numpy scalars and arrays."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -145,11 +173,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def write_plots(out: Path, predictor: Any, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
+def write_plots(out: Path, predictor: Predictor, targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
                 tasks: Mapping[str, Mapping[str, Any]]) -> list[Path]:
     """Learning curves, and per task: confusion matrix, per-class F1, ROC/PR, calibration."""
-    from cellclass.evaluation import plots as P
-
     folder = out / "plots"
     made: list[Path] = []
     if (out / "metrics.csv").is_file() and len(pd.read_csv(out / "metrics.csv")) > 1:

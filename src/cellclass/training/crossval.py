@@ -19,7 +19,12 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
+from cellclass.data.prepared import prepare_data
 from cellclass.data.spec import DatasetSpec
+from cellclass.data.splits import Split, kfold, make_split
+from cellclass.progress import ProgressFn
+from cellclass.training.config import TrainConfig
+from cellclass.training.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +32,9 @@ SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1", "wei
                    "hamming_loss", "jaccard_samples")
 
 
-def cross_validate(spec: DatasetSpec, config: Any, out: str | Path, *, n_folds: int = 5,
-                   progress: Any = None) -> dict[str, Any]:
+def cross_validate(spec: DatasetSpec, config: TrainConfig, out: str | Path, *, n_folds: int = 5,
+                   progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run ``n_folds`` training runs and summarise them in ``cv.json`` and ``cv.csv``."""
-    from cellclass.data.splits import Split, kfold, make_split
-    from cellclass.training.loop import prepare_data, train
-
     out = Path(out)
     spec = spec.select_tasks(config.tasks)
     base = prepare_data(spec, config, progress=progress)

@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from cellclass.data.augment import tta_d4
 from cellclass.data.axes import AxesPolicy, policy_from_image_section
 from cellclass.data.io import ImagePath, read_image, read_image_bytes
 from cellclass.data.labels import TaskEncoder
 from cellclass.data.resize import fit_image, select_channels
 from cellclass.errors import ImageReadError
+from cellclass.inference.checkpoint import Checkpoint
+from cellclass.inference.probabilities import probabilities
+from cellclass.models import create_model
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ class Predictor:
         identity: Model identity reported with predictions (name, run, checkpoint).
         backend: Optional inference backend used instead of the torch model: a callable
             mapping normalized ``(N, C, S, S)`` float32 inputs to logits per task, e.g.
-            :class:`cellclass.serving.onnx_model.OnnxBackend`. None runs ``model``.
+            :class:`cellclass.inference.onnx.OnnxBackend`. None runs ``model``.
         axes: How raw files are read (Z/T projection, series, channels by name): the
             training dataset's choice, so new stacks are read as the training images were.
     """
@@ -71,34 +76,37 @@ class Predictor:
         return int(self.model.config["in_chans"])
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path, *, tta: bool | None = None, which: str = "best") -> Predictor:
-        """Load a run folder's best checkpoint (or a ``.ckpt`` file)."""
-        from cellclass.data.normalize import Normalizer
-        from cellclass.models import create_model
-        from cellclass.training.checkpoint import load_checkpoint
+    def from_checkpoint(cls, source: str | Path | Checkpoint, *, tta: bool | None = None,
+                        which: str = "best") -> Predictor:
+        """A predictor of a loaded :class:`Checkpoint`, a ``.ckpt`` file or a run folder's best checkpoint.
 
-        ckpt = load_checkpoint(source, which)
-        if ckpt["kind"] == "baseline":
-            model = ckpt["estimator"]
+        Args:
+            source: The checkpoint, or where to load it from.
+            tta: Average over the D4 transforms (default: as the run was configured).
+            which: Checkpoint of a run folder to load (``best`` or ``last``).
+        """
+        ckpt = source if isinstance(source, Checkpoint) else Checkpoint.load(source, which)
+        if ckpt.kind == "baseline":
+            model = ckpt.estimator
         else:
-            model = create_model(**ckpt["model_config"])
-            model.load_state_dict(ckpt["state_dict"])
+            model = create_model(**ckpt.model_config)
+            model.load_state_dict(ckpt.state_dict)
             model.eval()
-        config = ckpt["config"]
+        config = ckpt.config
         return cls(
             model=model,
-            kind=ckpt["kind"],
-            encoders={k: TaskEncoder.from_dict(v) for k, v in ckpt["encoders"].items()},
-            normalizer=Normalizer.from_dict(ckpt["normalizer"]),
-            image_size=int(ckpt["image_size"]),
-            fit=ckpt.get("fit", "pad"),
-            channel_indices=list(ckpt.get("channel_indices") or []),
-            channels=list(ckpt.get("channels") or []),
-            thresholds={k: list(v) for k, v in (ckpt.get("thresholds") or {}).items()},
+            kind=ckpt.kind,
+            encoders=dict(ckpt.encoders),
+            normalizer=ckpt.normalizer,
+            image_size=ckpt.image_size,
+            fit=ckpt.fit,
+            channel_indices=list(ckpt.channel_indices),
+            channels=list(ckpt.channels),
+            thresholds={k: list(v) for k, v in ckpt.thresholds.items()},
             tta=bool(config.get("tta", False)) if tta is None else tta,
-            identity={"model": config.get("model"), "checkpoint": ckpt["path"],
-                      "epoch": ckpt.get("epoch"), "run": ckpt.get("run")},
-            axes=policy_from_image_section((ckpt.get("spec") or {}).get("image")),
+            identity={"model": config.get("model"), "checkpoint": None if ckpt.path is None else str(ckpt.path),
+                      "epoch": ckpt.epoch, "run": ckpt.run},
+            axes=policy_from_image_section((ckpt.spec or {}).get("image")),
         )
 
     # -- reading ----------------------------------------------------------------------
@@ -149,57 +157,30 @@ class Predictor:
         """Probabilities per task for normalized ``(N, C, S, S)`` inputs.
 
         Single-label and binary tasks give softmax rows; multi-label tasks per-class
-        sigmoid probabilities.
+        sigmoid probabilities. With test-time augmentation, the probabilities of the 8 D4
+        transforms of each image are averaged.
         """
         tta = self.tta if tta is None else tta
         if self.kind == "baseline":
             return {k: np.asarray(v, dtype=np.float64) for k, v in self.model.predict_proba(x).items()}
-        if self.backend is not None:
-            return self._predict_with_backend(x, tta)
-        import torch
-
-        from cellclass.data.augment import dihedral
-
-        self.model.eval()
+        if self.backend is None:
+            self.model.eval()
         outputs: dict[str, list[np.ndarray]] = {t: [] for t in self.encoders}
         with torch.inference_mode():
             for start in range(0, len(x), self.batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(x[start : start + self.batch_size]))
-                views = range(8) if tta else range(1)
-                acc: dict[str, torch.Tensor] = {}
-                for k in views:
-                    logits = self.model(dihedral(batch, k) if k else batch)
-                    for task, value in logits.items():
-                        p = self._activate(task, value.float())
-                        acc[task] = acc.get(task, 0) + p
+                probs = tta_d4(self._probabilities, batch) if tta else self._probabilities(batch)
                 for task in self.encoders:
-                    outputs[task].append((acc[task] / len(views)).numpy())
+                    outputs[task].append(probs[task].numpy())
         return {t: np.concatenate(v).astype(np.float64) for t, v in outputs.items()}
 
-    def _predict_with_backend(self, x: np.ndarray, tta: bool) -> dict[str, np.ndarray]:
-        """As the torch path, with :attr:`backend` computing the logits (TTA views in one batch)."""
-        views = range(8) if tta else range(1)
-        outputs: dict[str, list[np.ndarray]] = {t: [] for t in self.encoders}
-        for start in range(0, len(x), self.batch_size):
-            batch = x[start : start + self.batch_size]
-            stacked = np.concatenate([_dihedral_numpy(batch, k) for k in views])
-            logits = self.backend(np.ascontiguousarray(stacked, dtype=np.float32))
-            for task, encoder in self.encoders.items():
-                value = np.asarray(logits[task], dtype=np.float64)
-                if encoder.type == "multilabel":
-                    p = 1.0 / (1.0 + np.exp(-value))
-                else:
-                    e = np.exp(value - value.max(axis=1, keepdims=True))
-                    p = e / e.sum(axis=1, keepdims=True)
-                outputs[task].append(p.reshape(len(views), len(batch), -1).mean(axis=0))
-        return {t: np.concatenate(v).astype(np.float64) for t, v in outputs.items()}
-
-    def _activate(self, task: str, logits: Any) -> Any:
-        import torch
-
-        if self.encoders[task].type == "multilabel":
-            return torch.sigmoid(logits)
-        return torch.softmax(logits, dim=1)
+    def _probabilities(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Probabilities per task of one batch, from the model or the :attr:`backend`."""
+        if self.backend is None:
+            logits = self.model(batch)
+        else:
+            logits = {t: torch.from_numpy(np.asarray(v)) for t, v in self.backend(batch.numpy()).items()}
+        return {task: probabilities(logits[task].float(), encoder.type) for task, encoder in self.encoders.items()}
 
     def decide(self, probabilities: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
         """Labels per task: argmax for single/binary, tuned thresholds for multi-label."""
@@ -264,9 +245,3 @@ def check_image(image: np.ndarray, name: str) -> np.ndarray:
                                  f"{image.size}; valid: finite pixel values")
     return image
 
-
-def _dihedral_numpy(x: np.ndarray, k: int) -> np.ndarray:
-    """:func:`cellclass.data.augment.dihedral` for numpy ``(..., H, W)`` arrays."""
-    if k >= 4:
-        x = np.flip(x, axis=-1)
-    return np.rot90(x, k % 4, axes=(-2, -1)) if k % 4 else x
