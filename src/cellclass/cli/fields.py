@@ -91,7 +91,7 @@ def segment(
     settings, so an interrupted run resumes. `cellclass crops DATA --masks OUT` reads OUT.
     """
     from cellclass.data.masks import resolve_channel, segment_fields
-    from cellclass.data.segment import CellParams, make_backend
+    from cellclass.data.segment import CellParams
     from cellclass.errors import SegmentationError
 
     name = _backend_name(backend, masks, weights, diameter)
@@ -109,32 +109,13 @@ def segment(
     if cells is not None and cells == nucleus and masks is None:
         raise SegmentationError(f"--cell-channel {cell_channel!r} is the nucleus channel ({nucleus}); valid: a "
                                 f"cytoplasm or membrane channel other than the nuclear stain")
-    if name == "masks":
-        chosen = make_backend("masks", pattern=masks)
-    elif name == "skimage":
-        chosen = make_backend("skimage", channel=nucleus)
-    elif name == "cellpose":
-        chosen = make_backend("cellpose", weights=weights, channel=nucleus, diameter=diameter)
-    else:
-        chosen = make_backend("stardist", weights=weights, channel=nucleus)
+    chosen = _make_backend(name, masks, weights, diameter, nucleus)
     params = None if cells is None else CellParams(membrane=membrane, max_distance=max_distance)
     with stage_progress() as update:
         result = segment_fields(ds, chosen, out, cell_channel=cells, cell_params=params, workers=workers,
                                 progress=update)
 
-    what = "cells" if result.cells else ("objects" if name == "masks" else "nuclei")
-    channels = ds.image.channel_names or []
-    source = f"masks of the pattern {masks!r}" if name == "masks" else \
-        f"nuclei by {name} on channel {_channel_text(nucleus, channels)}"
-    if cells is not None:
-        source += f", cells grown on channel {_channel_text(cells, channels)}"
-    stats = result.stats()
-    table = Table(title=f"{what} per field: {source}")
-    for column in ("fields", "segmented now", "already done", what, "min", "median", "max", "empty fields"):
-        table.add_column(column, justify="right")
-    table.add_row(str(result.n_fields), str(result.n_processed), str(result.n_fields - result.n_processed),
-                  str(result.total), *(f"{stats[k]:g}" for k in ("min", "median", "max")), str(result.n_empty))
-    console.print(table)
+    _print_segmentation(result, name, masks, nucleus, cells, ds.image.channel_names or [])
     console.print(f"masks in {out / 'masks'}" + (f", nuclei in {out / 'nuclei'}" if result.cells else "")
                   + f"; one row per field in {out / 'masks.csv'}")
     console.print(f"next: cellclass crops {_quote(spec)}{_dataset_args(dataset)} --masks {_quote(out)} --out CELLS")
@@ -188,22 +169,15 @@ def crops(
     one side. Crops keep the file's dtype. Running the same command again skips the fields
     already cut with the same settings, so an interrupted run resumes.
     """
-    from cellclass.data.crops import (
-        CropError,
-        QcThresholds,
-        make_crops,
-        make_grid_crops,
-    )
+    from cellclass.data.crops import QcThresholds, make_crops, make_grid_crops
+    from cellclass.errors import CropError
 
     qc = QcThresholds(min_objects=min_objects, max_objects=max_objects)
     if grid is not None:
-        cell_only = {"--masks": masks is not None, "--size": size is not None, "--mask-neighbours": mask_neighbours,
-                     "--mask-background": mask_background, "--border": border != "skip", "--pad": pad != "zero",
-                     "--min-area": min_area != 1, "--max-area": max_area is not None}
-        given = [option for option, is_given in cell_only.items() if is_given]
-        if given:
-            raise CropError(f"--grid cuts montages into tiles and takes no {', '.join(given)}; valid: --grid with "
-                            f"--order and --keep-empty, or crops around masked objects without --grid")
+        _refuse_with_grid({"--masks": masks is not None, "--size": size is not None,
+                           "--mask-neighbours": mask_neighbours, "--mask-background": mask_background,
+                           "--border": border != "skip", "--pad": pad != "zero", "--min-area": min_area != 1,
+                           "--max-area": max_area is not None})
         tile = _tile(grid)
         ds = dataset.to_spec(spec)
         with stage_progress() as update:
@@ -227,18 +201,64 @@ def crops(
         console.print(f"{result.n_cells} crops of {side} from {result.n_fields} fields in {result.out} "
                       f"({_done_text(result)})")
     _print_qc(result)
+    side_of = size if grid is None else (tile[0] if tile[0] == tile[1] else None)
+    _print_crops_next(result, out, grid is not None, side_of)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _refuse_with_grid(cell_only: dict[str, bool]) -> None:
+    """Refuse the options of crops around objects given with --grid."""
+    from cellclass.errors import CropError
+
+    given = [option for option, is_given in cell_only.items() if is_given]
+    if given:
+        raise CropError(f"--grid cuts montages into tiles and takes no {', '.join(given)}; valid: --grid with "
+                        f"--order and --keep-empty, or crops around masked objects without --grid")
+
+
+def _print_crops_next(result: Any, out: Path, grid: bool, side: int | None) -> None:
+    """What cells.csv holds, and the commands that read it."""
     console.print(f"cells.csv: every field column, then {'tile' if grid else 'object'} id"
                   f"{'' if grid else ', centroid, area'} and field_id; its dataset: {out / 'cells.yaml'}")
     groups = _spec_groups(result.spec)
     split = f"split by {groups[0]}" + (": every cell of a field on one side" if groups[0] == "field_id" else
                                        ": every field of a group on one side")
-    side_of = size if grid is None else (tile[0] if tile[0] == tile[1] else None)
-    size_arg = "" if side_of is None else f" --image-size {side_of}"
+    size_arg = "" if side is None else f" --image-size {side}"
     console.print(f"next: cellclass validate {_quote(out / 'cells.yaml')}")
     console.print(f"next: cellclass train {_quote(out / 'cells.yaml')} --model lenet5{size_arg} --out RUN ({split})")
 
 
-# -- helpers ---------------------------------------------------------------------------------
+def _make_backend(name: str, masks: str | None, weights: Path | None, diameter: float | None, nucleus: int) -> Any:
+    """The segmentation backend of the checked options."""
+    from cellclass.data.segment import make_backend
+
+    if name == "masks":
+        return make_backend("masks", pattern=masks)
+    if name == "skimage":
+        return make_backend("skimage", channel=nucleus)
+    if name == "cellpose":
+        return make_backend("cellpose", weights=weights, channel=nucleus, diameter=diameter)
+    return make_backend("stardist", weights=weights, channel=nucleus)
+
+
+def _print_segmentation(result: Any, name: str, masks: str | None, nucleus: int, cells: int | None,
+                        channels: list[str]) -> None:
+    """The table of objects per field, and where they came from."""
+    what = "cells" if result.cells else ("objects" if name == "masks" else "nuclei")
+    source = f"masks of the pattern {masks!r}" if name == "masks" else \
+        f"nuclei by {name} on channel {_channel_text(nucleus, channels)}"
+    if cells is not None:
+        source += f", cells grown on channel {_channel_text(cells, channels)}"
+    stats = result.stats()
+    table = Table(title=f"{what} per field: {source}")
+    for column in ("fields", "segmented now", "already done", what, "min", "median", "max", "empty fields"):
+        table.add_column(column, justify="right")
+    table.add_row(str(result.n_fields), str(result.n_processed), str(result.n_fields - result.n_processed),
+                  str(result.total), *(f"{stats[k]:g}" for k in ("min", "median", "max")), str(result.n_empty))
+    console.print(table)
+
 
 
 def _backend_name(backend: str | None, masks: str | None, weights: Path | None, diameter: float | None) -> str:

@@ -205,11 +205,7 @@ def segment_fields(
         ImageReadError: When a field cannot be read; the message names its row.
         OutputPathError: When a mask or ``masks.csv`` would replace one of the inputs.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SegmentationError(f"workers must be an integer >= 1; got {workers!r}")
-    if cell_channel is not None and (isinstance(cell_channel, bool) or not isinstance(cell_channel, int)
-                                     or cell_channel < 0):
-        raise SegmentationError(f"cell_channel must be a channel index >= 0 or None; got {cell_channel!r}")
+    _check_arguments(workers, cell_channel)
     job = _Job(backend=backend, cell_channel=cell_channel,
                cell_params=(cell_params or CellParams()) if cell_channel is not None else None)
     frame = spec.load_manifest() if frame is None else frame
@@ -218,23 +214,14 @@ def segment_fields(
     out = Path(out).resolve()
     added = job.columns
     inherited = [str(c) for c in frame.columns if c != ROW_COLUMN]
-    clash = [c for c in added if c in inherited]
-    if clash:
-        raise SegmentationError(f"the manifest of {spec.name!r} already has column(s) {', '.join(clash)}, which "
-                                f"masks.csv adds; valid: a manifest without them (rename them)")
+    _check_columns(spec, added, inherited)
     todo = _fields(spec, frame)
     _check_outputs(spec, job, out, todo)
     signature = _jsonable(job.signature())
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    pending = []
-    for item in todo:
-        marker = _read_done(out, item, signature, spec, job)
-        if marker is None:
-            pending.append(item)
-        else:
-            item.n_objects = int(marker["n_objects"])
+    pending = _not_done(out, todo, signature, spec, job)
     done, total = len(todo) - len(pending), len(todo)
     if done and pending:
         log.info("%d of %d fields already segmented in %s; segmenting the other %d", done, total, out, len(pending))
@@ -254,14 +241,48 @@ def segment_fields(
     manifest = _assemble(out / "masks.csv", frame, inherited, todo, job)
     result = SegmentResult(out=out, manifest=manifest, n_fields=total, n_processed=len(pending),
                            n_objects=tuple(item.n_objects for item in todo), cells=cell_channel is not None)
-    summary = {
-        "dataset": spec.name, "settings": signature, "n_fields": total, "n_processed": len(pending),
-        "objects": {"total": result.total, **result.stats(), "empty_fields": result.n_empty},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    atomic_write_text(out / "segment.json", json.dumps(summary, indent=2) + "\n")
+    _write_summary(out / "segment.json", spec, signature, result, time.perf_counter() - started)
     log.info("%d objects in %d fields written to %s", result.total, total, out / "masks")
     return result
+
+
+def _check_arguments(workers: Any, cell_channel: Any) -> None:
+    """Refuse a worker count or a cell channel that is not a valid integer."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SegmentationError(f"workers must be an integer >= 1; got {workers!r}")
+    if cell_channel is not None and (isinstance(cell_channel, bool) or not isinstance(cell_channel, int)
+                                     or cell_channel < 0):
+        raise SegmentationError(f"cell_channel must be a channel index >= 0 or None; got {cell_channel!r}")
+
+
+def _check_columns(spec: DatasetSpec, added: Any, inherited: list[str]) -> None:
+    """Refuse a manifest that already has a column masks.csv adds."""
+    clash = [c for c in added if c in inherited]
+    if clash:
+        raise SegmentationError(f"the manifest of {spec.name!r} already has column(s) {', '.join(clash)}, which "
+                                f"masks.csv adds; valid: a manifest without them (rename them)")
+
+
+def _not_done(out: Path, todo: list[Any], signature: Any, spec: DatasetSpec, job: Any) -> list[Any]:
+    """The fields without a current done marker; the others take their object count from it."""
+    pending = []
+    for item in todo:
+        marker = _read_done(out, item, signature, spec, job)
+        if marker is None:
+            pending.append(item)
+        else:
+            item.n_objects = int(marker["n_objects"])
+    return pending
+
+
+def _write_summary(path: Path, spec: DatasetSpec, signature: Any, result: SegmentResult, seconds: float) -> None:
+    """``segment.json``: the settings, the field counts and the objects per field."""
+    summary = {
+        "dataset": spec.name, "settings": signature, "n_fields": result.n_fields, "n_processed": result.n_processed,
+        "objects": {"total": result.total, **result.stats(), "empty_fields": result.n_empty},
+        "seconds": round(seconds, 3),
+    }
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
 # -- the work ---------------------------------------------------------------------------
