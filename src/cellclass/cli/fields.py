@@ -146,11 +146,13 @@ def crops(
     max_area: Annotated[int | None, typer.Option(
         "--max-area", min=1, help="Skip objects of more pixels (default: no limit).", show_default=False)] = None,
     min_objects: Annotated[int, typer.Option(
-        "--min-objects", min=0, help="QC: a field with fewer objects (or fewer than a quarter of the median "
-                                     "field's) is flagged too_few.")] = 1,
+        "--min-objects", min=0,
+        help="QC: a field with fewer objects (or fewer than a quarter of the median field's) is flagged too_few.",
+    )] = 1,
     max_objects: Annotated[int | None, typer.Option(
-        "--max-objects", min=1, help="QC: a field with more objects (or more than 4 x the median field's) is "
-                                     "flagged too_many.", show_default=False)] = None,
+        "--max-objects", min=1, show_default=False,
+        help="QC: a field with more objects (or more than 4 x the median field's) is flagged too_many.",
+    )] = None,
     grid: Annotated[str | None, typer.Option(
         "--grid", help="Cut montages (imaging flow cytometry exports) into tiles of this side, or HxW (40, 40x32), "
                        "instead of cropping around masked objects.", show_default=False)] = None,
@@ -183,9 +185,7 @@ def crops(
         with stage_progress() as update:
             result = make_grid_crops(ds, out, tile, skip_empty=not keep_empty, order=order, qc=qc, workers=workers,
                                      progress=update)
-        side = f"{tile[0]} x {tile[1]}"
-        console.print(f"{result.n_cells} tiles of {side} from {result.n_fields} montages in {result.out} "
-                      f"({_done_text(result)})")
+        console.print(_done_text(result, f"tiles of {tile[0]} x {tile[1]}", "montages"))
     else:
         if masks is None:
             raise CropError("no --masks given; valid: --masks SEG, the output folder of `cellclass segment`, or "
@@ -197,9 +197,7 @@ def crops(
             result = make_crops(ds, folder, out, size, mask_neighbours=mask_neighbours,
                                 mask_background=mask_background, border=border, pad=pad, min_area=min_area,
                                 max_area=max_area, qc=qc, workers=workers, progress=update)
-        side = f"{size} x {size}"
-        console.print(f"{result.n_cells} crops of {side} from {result.n_fields} fields in {result.out} "
-                      f"({_done_text(result)})")
+        console.print(_done_text(result, f"crops of {size} x {size}", "fields"))
     _print_qc(result)
     side_of = size if grid is None else (tile[0] if tile[0] == tile[1] else None)
     _print_crops_next(result, out, grid is not None, side_of)
@@ -338,9 +336,11 @@ def _print_qc(result: Any) -> None:
     console.print(table)
 
 
-def _done_text(result: Any) -> str:
+def _done_text(result: Any, what: str, sources: str) -> str:
+    """``N crops of S x S from M fields in OUT (K cut now, J already done)``."""
     done = result.n_fields - result.n_processed
-    return f"{result.n_processed} cut now, {done} already done" if done else f"{result.n_processed} cut"
+    cut = f"{result.n_processed} cut now, {done} already done" if done else f"{result.n_processed} cut"
+    return f"{result.n_cells} {what} from {result.n_fields} {sources} in {result.out} ({cut})"
 
 
 def _spec_groups(path: Path) -> list[str]:
