@@ -54,7 +54,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path, PurePosixPath
@@ -851,26 +851,39 @@ def _cut_one(position: int, record: dict[str, Any], image_id: str, key: str) -> 
 def _cut_all(spec: DatasetSpec, cutter: Any, out: Path, signature: dict[str, Any], pending: list[_Field],
              workers: int) -> Iterator[tuple[_Field, tuple[int, int]]]:
     """Cut the pending fields, in this process or in a pool with a bounded queue."""
+    return map_fields(pending, workers, _init_worker, (spec, cutter, out, signature), _cut_one, _STATE.clear)
+
+
+def map_fields(pending: list[Any], workers: int, initializer: Callable[..., None], initargs: tuple[Any, ...],
+               work: Callable[[int, dict[str, Any], str, str], tuple[int, Any]],
+               clear: Callable[[], None]) -> Iterator[tuple[Any, Any]]:
+    """Run ``work(position, record, image_id, key)`` on every pending field; yield ``(field, result)``.
+
+    With one worker (or one field) the work runs in this process after ``initializer(*initargs)``
+    (and ``clear()`` after); otherwise in a process pool whose workers each run the
+    initializer once, with at most two fields per worker in flight, so the queue never holds
+    a whole plate. Results come in the order fields finish. Used by :func:`make_crops` and by
+    :func:`cellclass.data.masks.segment_fields`.
+    """
     if not pending:
         return
     if workers == 1 or len(pending) == 1:
-        _init_worker(spec, cutter, out, signature)
+        initializer(*initargs)
         try:
             for item in pending:
-                yield item, _cut_one(item.position, item.record, item.image_id, item.key)[1]
+                yield item, work(item.position, item.record, item.image_id, item.key)[1]
         finally:
-            _STATE.clear()
+            clear()
         return
     by_position = {item.position: item for item in pending}
     queue = iter(pending)
-    with ProcessPoolExecutor(max_workers=min(workers, len(pending)), initializer=_init_worker,
-                             initargs=(spec, cutter, out, signature)) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(pending)), initializer=initializer,
+                             initargs=initargs) as pool:
         running: set[Future] = set()
 
         def submit() -> None:
-            # At most two fields per worker in flight: the queue never holds the whole plate.
             for item in queue:
-                running.add(pool.submit(_cut_one, item.position, item.record, item.image_id, item.key))
+                running.add(pool.submit(work, item.position, item.record, item.image_id, item.key))
                 if len(running) >= 2 * workers:
                     return
 
@@ -880,8 +893,8 @@ def _cut_all(spec: DatasetSpec, cutter: Any, out: Path, signature: dict[str, Any
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     running.discard(future)
-                    position, counts = future.result()
-                    yield by_position[position], counts
+                    position, result = future.result()
+                    yield by_position[position], result
                 submit()
         except BaseException:
             for future in running:

@@ -33,7 +33,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
-from cellclass.data.crops import field_key, mask_path_for
+from cellclass.data.crops import field_key, map_fields, mask_path_for
 from cellclass.data.io import write_tiff
 from cellclass.data.segment import Backend, CellParams, segment_cells
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
@@ -443,42 +442,7 @@ def _segment_one(position: int, record: dict[str, Any], image_id: str, key: str)
 def _segment_all(spec: DatasetSpec, job: _Job, out: Path, signature: dict[str, Any], pending: list[_Field],
                  workers: int) -> Iterator[tuple[_Field, int]]:
     """Segment the pending fields, in this process or in a pool with a bounded queue."""
-    if not pending:
-        return
-    if workers == 1 or len(pending) == 1:
-        _init_worker(spec, job, out, signature)
-        try:
-            for item in pending:
-                yield item, _segment_one(item.position, item.record, item.image_id, item.key)[1]
-        finally:
-            _STATE.clear()
-        return
-    by_position = {item.position: item for item in pending}
-    queue = iter(pending)
-    with ProcessPoolExecutor(max_workers=min(workers, len(pending)), initializer=_init_worker,
-                             initargs=(spec, job, out, signature)) as pool:
-        running: set[Future] = set()
-
-        def submit() -> None:
-            # At most two fields per worker in flight: the queue never holds the whole plate.
-            for item in queue:
-                running.add(pool.submit(_segment_one, item.position, item.record, item.image_id, item.key))
-                if len(running) >= 2 * workers:
-                    return
-
-        submit()
-        try:
-            while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    running.discard(future)
-                    position, n_objects = future.result()
-                    yield by_position[position], n_objects
-                submit()
-        except BaseException:
-            for future in running:
-                future.cancel()
-            raise
+    return map_fields(pending, workers, _init_worker, (spec, job, out, signature), _segment_one, _STATE.clear)
 
 
 def _assemble(path: Path, frame: pd.DataFrame, inherited: list[str], items: list[_Field], job: _Job) -> Path:
