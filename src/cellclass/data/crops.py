@@ -499,7 +499,7 @@ class _CellCutter:
 
     def signature(self) -> dict[str, Any]:
         source = ({"masks_dir": str(self.masks_dir)} if self.masks_dir is not None
-                  else {"backend": _describe(self.backend)})
+                  else {"backend": describe_backend(self.backend)})
         return {"kind": self.kind, **asdict(self.settings), **source}
 
     def cut(self, spec: DatasetSpec, record: Mapping[str, Any], image: np.ndarray,
@@ -698,7 +698,7 @@ def _run(spec: DatasetSpec, cutter: Any, out: Path, frame: pd.DataFrame | None, 
                         f"cell manifest adds; valid: a manifest without them (rename them)")
     todo = _fields(spec, frame)
     _check_masks(cutter, todo)
-    signature = _jsonable(cutter.signature())
+    signature = jsonable(cutter.signature())
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -914,7 +914,7 @@ def _assemble(out: Path, cells: Path, frame: pd.DataFrame, inherited: list[str],
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow([*inherited, *added])
             for item, flag in zip(items, flags):
-                values = [_text(item.record.get(c)) for c in inherited]
+                values = [csv_text(item.record.get(c)) for c in inherited]
                 row_number = item.record.get(ROW_COLUMN, item.position + 1)
                 part, _ = _part_paths(out, item.key)
                 with open(part, newline="") as source:
@@ -930,7 +930,7 @@ def _write_qc(path: Path, spec: DatasetSpec, items: list[_Field], flags: list[st
         "field_id": [item.key for item in items],
         "image_id": [item.image_id for item in items],
         "field_row": [item.record.get(ROW_COLUMN, item.position + 1) for item in items],
-        **{g: [_text(item.record.get(g)) for item in items] for g in groups},
+        **{g: [csv_text(item.record.get(g)) for item in items] for g in groups},
         "n_objects": [item.n_objects for item in items],
         "n_crops": [item.n_crops for item in items],
         "qc": flags,
@@ -1012,7 +1012,7 @@ def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
         raise CropError(f"{name} {value!r} is invalid; valid: {', '.join(valid)}")
 
 
-def _describe(backend: Any) -> dict[str, Any]:
+def describe_backend(backend: Any) -> dict[str, Any]:
     """A backend's name and public settings, as recorded in the done-markers."""
     values: dict[str, Any] = {}
     for name, value in vars(backend).items():
@@ -1023,12 +1023,13 @@ def _describe(backend: Any) -> dict[str, Any]:
     return {"name": getattr(backend, "name", type(backend).__name__), **values}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, paths strings)."""
     return json.loads(json.dumps(value, default=str))
 
 
-def _text(value: Any) -> str:
+def csv_text(value: Any) -> str:
+    """A manifest value as a CSV cell (missing values empty)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value)

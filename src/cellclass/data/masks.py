@@ -29,11 +29,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,14 @@ import numpy as np
 import pandas as pd
 
 from cellclass.atomic import atomic_path, atomic_write_text
-from cellclass.data.crops import field_key, map_fields, mask_path_for
+from cellclass.data.crops import (
+    csv_text,
+    describe_backend,
+    field_key,
+    jsonable,
+    map_fields,
+    mask_path_for,
+)
 from cellclass.data.io import write_tiff
 from cellclass.data.segment import Backend, CellParams, segment_cells
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
@@ -216,7 +222,7 @@ def segment_fields(
     _check_columns(spec, added, inherited)
     todo = _fields(spec, frame)
     _check_outputs(spec, job, out, todo)
-    signature = _jsonable(job.signature())
+    signature = jsonable(job.signature())
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -303,7 +309,7 @@ class _Job:
         return (*MASK_COLUMNS[:at], "nuclei", *MASK_COLUMNS[at:])
 
     def signature(self) -> dict[str, Any]:
-        return {"backend": _describe(self.backend), "cell_channel": self.cell_channel,
+        return {"backend": describe_backend(self.backend), "cell_channel": self.cell_channel,
                 "cell_params": None if self.cell_params is None else asdict(self.cell_params)}
 
     def outputs(self, image_id: str) -> list[str]:
@@ -451,29 +457,7 @@ def _assemble(path: Path, frame: pd.DataFrame, inherited: list[str], items: list
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow([*inherited, *job.columns])
         for item in items:
-            values = [_text(item.record.get(c)) for c in inherited]
+            values = [csv_text(item.record.get(c)) for c in inherited]
             row_number = item.record.get(ROW_COLUMN, item.position + 1)
             writer.writerow([*values, item.key, row_number, *job.outputs(item.image_id), item.n_objects])
     return path
-
-
-def _describe(backend: Any) -> dict[str, Any]:
-    """A backend's name and public settings, as recorded in the done-markers."""
-    values: dict[str, Any] = {}
-    for name, value in vars(backend).items():
-        if name.startswith("_"):
-            continue
-        values[name] = value.to_dict() if hasattr(value, "to_dict") else asdict(value) if is_dataclass(value) \
-            else value
-    return {"name": getattr(backend, "name", type(backend).__name__), **values}
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, paths strings)."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value)
