@@ -70,3 +70,13 @@ class ImageWriteError(CellclassError, ValueError):
 
 class OutputPathError(CellclassError):
     """An output path cannot be used: it is one of the inputs, or a folder where a file is needed."""
+
+
+# Exports
+class ModelPackageError(CellclassError):
+    """A model package (bioimage.io, MLflow model) cannot be written or read as asked: a
+    baseline instead of a network, a missing test image, metadata the format refuses."""
+
+
+class ModelRegistryError(CellclassError):
+    """A registered model name, version or ``models:/`` URI cannot be resolved or used as asked."""

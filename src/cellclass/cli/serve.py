@@ -185,17 +185,76 @@ def contributions_export(
 @app.command("export")
 def export_model(
     run: Annotated[Path, typer.Argument(help="Run folder (or .ckpt file).")],
-    format_: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
-    out: Annotated[Path | None, typer.Option("--out", help="Output file (default RUN/model.onnx).")] = None,
+    format_: Annotated[str, typer.Option("--format", help="Export format: onnx or bioimageio.")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", help="Output: an .onnx file (default RUN/model.onnx), or the "
+                                                           "package folder (default RUN/bioimageio; its zip goes "
+                                                           "beside it).")] = None,
     opset: Annotated[int, typer.Option("--opset", min=7, help="ONNX opset.")] = 18,
-    exporter: Annotated[str, typer.Option("--exporter", help="auto, dynamo or legacy.")] = "auto",
+    exporter: Annotated[str, typer.Option("--exporter", help="ONNX exporter: auto, dynamo or legacy.")] = "auto",
+    license_: Annotated[str | None, typer.Option("--license", help="bioimageio: SPDX licence of the model "
+                                                                  "(required), e.g. CC-BY-4.0, MIT.")] = None,
+    author: Annotated[list[str] | None, typer.Option("--author", help="bioimageio: an author's name (at least one; "
+                                                                      "repeatable).")] = None,
+    cite: Annotated[list[str] | None, typer.Option("--cite", help="bioimageio: a citation, 'TEXT DOI' or 'TEXT "
+                                                                  "URL' (repeatable).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="bioimageio: model name (default: cellclass MODEL "
+                                                            "DATASET).")] = None,
+    description: Annotated[str | None, typer.Option("--description", help="bioimageio: description (default: "
+                                                                          "made from the run's metrics).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="bioimageio: a tag to add (repeatable).")] = None,
+    test_image: Annotated[Path | None, typer.Option("--test-image", help="bioimageio: image for the test tensors "
+                                                                        "(default: one of the run's test split).")] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="bioimageio: D4 test-time augmentation in the "
+                                                                    "graph (default: the run's).")] = None,
+    zip_: Annotated[bool, typer.Option("--zip/--no-zip", help="bioimageio: also write OUT.zip.")] = True,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="bioimageio: run bioimageio.core's model test "
+                                                                   "on the package.")] = True,
 ) -> None:
-    """Export a run's network for serving elsewhere (ONNX: normalized (N, C, S, S) in, logits per task out)."""
+    """Export a run's network for use elsewhere.
+
+    onnx: normalized (N, C, S, S) in, logits per task out (for `cellclass serve --onnx`).
+    bioimageio: a bioimage.io model package (spec 0.5: rdf.yaml, TorchScript and ONNX weights,
+    test tensors from a real test image) for ilastik, deepImageJ, QuPath and bioimageio.core;
+    needs pip install 'cellclass[bioimageio]'.
+    """
     from cellclass.serving.errors import ExportError
+
+    if format_ == "bioimageio":
+        _export_bioimageio(run, out, license_, author or [], cite or [], name, description, tag or [], test_image,
+                           tta, opset, exporter, zip_, check)
+        return
+    if format_ != "onnx":
+        raise ExportError(f"unknown export format {format_!r}; valid: onnx, bioimageio")
     from cellclass.serving.onnx_model import export_onnx
 
-    if format_ != "onnx":
-        raise ExportError(f"unknown export format {format_!r}; valid: onnx")
     path = export_onnx(run, out, opset=opset, exporter=exporter)
     console.print(f"exported {run} to {path} ({path.stat().st_size:,} bytes); serve it with "
                   f"`cellclass serve {run} --onnx {path}`", highlight=False)
+
+
+def _export_bioimageio(run: Path, out: Path | None, license_: str | None, authors: list[str], cite: list[str],
+                       name: str | None, description: str | None, tags: list[str], test_image: Path | None,
+                       tta: bool | None, opset: int, exporter: str, zip_: bool, check: bool) -> None:
+    """Write a bioimage.io package and, when asked, test it with bioimageio.core."""
+    from cellclass.errors import ModelPackageError
+    from cellclass.serving.bioimageio import (
+        PackageInfo,
+        check_package,
+        export_bioimageio,
+        failed_checks,
+    )
+
+    info = PackageInfo(license=license_, authors=authors, cite=cite, name=name, description=description, tags=tags)
+    package = export_bioimageio(run, out, info, test_image=test_image, tta=tta, opset=opset, exporter=exporter,
+                                zip_package=zip_)
+    console.print(f"bioimage.io package of {run} written to {package.folder}"
+                  + (f" and {package.zip} ({package.zip.stat().st_size:,} bytes)" if package.zip else "")
+                  + f"; outputs {', '.join(package.outputs)}; preprocessing "
+                  + (", ".join(package.preprocessing) or "none"), highlight=False)
+    if not check:
+        return
+    summary = check_package(package.folder)
+    if summary.status != "passed":
+        raise ModelPackageError(f"the package at {package.folder} failed bioimageio.core's model test: "
+                                + (" | ".join(failed_checks(summary)) or summary.status))
+    console.print(f"bioimageio.core's model test passed (weights: {', '.join(package.weights)})", highlight=False)
