@@ -60,7 +60,8 @@ def _contributions(state_dir: Path | None, database: str | None, files: str | No
 
 @app.command()
 def serve(
-    run: Annotated[Path, typer.Argument(help="Run folder (or .ckpt file) to serve.")],
+    run: Annotated[Path, typer.Argument(help="Run folder (or .ckpt file) to serve, or an MLflow model made by "
+                                             "cellclass: models:/NAME/VERSION, runs:/RUN_ID/model.")],
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
     state_dir: StateDirOpt = None,
@@ -78,12 +79,19 @@ def serve(
     max_upload_mb: Annotated[float | None, typer.Option("--max-upload-mb", min=0.001, help="Largest image file, MiB.")] = None,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=1, help="Largest image, pixel values (H x W x C).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = False,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store holding a models:/ RUN "
+                                                     "(default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
 ) -> None:
     """Serve a trained run over HTTP: predictions, contributions, a web page (/) and API docs (/docs)."""
     import uvicorn
 
     from cellclass.serving.app import create_app
     from cellclass.serving.settings import ServeSettings
+    from cellclass.tracking.mlflow_model import is_model_uri
+
+    source = str(run)
+    if is_model_uri(source):
+        run = _resolve_mlflow_model(source, state_dir, tracking_uri)
 
     settings = ServeSettings.from_env(
         run=run, state_dir=state_dir, database=database, files=files, onnx=onnx, backend=backend,
@@ -93,10 +101,39 @@ def serve(
     from cellclass.training.checkpoint import load_checkpoint
 
     load_checkpoint(settings.run)  # a clear error now rather than a traceback from the server's start-up
-    console.print(f"serving {run} on http://{host}:{port} (web page /, API docs /docs); state in {settings.state_dir}",
-                  highlight=False)
+    console.print(f"serving {source} on http://{host}:{port} (web page /, API docs /docs); state in "
+                  f"{settings.state_dir}", highlight=False)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log,
                 timeout_graceful_shutdown=10)
+
+
+def _resolve_mlflow_model(uri: str, state_dir: Path | None, tracking_uri: str | None) -> Path:
+    """The checkpoint of an MLflow model, downloaded into STATE_DIR/mlflow-models/."""
+    from cellclass.serving.settings import ServeSettings
+    from cellclass.tracking.mlflow_model import model_folder_name, resolve_model_uri
+
+    state = ServeSettings.from_env(run=Path("."), state_dir=state_dir).state_dir
+    checkpoint = resolve_model_uri(uri, state / "mlflow-models" / model_folder_name(uri), tracking_uri=tracking_uri)
+    console.print(f"{uri} resolved to {checkpoint}", highlight=False)
+    return checkpoint
+
+
+@app.command()
+def register(
+    run: Annotated[Path, typer.Argument(help="Run folder trained with the MLflow tracker.")],
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store (default: the one the run "
+                                                     "was tracked in, from RUN/tracking.json).")] = None,
+) -> None:
+    """Register a run's MLflow model by name (a new version each time); prints its models:/ URI.
+
+    A run trained with --no-log-model gets its model logged first.
+    """
+    from cellclass.tracking.mlflow_model import register_run
+
+    done = register_run(run, name, tracking_uri=tracking_uri)
+    console.print(f"registered {run} as {name} version {done.version}: {done.uri} in {done.store}", highlight=False)
+    console.print(f"serve it with: cellclass serve {done.uri} --tracking-uri {done.store}", highlight=False)
 
 
 @keys_app.command("create")

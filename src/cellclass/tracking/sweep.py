@@ -90,6 +90,7 @@ class SweepJob:
     experiment: str | None = None
     parent_run_id: str | None = None
     seed: int = 0
+    log_models: bool = False
 
 
 def run_sweep(
@@ -107,6 +108,7 @@ def run_sweep(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     progress: ProgressFn | None = None,
+    log_models: bool = False,
 ) -> dict[str, Any]:
     """Run (or continue) a sweep until its study holds ``n_trials`` finished trials.
 
@@ -127,6 +129,8 @@ def run_sweep(
         tracking_uri: Tracker URI (default: the local store ``OUT/mlflow.db``).
         experiment: MLflow experiment / W&B project (default: the study name).
         progress: Progress callback (used when ``n_jobs`` is 1).
+        log_models: MLflow: log every trial's network as an MLflow model (off: a sweep's
+            trials stay cheap to track; register the best one with ``cellclass register``).
 
     Returns:
         The report summary (also written to ``OUT/sweep.json``).
@@ -169,7 +173,8 @@ def run_sweep(
                                   **{f"base.{k}": v for k, v in base.to_dict().items()}})
         job = SweepJob(spec=spec, base=base.to_dict(), space=space, out=out, storage=storage, study=study_name,
                        n_trials=target, folds=folds, tracker=tracker, tracking_uri=tracking_uri,
-                       experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=seed)
+                       experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=seed,
+                       log_models=log_models)
         failed: list[str] = []
         with quiet_training():
             if n_jobs == 1:
@@ -597,7 +602,8 @@ def run_trial(job: SweepJob, study: Any, storage: Any, trial: Any, params: dict[
                            root=job.out, tags={"cellclass.kind": "trial", "cellclass.study": job.study,
                                                "cellclass.trial": root, "optuna.trial_number": trial.number},
                            parent=job.parent_run_id, group=job.study,
-                           record=None if job.tracker == "none" else folder / "tracking.json", job_type="trial")
+                           record=None if job.tracker == "none" else folder / "tracking.json", job_type="trial",
+                           log_model=job.log_models)
     with _Heartbeat(storage, trial._trial_id):
         try:
             cfg = TrainConfig.from_dict(job.base).override(params)
