@@ -247,12 +247,14 @@ def export_model(
     check: Annotated[bool, typer.Option("--check/--no-check", help="bioimageio: run bioimageio.core's model test "
                                                                    "on the package.")] = True,
 ) -> None:
-    """Export a run's network for use elsewhere.
+    """Export a run's network for use elsewhere: onnx or a bioimage.io model package.
 
-    onnx: normalized (N, C, S, S) in, logits per task out (for `cellclass serve --onnx`).
-    bioimageio: a bioimage.io model package (spec 0.5: rdf.yaml, TorchScript and ONNX weights,
-    test tensors from a real test image) for ilastik, deepImageJ, QuPath and bioimageio.core;
-    needs pip install 'cellclass[bioimageio]'.
+    onnx: normalized (N, C, S, S) in, logits per task out, for `cellclass serve --onnx`.
+
+    bioimageio: a model package in the bioimage.io format (spec 0.5: rdf.yaml, TorchScript and
+    ONNX weights, test tensors from a real test image, probabilities per task), written as a
+    folder and a zip and tested with bioimageio.core; needs pip install 'cellclass\\[bioimageio]'.
+    See docs/export.md for what bioimageio.core, ilastik, deepImageJ and QuPath do with it.
     """
     from cellclass.serving.errors import ExportError
 
