@@ -7,6 +7,8 @@
 - :mod:`~cellclass.tracking.sweep`: :func:`run_sweep` on an Optuna study shared by worker
   processes (and machines), resumable after a kill.
 - :mod:`~cellclass.tracking.report`: the sweep report.
+- :mod:`~cellclass.tracking.mlflow_model`: runs as MLflow pyfunc models (logged by the MLflow
+  tracker), registration by name, ``models:/`` URIs resolved to checkpoints.
 
 Only light modules are imported here; MLflow, W&B and Optuna load when used.
 """
