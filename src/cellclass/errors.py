@@ -167,3 +167,11 @@ class EvaluationError(CellclassError, ValueError):
 
 class ModelExportError(CellclassError):
     """A network cannot be exported (ONNX) as asked, or an exported model does not fit its checkpoint."""
+# Exports
+class ModelPackageError(CellclassError):
+    """A model package (bioimage.io, MLflow model) cannot be written or read as asked: a
+    baseline instead of a network, a missing test image, metadata the format refuses."""
+
+
+class ModelRegistryError(CellclassError):
+    """A registered model name, version or ``models:/`` URI cannot be resolved or used as asked."""

@@ -220,10 +220,14 @@ class TrackerOptions(OptionGroup):
                                "W&B: server URL.")] = None
     experiment: Annotated[str | None, typer.Option(
         "--experiment", help="MLflow experiment / W&B project (default: cellclass).")] = None
+    log_model: Annotated[bool | None, typer.Option(
+        "--log-model/--no-log-model", help="MLflow: log the trained network as an MLflow model (default: on for "
+                                           "train, off for sweep trials).")] = None
 
     def open(self, out: Path, job_type: str) -> Tracker:
         """The tracker of the run folder ``out``: its default local store sits beside it."""
         from cellclass.tracking import make_tracker
 
         return make_tracker(self.tracker, self.tracking_uri, self.experiment, run_name=out.name, root=out.parent,
-                            job_type=job_type, record=None if self.tracker == "none" else out / "tracking.json")
+                            job_type=job_type, record=None if self.tracker == "none" else out / "tracking.json",
+                            log_model=self.log_model is not False)

@@ -60,7 +60,8 @@ def _contributions(state_dir: Path | None, database: str | None, files: str | No
 
 @app.command()
 def serve(
-    run: Annotated[Path, typer.Argument(help="Run folder (or .ckpt file) to serve.")],
+    run: Annotated[Path, typer.Argument(help="Run folder (or .ckpt file) to serve, or an MLflow model made by "
+                                             "cellclass: models:/NAME/VERSION, runs:/RUN_ID/model.")],
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
     state_dir: StateDirOpt = None,
@@ -78,12 +79,19 @@ def serve(
     max_upload_mb: Annotated[float | None, typer.Option("--max-upload-mb", min=0.001, help="Largest image file, MiB.")] = None,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=1, help="Largest image, pixel values (H x W x C).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = False,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store holding a models:/ RUN "
+                                                     "(default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
 ) -> None:
     """Serve a trained run over HTTP: predictions, contributions, a web page (/) and API docs (/docs)."""
     import uvicorn
 
     from cellclass.serving.app import create_app
     from cellclass.serving.settings import ServeSettings
+    from cellclass.tracking.mlflow_model import is_model_uri
+
+    source = str(run)
+    if is_model_uri(source):
+        run = _resolve_mlflow_model(source, state_dir, tracking_uri)
 
     settings = ServeSettings.from_env(
         run=run, state_dir=state_dir, database=database, files=files, onnx=onnx, backend=backend,
@@ -93,10 +101,39 @@ def serve(
     from cellclass.inference.checkpoint import Checkpoint
 
     Checkpoint.load(settings.run)  # a clear error now rather than a traceback from the server's start-up
-    console.print(f"serving {run} on http://{host}:{port} (web page /, API docs /docs); state in {settings.state_dir}",
-                  highlight=False)
+    console.print(f"serving {source} on http://{host}:{port} (web page /, API docs /docs); state in "
+                  f"{settings.state_dir}", highlight=False)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log,
                 timeout_graceful_shutdown=10)
+
+
+def _resolve_mlflow_model(uri: str, state_dir: Path | None, tracking_uri: str | None) -> Path:
+    """The checkpoint of an MLflow model, downloaded into STATE_DIR/mlflow-models/."""
+    from cellclass.serving.settings import ServeSettings
+    from cellclass.tracking.mlflow_model import model_folder_name, resolve_model_uri
+
+    state = ServeSettings.from_env(run=Path("."), state_dir=state_dir).state_dir
+    checkpoint = resolve_model_uri(uri, state / "mlflow-models" / model_folder_name(uri), tracking_uri=tracking_uri)
+    console.print(f"{uri} resolved to {checkpoint}", highlight=False)
+    return checkpoint
+
+
+@app.command()
+def register(
+    run: Annotated[Path, typer.Argument(help="Run folder trained with the MLflow tracker.")],
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store (default: the one the run "
+                                                     "was tracked in, from RUN/tracking.json).")] = None,
+) -> None:
+    """Register a run's MLflow model by name (a new version each time); prints its models:/ URI.
+
+    A run trained with --no-log-model gets its model logged first.
+    """
+    from cellclass.tracking.mlflow_model import register_run
+
+    done = register_run(run, name, tracking_uri=tracking_uri)
+    console.print(f"registered {run} as {name} version {done.version}: {done.uri} in {done.store}", highlight=False)
+    console.print(f"serve it with: cellclass serve {done.uri} --tracking-uri {done.store}", highlight=False)
 
 
 @keys_app.command("create")
@@ -185,17 +222,78 @@ def contributions_export(
 @app.command("export")
 def export_model(
     run: Annotated[Path, typer.Argument(help="Run folder (or .ckpt file).")],
-    format_: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
-    out: Annotated[Path | None, typer.Option("--out", help="Output file (default RUN/model.onnx).")] = None,
+    format_: Annotated[str, typer.Option("--format", help="Export format: onnx or bioimageio.")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", help="Output: an .onnx file (default RUN/model.onnx), or the "
+                                                           "package folder (default RUN/bioimageio; its zip goes "
+                                                           "beside it).")] = None,
     opset: Annotated[int, typer.Option("--opset", min=7, help="ONNX opset.")] = 18,
-    exporter: Annotated[str, typer.Option("--exporter", help="auto, dynamo or legacy.")] = "auto",
+    exporter: Annotated[str, typer.Option("--exporter", help="ONNX exporter: auto, dynamo or legacy.")] = "auto",
+    license_: Annotated[str | None, typer.Option("--license", help="bioimageio: SPDX licence of the model "
+                                                                  "(required), e.g. CC-BY-4.0, MIT.")] = None,
+    author: Annotated[list[str] | None, typer.Option("--author", help="bioimageio: an author's name (at least one; "
+                                                                      "repeatable).")] = None,
+    cite: Annotated[list[str] | None, typer.Option("--cite", help="bioimageio: a citation, 'TEXT DOI' or 'TEXT "
+                                                                  "URL' (repeatable).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="bioimageio: model name (default: cellclass MODEL "
+                                                            "DATASET).")] = None,
+    description: Annotated[str | None, typer.Option("--description", help="bioimageio: description (default: "
+                                                                          "made from the run's metrics).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="bioimageio: a tag to add (repeatable).")] = None,
+    test_image: Annotated[Path | None, typer.Option("--test-image", help="bioimageio: image for the test tensors "
+                                                                        "(default: one of the run's test split).")] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="bioimageio: D4 test-time augmentation in the "
+                                                                    "graph (default: the run's).")] = None,
+    zip_: Annotated[bool, typer.Option("--zip/--no-zip", help="bioimageio: also write OUT.zip.")] = True,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="bioimageio: run bioimageio.core's model test "
+                                                                   "on the package.")] = True,
 ) -> None:
-    """Export a run's network for serving elsewhere (ONNX: normalized (N, C, S, S) in, logits per task out)."""
+    """Export a run's network for use elsewhere: onnx or a bioimage.io model package.
+
+    onnx: normalized (N, C, S, S) in, logits per task out, for `cellclass serve --onnx`.
+
+    bioimageio: a model package in the bioimage.io format (spec 0.5: rdf.yaml, TorchScript and
+    ONNX weights, test tensors from a real test image, probabilities per task), written as a
+    folder and a zip and tested with bioimageio.core; needs pip install 'cellclass\\[bioimageio]'.
+    See docs/export.md for what bioimageio.core, ilastik, deepImageJ and QuPath do with it.
+    """
     from cellclass.errors import ExportError
     from cellclass.inference.onnx import export_onnx
 
+    if format_ == "bioimageio":
+        _export_bioimageio(run, out, license_, author or [], cite or [], name, description, tag or [], test_image,
+                           tta, opset, exporter, zip_, check)
+        return
     if format_ != "onnx":
-        raise ExportError(f"unknown export format {format_!r}; valid: onnx")
+        raise ExportError(f"unknown export format {format_!r}; valid: onnx, bioimageio")
+
     path = export_onnx(run, out, opset=opset, exporter=exporter)
     console.print(f"exported {run} to {path} ({path.stat().st_size:,} bytes); serve it with "
                   f"`cellclass serve {run} --onnx {path}`", highlight=False)
+
+
+def _export_bioimageio(run: Path, out: Path | None, license_: str | None, authors: list[str], cite: list[str],
+                       name: str | None, description: str | None, tags: list[str], test_image: Path | None,
+                       tta: bool | None, opset: int, exporter: str, zip_: bool, check: bool) -> None:
+    """Write a bioimage.io package and, when asked, test it with bioimageio.core."""
+    from cellclass.errors import ModelPackageError
+    from cellclass.serving.bioimageio import (
+        PackageInfo,
+        check_package,
+        export_bioimageio,
+        failed_checks,
+    )
+
+    info = PackageInfo(license=license_, authors=authors, cite=cite, name=name, description=description, tags=tags)
+    package = export_bioimageio(run, out, info, test_image=test_image, tta=tta, opset=opset, exporter=exporter,
+                                zip_package=zip_)
+    console.print(f"bioimage.io package of {run} written to {package.folder}"
+                  + (f" and {package.zip} ({package.zip.stat().st_size:,} bytes)" if package.zip else "")
+                  + f"; outputs {', '.join(package.outputs)}; preprocessing "
+                  + (", ".join(package.preprocessing) or "none"), highlight=False)
+    if not check:
+        return
+    summary = check_package(package.folder)
+    if summary.status != "passed":
+        raise ModelPackageError(f"the package at {package.folder} failed bioimageio.core's model test: "
+                                + (" | ".join(failed_checks(summary)) or summary.status))
+    console.print(f"bioimageio.core's model test passed (weights: {', '.join(package.weights)})", highlight=False)

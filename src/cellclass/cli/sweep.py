@@ -50,7 +50,7 @@ def sweep(
     with stage_progress() as update:
         summary = run_sweep(ds, config, space, out, n_trials=n_trials, n_jobs=n_jobs, storage=storage, study=study,
                             folds=folds, tracker=tracking.tracker, tracking_uri=tracking.tracking_uri,
-                            experiment=tracking.experiment, progress=update)
+                            experiment=tracking.experiment, progress=update, log_models=bool(tracking.log_model))
     print_sweep(summary, out)
 
 

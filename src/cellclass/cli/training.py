@@ -55,9 +55,15 @@ def train(
     tracking: TrackerOptions,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out with its settings; "
                                          "--epochs N (more than done) extends it, other changes are refused.")] = False,
+    register: Annotated[str | None, typer.Option("--register", help="MLflow: register the trained model under "
+                                                 "this name in the tracking store's registry.")] = None,
 ) -> None:
     """Train a model, select its best epoch on validation, evaluate it on test, write the run folder."""
     from cellclass.training.loop import train as run_train
+
+    if register is not None and tracking.tracker != "mlflow":
+        raise SpecError(f"--register {register} needs the MLflow tracker; got --tracker {tracking.tracker}; "
+                        "valid: --tracker mlflow (the default)")
 
     ds = dataset.to_spec(spec)
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
@@ -71,6 +77,12 @@ def train(
         result = run_train(ds, config, out, resume=resume, progress=update, tracker=tracker)
     if result:
         print_metrics(result, out)
+    if result and register is not None:
+        from cellclass.tracking.mlflow_model import register_run
+
+        done = register_run(out, register)
+        console.print(f"registered as {register} version {done.version}: {done.uri} in {done.store} (serve it "
+                      f"with `cellclass serve {done.uri} --tracking-uri {done.store}`)", highlight=False)
 
 
 def print_metrics(result: dict[str, Any], out: Path) -> None:

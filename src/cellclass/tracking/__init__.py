@@ -10,6 +10,8 @@
   recovery of dead workers' trials).
 - :mod:`~cellclass.tracking.sweep_report`: the sweep report.
 - :mod:`~cellclass.tracking.folds`: a cross-validation's folds told to its tracker.
+- :mod:`~cellclass.tracking.mlflow_model`: runs as MLflow pyfunc models (logged by the MLflow
+  tracker), registration by name, ``models:/`` URIs resolved to checkpoints.
 
 W&B, an optional extra, is imported when its tracker is made.
 """

@@ -99,6 +99,7 @@ class SweepJob:
     experiment: str | None = None
     parent_run_id: str | None = None
     seed: int = 0
+    log_models: bool = False
 
 
 def run_sweep(
@@ -116,6 +117,7 @@ def run_sweep(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     progress: ProgressFn | None = None,
+    log_models: bool = False,
 ) -> dict[str, Any]:
     """Run (or continue) a sweep until its study holds ``n_trials`` finished trials.
 
@@ -136,6 +138,8 @@ def run_sweep(
         tracking_uri: Tracker URI (default: the local store ``OUT/mlflow.db``).
         experiment: MLflow experiment / W&B project (default: the study name).
         progress: Progress callback (used when ``n_jobs`` is 1).
+        log_models: MLflow: log every trial's network as an MLflow model (off: a sweep's
+            trials stay cheap to track; register the best one with ``cellclass register``).
 
     Returns:
         The report summary (also written to ``OUT/sweep.json``).
@@ -165,21 +169,27 @@ def run_sweep(
         sweep_tracker.log_params(_sweep_params(space, base.to_dict(), target, folds, study_name, storage))
         job = SweepJob(spec=spec, base=base.to_dict(), space=space, out=out, storage=storage, study=study_name,
                        n_trials=target, folds=folds, tracker=tracker, tracking_uri=tracking_uri,
-                       experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=int(base.seed))
+                       experiment=experiment or study_name, parent_run_id=sweep_tracker.run_id, seed=int(base.seed),
+                       log_models=log_models)
         failed = _run_workers(job, n_jobs, progress)
         summary = write_sweep_report(optuna_study, out, space, job.base, n_trials=target,
                                      storage=masked_url(storage), folds=folds)
-        best = summary.get("best")
-        totals = {f"trials/{k.lower()}": v for k, v in summary["counts"].items()}
-        if best is not None:
-            totals.update({f"best/{space.metric}": best["value"], "best/trial": best["trial"]})
-        sweep_tracker.log_metrics(totals, step=0)
-        sweep_tracker.log_artifacts(out, exclude=("trials",))
+        _log_summary(sweep_tracker, summary, space.metric, out)
     if failed:
         trials = "".join(f"{failure_line(f)}\n" for f in summary["failures"])
         raise SweepError(f"{trials}{failed}; {summary['finished']} of {target} trial(s) finished; the report "
                          f"in {out} covers them. Re-run the same command to continue the study")
     return summary
+
+
+def _log_summary(sweep_tracker: Tracker, summary: Mapping[str, Any], metric: str, out: Path) -> None:
+    """The sweep's tracked run gets the trial counts, the best trial and the report's files."""
+    best = summary.get("best")
+    totals = {f"trials/{k.lower()}": v for k, v in summary["counts"].items()}
+    if best is not None:
+        totals.update({f"best/{metric}": best["value"], "best/trial": best["trial"]})
+    sweep_tracker.log_metrics(totals, step=0)
+    sweep_tracker.log_artifacts(out, exclude=("trials",))
 
 
 def _sweep_params(space: SweepSpace, base: Mapping[str, Any], target: int, folds: int | None, study: str,
@@ -369,7 +379,8 @@ def run_trial(job: SweepJob, study: Any, storage: Any, trial: Any, params: dict[
                            root=job.out, tags={"cellclass.kind": "trial", "cellclass.study": job.study,
                                                "cellclass.trial": root, "optuna.trial_number": trial.number},
                            parent=job.parent_run_id, group=job.study,
-                           record=None if job.tracker == "none" else folder / "tracking.json", job_type="trial")
+                           record=None if job.tracker == "none" else folder / "tracking.json", job_type="trial",
+                           log_model=job.log_models)
     with Heartbeat(storage, trial._trial_id):
         try:
             cfg = TrainConfig.from_dict(job.base).override(params)

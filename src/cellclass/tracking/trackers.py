@@ -11,7 +11,9 @@ Where runs go:
   (``http://host:5000``) or a database (``sqlite:///path.db``, ``postgresql://...``).
   Without one, a local SQLite store ``mlflow.db`` sits in the *runs root* (the folder that
   holds the run folder, or a sweep's own folder) with artifacts in ``mlartifacts/`` beside
-  it; ``mlflow ui --backend-store-uri sqlite:///ROOT/mlflow.db`` shows them.
+  it; ``mlflow ui --backend-store-uri sqlite:///ROOT/mlflow.db`` shows them. A finished
+  run's network is also logged as an MLflow model (``model/``, see
+  :mod:`cellclass.tracking.mlflow_model`) unless ``log_model`` is off.
 - **Weights & Biases** (``pip install 'cellclass[wandb]'``): online when an API key is set
   up, otherwise offline (``WANDB_MODE=offline`` forces it) with files under
   ``ROOT/wandb/`` for a later ``wandb sync``.
@@ -47,6 +49,7 @@ from mlflow.utils.validation import (
 
 from cellclass.atomic import atomic_write_text
 from cellclass.errors import MissingDependencyError, TrackingError
+from cellclass.tracking.mlflow_model import log_model
 
 try:
     import fcntl
@@ -266,13 +269,17 @@ class MLflowTracker(Tracker):
         tags: Tags set when the run starts.
         parent: Run id of a parent run (the run is nested under it in the UI).
         record: ``tracking.json`` of the run folder: a run recorded there is continued.
+        log_model: Log a finished run's best checkpoint as an MLflow model (``model/``, see
+            :mod:`cellclass.tracking.mlflow_model`) with its other files.
     """
 
     name = "mlflow"
 
     def __init__(self, uri: str | None = None, experiment: str | None = None, run_name: str | None = None, *,
                  root: str | os.PathLike[str] | None = None, tags: Mapping[str, Any] | None = None,
-                 parent: str | None = None, record: str | os.PathLike[str] | None = None) -> None:
+                 parent: str | None = None, record: str | os.PathLike[str] | None = None,
+                 log_model: bool = True) -> None:
+        _require("mlflow", "mlflow", extra=None)
         root_path = Path(root) if root is not None else Path.cwd()
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root_path)
         self.local_db = sqlite_path(self.uri)
@@ -282,6 +289,7 @@ class MLflowTracker(Tracker):
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.parent = parent
         self.record = Path(record) if record is not None else None
+        self.log_model = log_model
         self._client: Any = None
         self._run_id: str | None = None
         self._closed = False
@@ -389,6 +397,8 @@ class MLflowTracker(Tracker):
         run_id = self.start()
         for path, rel in artifact_files(folder, exclude):
             self._client.log_artifact(run_id, str(path), artifact_path=rel or None)
+        if self.log_model and (Path(folder) / "checkpoints" / "best.ckpt").is_file():
+            log_model(self._client, run_id, Path(folder) / "checkpoints" / "best.ckpt")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         run_id = self.start()
@@ -523,7 +533,8 @@ class WandbTracker(Tracker):
 def make_tracker(name: str = "mlflow", uri: str | None = None, experiment: str | None = None,
                  run_name: str | None = None, *, root: str | os.PathLike[str] | None = None,
                  tags: Mapping[str, Any] | None = None, parent: str | None = None, group: str | None = None,
-                 record: str | os.PathLike[str] | None = None, job_type: str | None = None) -> Tracker:
+                 record: str | os.PathLike[str] | None = None, job_type: str | None = None,
+                 log_model: bool = True) -> Tracker:
     """The tracker called ``name``: ``mlflow`` (default), ``wandb`` or ``none``.
 
     Args:
@@ -539,6 +550,7 @@ def make_tracker(name: str = "mlflow", uri: str | None = None, experiment: str |
         group: W&B group (MLflow records it as the tag ``cellclass.group``).
         record: ``tracking.json`` in the run folder, to continue the same run after a resume.
         job_type: W&B job type.
+        log_model: MLflow: log a finished run's network as an MLflow model.
 
     Raises:
         TrackingError: When ``name`` is not a tracker.
@@ -554,7 +566,8 @@ def make_tracker(name: str = "mlflow", uri: str | None = None, experiment: str |
     all_tags = dict(tags or {})
     if group:
         all_tags.setdefault("cellclass.group", group)
-    return MLflowTracker(uri, experiment, run_name, root=root, tags=all_tags, parent=parent, record=record)
+    return MLflowTracker(uri, experiment, run_name, root=root, tags=all_tags, parent=parent, record=record,
+                         log_model=log_model)
 
 
 def _require(module: str, package: str, extra: str | None) -> Any:
