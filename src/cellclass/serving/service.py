@@ -209,7 +209,7 @@ class Service:
         return self.decode(data, item.path.name)
 
     def check_queue_label(self, item: QueueItem, labels: Any) -> tuple[Upload, dict[str, Any]]:
-        """Validate the labels of a queue item and read its image: ``(upload, labels)`` for :meth:`ContributionStore.add`."""
+        """Check a queue item's labels and read its image: ``(upload, labels)`` for :meth:`ContributionStore.add`."""
         checked = validate_labels(labels, self.definition["tasks"])
         upload = self.queue_upload(item)
         self.prepare([upload.image])  # the model must be able to read it

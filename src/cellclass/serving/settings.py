@@ -147,7 +147,8 @@ class ServeSettings(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))} (env {ENV_PREFIX}{str(e['loc'][0]).upper()}): "
-                f"{e['msg']}, got {e.get('input')!r}"
+                f"{e['msg']}, got {e.get('input')!r}" if e["loc"]
+                else e["msg"].removeprefix("Value error, ")  # a check of several fields together
                 for e in exc.errors()
             )
             raise ServiceError(f"invalid service settings: {problems}") from None
