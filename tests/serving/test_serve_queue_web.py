@@ -179,3 +179,51 @@ def test_batch_view_predicts_two_files_into_a_table_and_a_csv(queue_server: Serv
         task = prediction["tasks"]["particle_type"]
         assert row["pred_particle_type"] == task["label"]
         assert row["p_particle_type_Fe"] == pytest.approx(task["probabilities"]["Fe"], abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def two_task_server(bps_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server of a two-task run (particle type and dose) with a ranking of four pool images as its queue."""
+    from cellclass.data.presets import bps
+    from cellclass.training.config import TrainConfig
+    from cellclass.training.loop import train
+
+    folder = tmp_path_factory.mktemp("queue-web-two-tasks")
+    train(bps(bps_dir), TrainConfig(model="lenet5", tasks=["particle_type", "dose"], image_size=32, epochs=1),
+          folder / "run")
+    names = pd.read_csv(bps_dir / "meta.csv", dtype=str)["filename"].tolist()[8:12]
+    ranking = write_ranking(folder / "run", bps_dir, names, folder / "rank.csv")
+    server = Server(folder / "run", folder / "state", folder / "server.log", "--queue", str(ranking),
+                    "--pool", str(bps_dir)).start()
+    yield server
+    server.stop()
+
+
+def test_a_two_task_run_takes_one_choice_per_task(two_task_server: Server, browser_page) -> None:
+    page, server = browser_page, two_task_server
+    with server.client() as client:
+        tasks = {t["name"]: t["classes"] for t in client.get("/v1/model").json()["tasks"]}
+    page.goto(server.url + "/")
+    page.wait_for_selector("#labels select", timeout=30_000)
+    use_key(page, server.key("contribute"), "label")
+    page.wait_for_selector("#label-canvas[data-rank='1']", timeout=30_000)
+    assert page.locator("#label-choices .choice-task").count() == 2
+    assert page.locator("#label-guess .task").count() == 2
+
+    # Keys: the first picks the particle type, the second (on the dose task, now highlighted) the dose.
+    page.keyboard.press("2")
+    assert page.get_attribute("#label-choices .choice-task.active", "data-task") == "dose"
+    assert page.locator("#label-count").text_content() == "0"  # not sent before every task has a label
+    page.keyboard.press("1")
+    page.wait_for_function("document.getElementById('label-count').textContent === '1'", timeout=30_000)
+
+    # Clicks, in any order: the dose first, then the particle type.
+    page.wait_for_selector("#label-canvas[data-rank='2']", timeout=30_000)
+    page.click(f"#label-choices [data-task='dose'] button[data-class='{tasks['dose'][-1]}']")
+    page.click("#label-choices [data-task='particle_type'] button[data-class='Fe']")
+    page.wait_for_function("document.getElementById('label-count').textContent === '2'", timeout=30_000)
+
+    with store_of(server) as store:
+        labels = {r["metadata"]["queue"]["rank"]: r["labels"] for r in store.list(status="pending")[0]}
+    assert labels == {1: {"particle_type": "X-ray", "dose": tasks["dose"][0]},
+                      2: {"particle_type": "Fe", "dose": tasks["dose"][-1]}}
