@@ -122,6 +122,16 @@ class NotFoundError(ServiceError):
     status_code = 404
 
 
+class ConflictError(ServiceError):
+    """A request that contradicts what is stored, e.g. a queue item this key already labelled (HTTP 409)."""
+
+    status_code = 409
+
+
+class QueueError(ServiceError):
+    """A labelling queue (a ranking CSV and its pool of images) that cannot be served as given."""
+
+
 class UploadError(ServiceError):
     """An upload that is not an acceptable image: bad name, type, content or labels (HTTP 422)."""
 

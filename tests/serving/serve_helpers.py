@@ -207,3 +207,32 @@ def exercise_store(store: Any, tmp_path: Path) -> None:
     assert spec.labels(frame, "loc") == [["Nucleoli", "Rods & rings"], None]
     assert spec.labels(frame, "bin") == ["1", "0"]
     assert spec.read_image(frame.iloc[0].to_dict()).shape == (2, 8, 8)
+
+
+def write_ranking(run: Path, pool: Path, names: list[str], out: Path, *, absolute: bool = False) -> Path:
+    """A ranking CSV as `cellclass rank` writes it, from the served run's own predictions of ``names``.
+
+    The least confident image comes first (score: 1 - the top probability); paths are
+    relative to ``pool`` (absolute with ``absolute``).
+    """
+    import pandas as pd
+
+    from cellclass.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(run)
+    results = predictor.predict_images([predictor.read_image(pool / name) for name in names])
+    rows = []
+    for name, result in zip(names, results, strict=True):
+        row: dict[str, Any] = {"image": str(pool / name) if absolute else name, "strategy": "least_confidence"}
+        top = []
+        for task, value in result.items():
+            row[f"pred_{task}"] = ";".join(value["label"]) if isinstance(value["label"], list) else value["label"]
+            row.update({f"p_{task}_{c}": p for c, p in value["probabilities"].items()})
+            top.append(max(value["probabilities"].values()))
+        row["score"] = 1 - min(top)
+        rows.append(row)
+    frame = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable")
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    columns = ["rank", "image", "score", "strategy", *[c for c in frame.columns if c.startswith(("pred_", "p_"))]]
+    frame[columns].to_csv(out, index=False)
+    return out

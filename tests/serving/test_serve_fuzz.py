@@ -17,8 +17,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from serve_helpers import ENV, Server
+from serve_helpers import ENV, Server, write_ranking
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -28,13 +29,17 @@ SEED = os.environ.get("CELLCLASS_FUZZ_SEED", "11")
 
 
 @pytest.fixture(scope="module")
-def fuzzed(served_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, str]]]:
-    """A server of its own (1 MiB uploads, 4 images a request) and one key per role."""
+def fuzzed(served_run: Path, bps_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, str]]]:
+    """A server of its own (1 MiB uploads, 4 images a request, a labelling queue of four images) and one key
+    per role."""
     if not SCHEMATHESIS.is_file():
         pytest.skip(f"schemathesis is not installed beside {sys.executable}; pip install 'cellclass[dev]'")
     state = tmp_path_factory.mktemp("fuzz-state")
+    names = pd.read_csv(bps_dir / "meta.csv", dtype=str)["filename"].tolist()[:4]
+    ranking = write_ranking(served_run, bps_dir, names, state.parent / "fuzz-rank.csv")
     server = Server(served_run, state, state.parent / "fuzz-server.log", "--max-upload-mb", "1",
-                    env={"CELLCLASS_MAX_IMAGES": "4"}).start()
+                    "--queue", str(ranking), "--pool", str(bps_dir), env={"CELLCLASS_MAX_IMAGES": "4"}).start()
     keys = {role: server.key(role, f"fuzz {role}") for role in ("predict", "contribute", "curate")}
     yield server, keys
     server.stop()

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from serve_helpers import MULTI_DEFINITION, Server, exercise_store, free_port, upload_of
+from serve_helpers import MULTI_DEFINITION, Server, exercise_store, free_port, upload_of, write_ranking
 
 from cellclass.serving.contributions import ContributionStore
 from cellclass.serving.database import Database
@@ -112,3 +112,27 @@ def test_server_on_postgres(postgres_url: str, served_run: Path, bps_images, tmp
     rows = db.query("SELECT status FROM contributions WHERE id = ?", (created.json()["id"],))
     db.close()
     assert rows == [{"status": "accepted"}]
+
+
+def test_labelling_queue_on_postgres(postgres_url: str, served_run: Path, bps_dir: Path, tmp_path: Path) -> None:
+    names = sorted(p.name for p in bps_dir.glob("*.tif"))[:3]
+    ranking = write_ranking(served_run, bps_dir, names, tmp_path / "rank.csv")
+    db = Database(postgres_url)
+    contributor = KeyStore(db).create("contribute")[0]
+    db.close()
+    server = Server(served_run, tmp_path / "state", tmp_path / "server.log", "--database", postgres_url,
+                    "--queue", str(ranking), "--pool", str(bps_dir)).start()
+    try:
+        with server.client(contributor) as c:
+            first = c.post("/v1/queue/1/label", json={"labels": {"particle_type": "Fe"}})
+            assert first.status_code == 201, first.text
+            assert c.post("/v1/queue/1/label", json={"labels": {"particle_type": "X-ray"}}).status_code == 409
+            listed = c.get("/v1/queue").json()
+    finally:
+        server.stop()
+    assert [i["rank"] for i in listed["items"]] == [2, 3] and listed["labelled"] == 1
+    db = Database(postgres_url)
+    rows = db.query("SELECT contribution_id FROM queue_labels")
+    pending = db.query("SELECT id FROM contributions WHERE contributor = ?", (contributor.split("_")[1],))
+    db.close()
+    assert rows == [{"contribution_id": first.json()["id"]}] and pending == [{"id": first.json()["id"]}]

@@ -78,11 +78,15 @@ def serve(
     max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", min=0, help="Longest wait to fill a batch.")] = None,
     max_upload_mb: Annotated[float | None, typer.Option("--max-upload-mb", min=0.001, help="Largest image file, MiB.")] = None,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=1, help="Largest image, pixel values (H x W x C).")] = None,
+    queue: Annotated[Path | None, typer.Option("--queue", help="Ranking CSV (from `cellclass rank`) to label "
+                                                               "in the web page, one image at a time.")] = None,
+    pool: Annotated[Path | None, typer.Option("--pool", help="Folder the ranking's relative image paths are under "
+                                                             "(default: the CSV's folder).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = False,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store holding a models:/ RUN "
                                                      "(default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
 ) -> None:
-    """Serve a trained run over HTTP: predictions, contributions, a web page (/) and API docs (/docs)."""
+    """Serve a trained run over HTTP: predictions, contributions, a labelling queue, a web page (/) and API docs (/docs)."""
     import uvicorn
 
     from cellclass.serving.app import create_app
@@ -97,10 +101,17 @@ def serve(
         run=run, state_dir=state_dir, database=database, files=files, onnx=onnx, backend=backend,
         open_predict=open_predict, tta=tta, threads=threads, max_batch=max_batch, max_wait_ms=max_wait_ms,
         max_upload_bytes=None if max_upload_mb is None else int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
+        queue=queue, pool=pool,
     )
     from cellclass.inference.checkpoint import Checkpoint
+    from cellclass.serving.labelling import read_ranking
 
-    Checkpoint.load(settings.run)  # a clear error now rather than a traceback from the server's start-up
+    # Clear errors now rather than a traceback from the server's start-up.
+    checkpoint = Checkpoint.load(settings.run)
+    if settings.queue is not None:
+        items = read_ranking(settings.queue, settings.queue_pool, [e.to_dict() for e in checkpoint.encoders.values()])
+        console.print(f"labelling queue: {len(items)} image(s) from {settings.queue} (pool {settings.queue_pool})",
+                      highlight=False)
     console.print(f"serving {source} on http://{host}:{port} (web page /, API docs /docs); state in "
                   f"{settings.state_dir}", highlight=False)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log,

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import pandas as pd
 from cellclass.atomic import atomic_path, atomic_write_bytes
 from cellclass.data.spec import DatasetSpec, ImageSpec, TaskSpec
 from cellclass.errors import ExportError, NotFoundError, UploadError
-from cellclass.serving.database import Database
+from cellclass.serving.database import Database, Transaction
 from cellclass.serving.files import FileStore, LocalFileStore
 from cellclass.serving.keys import now
 from cellclass.serving.uploads import Upload
@@ -290,11 +290,23 @@ class ContributionStore:
         return self.files.remove_unreferenced(referenced)
 
     def add(self, upload: Upload, labels: Mapping[str, Any], metadata: Mapping[str, Any] | None, *,
-            contributor: str, dataset: str, model: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+            contributor: str, dataset: str, model: Mapping[str, Any],
+            also: Callable[[Transaction, dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], bool]:
         """Store one validated contribution with status ``pending``.
 
         The same image with the same labels from the same contributor is stored once:
         the second call returns the first record and ``False``.
+
+        Args:
+            upload: The checked image.
+            labels: Validated labels (:func:`validate_labels`).
+            metadata: Optional JSON object.
+            contributor: Key id of the contributor.
+            dataset: Dataset id (:meth:`register_dataset`).
+            model: Identity of the model the labels were checked against.
+            also: More statements to run in the same transaction once the row is written
+                (given the record): the labelling queue records its item with it. An error
+                raised there undoes the contribution.
 
         Returns:
             ``(record, created)``.
@@ -316,6 +328,8 @@ class ContributionStore:
                 inserted = tx.rowcount == 1
                 rows = tx.execute(f"SELECT {_COLUMNS} FROM contributions WHERE sha256 = ? AND contributor = ? "
                                   "AND labels = ?", (upload.sha256, contributor, labels_json))
+                if also is not None:
+                    also(tx, _record(rows[0]))
         except BaseException:
             if created_file:
                 self._drop_orphan(upload.sha256, upload.extension)

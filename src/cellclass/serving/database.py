@@ -67,6 +67,16 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS contributions_status ON contributions (status, created_at, id)",
     "CREATE INDEX IF NOT EXISTS contributions_contributor ON contributions (contributor, created_at, id)",
     "CREATE INDEX IF NOT EXISTS contributions_sha256 ON contributions (sha256)",
+    # Which queue items (images of a ranking, by their path in the pool) each key labelled, and
+    # with which contribution; added beside the tables above, so older versions still open the file.
+    """CREATE TABLE IF NOT EXISTS queue_labels (
+        dataset_id TEXT NOT NULL REFERENCES datasets (dataset_id),
+        item TEXT NOT NULL,
+        contributor TEXT NOT NULL,
+        contribution_id TEXT NOT NULL REFERENCES contributions (id),
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (dataset_id, item, contributor)
+    )""",
     """CREATE TABLE IF NOT EXISTS schema_info (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL

@@ -15,10 +15,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.params import Depends as DependsParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from cellclass.errors import PayloadTooLargeError
+from cellclass.errors import NotFoundError, PayloadTooLargeError
 from cellclass.serving.contributions import ContributionStore
 from cellclass.serving.keys import ApiKey
 from cellclass.inference.predictor import Predictor
+from cellclass.serving.labelling import LabellingQueue
 from cellclass.serving.service import Service
 from cellclass.serving.settings import ServeSettings
 
@@ -54,9 +55,22 @@ def get_store(service: ServiceDep) -> ContributionStore:
     return service.contributions
 
 
+def get_queue(service: ServiceDep) -> LabellingQueue:
+    """The labelling queue.
+
+    Raises:
+        NotFoundError: When the server was started without one.
+    """
+    if service.queue is None:
+        raise NotFoundError("this server has no labelling queue; start it with `cellclass serve RUN --queue "
+                            "RANK.csv` (a ranking made by `cellclass rank RUN POOL`)")
+    return service.queue
+
+
 SettingsDep = Annotated[ServeSettings, Depends(get_settings)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 StoreDep = Annotated[ContributionStore, Depends(get_store)]
+QueueDep = Annotated[LabellingQueue, Depends(get_queue)]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -18,6 +19,7 @@ ERROR_TEXTS = {
     401: "No key, or an unknown, malformed or revoked key.",
     403: "The key's role may not do this.",
     404: "No such contribution among those the key may see.",
+    409: "The calling key already labelled this queue item.",
     413: "Request body, image file or pixel count over its limit.",
     415: "Not a TIFF, PNG or NPY image.",
     422: "Invalid image, labels or parameters.",
@@ -25,9 +27,15 @@ ERROR_TEXTS = {
 """What each error status means, as the OpenAPI document says it."""
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` of the given error statuses, each a ``{"detail": message}`` body."""
-    return {code: {"model": ErrorResponse, "description": ERROR_TEXTS[code]} for code in codes}
+def error_responses(*codes: int, texts: Mapping[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of the given error statuses, each a ``{"detail": message}`` body.
+
+    Args:
+        codes: The statuses.
+        texts: What a status means for these routes, where :data:`ERROR_TEXTS` does not say it.
+    """
+    texts = {**ERROR_TEXTS, **(texts or {})}
+    return {code: {"model": ErrorResponse, "description": texts[code]} for code in codes}
 
 
 UPLOAD_ERRORS = error_responses(400, 401, 403, 413, 415, 422)
@@ -133,6 +141,47 @@ class Review(BaseModel):
     """A curator's optional note on an accept or reject."""
 
     note: str | None = Field(default=None, max_length=2000)
+
+
+class QueueInfo(BaseModel):
+    """The ranking served as the labelling queue."""
+
+    ranking: str = Field(description="File name of the ranking CSV.")
+    size: int = Field(description="Images in the ranking.")
+    strategies: list[str] = Field(description="Ranking strategies of its images.")
+
+
+class QueueItem(BaseModel):
+    """One ranked image, with the model's guess when it was ranked."""
+
+    rank: int = Field(description="Place in the ranking (1 = ask first); the item's id.")
+    image: str = Field(description="Path of the image as the ranking gives it.")
+    score: float | None = Field(description="The ranking strategy's score.")
+    strategy: str
+    tasks: dict[str, TaskPrediction] = Field(description="The model's guess and probabilities per task.")
+    labels: int = Field(description="How many keys labelled it.")
+    labelled_by_me: bool = Field(description="Whether the calling key labelled it.")
+
+
+class QueuePage(BaseModel):
+    """A page of the items still to label, in rank order."""
+
+    queue: QueueInfo
+    unlabelled_by: str = Field(description="anyone: items nobody labelled; me: items the calling key did not.")
+    total: int = Field(description="Items still to label ranked after `after`.")
+    labelled: int = Field(description="Items left out as labelled.")
+    limit: int
+    offset: int
+    after: int
+    items: list[QueueItem]
+
+
+class QueueLabel(BaseModel):
+    """The labels a person gives a queue item."""
+
+    labels: dict[str, Any] = Field(description='Task to label(s), e.g. {"particle_type": "Fe"}; a list of class '
+                                               'names for a multi-label task.',
+                                   examples=[{"particle_type": "Fe"}])
 
 
 class KeyInfo(BaseModel):

@@ -19,15 +19,21 @@ import numpy as np
 import torch
 
 from cellclass.allocator import available_cores
-from cellclass.errors import CellclassError, ExportError, UploadError
+from cellclass.errors import CellclassError, ExportError, NotFoundError, UploadError
 from cellclass.inference.checkpoint import Checkpoint, file_sha256, find_checkpoint
 from cellclass.inference.onnx import METADATA_CHECKPOINT, OnnxBackend, onnx_metadata
 from cellclass.inference.predictor import Predictor
 from cellclass.serving.batching import MicroBatcher
-from cellclass.serving.contributions import ContributionStore, dataset_definition, parse_json_field, validate_labels
+from cellclass.serving.contributions import (
+    ContributionStore,
+    dataset_definition,
+    parse_json_field,
+    validate_labels,
+)
 from cellclass.serving.database import Database
 from cellclass.serving.files import open_file_store, private_folder
 from cellclass.serving.keys import KeyStore
+from cellclass.serving.labelling import LabellingQueue, QueueItem
 from cellclass.serving.saliency import grad_cam, overlay_png
 from cellclass.serving.settings import ServeSettings
 from cellclass.serving.uploads import Upload, decode_upload
@@ -51,6 +57,7 @@ class Service:
         batcher: The micro-batcher of prediction requests.
         threads: Inference threads; also how many requests decode and prepare images at
             once (CPU-bound work beyond the cores only thrashes).
+        queue: The labelling queue (``--queue``), or None.
     """
 
     settings: ServeSettings
@@ -63,6 +70,7 @@ class Service:
     contributions: ContributionStore
     batcher: MicroBatcher
     threads: int = 1
+    queue: LabellingQueue | None = None
     _cpu_limiter: Any = None
     _saliency_model: Any = None
     _saliency_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,11 +102,20 @@ class Service:
         contributions.remove_leftovers()
         definition = dataset_definition(spec, predictor.encoders, predictor.channels)
         ident = contributions.register_dataset(definition)
+        queue = None
+        if settings.queue is not None:
+            try:
+                queue = LabellingQueue.load(settings.queue, settings.queue_pool, definition, db, ident)
+            except BaseException:
+                contributions.files.close()
+                db.close()
+                raise
         batcher = MicroBatcher(predictor.predict_normalized, max_batch=settings.max_batch,
                                max_wait_ms=settings.max_wait_ms)
         log.info("serving %s (%s, %s backend, %d thread(s)); state in %s", identity["name"], run_name,
                  identity["backend"], threads, settings.state_dir)
-        return cls(settings, predictor, identity, definition, ident, db, KeyStore(db), contributions, batcher, threads)
+        return cls(settings, predictor, identity, definition, ident, db, KeyStore(db), contributions, batcher, threads,
+                   queue)
 
     async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU-bound work (decoding, preparation, Grad-CAM) in a thread, at most ``threads`` at once.
@@ -177,6 +194,27 @@ class Service:
         upload = self.decode(data, filename)
         self.prepare([upload.image])  # the model must be able to read it
         return upload, labels, metadata
+
+    def queue_upload(self, item: QueueItem) -> Upload:
+        """A queue item's file, checked and decoded as an upload would be.
+
+        Raises:
+            NotFoundError: When the file is no longer in the pool, or cannot be read.
+            UploadError: When it is not an image the model can read (see :meth:`decode`).
+        """
+        try:
+            data = item.path.read_bytes()
+        except OSError as exc:
+            raise NotFoundError(f"the image of queue item {item.rank} ({item.image!r}) cannot be read from the "
+                                f"pool folder: {exc.strerror or exc}") from None
+        return self.decode(data, item.path.name)
+
+    def check_queue_label(self, item: QueueItem, labels: Any) -> tuple[Upload, dict[str, Any]]:
+        """Check a queue item's labels and read its image: ``(upload, labels)`` for :meth:`ContributionStore.add`."""
+        checked = validate_labels(labels, self.definition["tasks"])
+        upload = self.queue_upload(item)
+        self.prepare([upload.image])  # the model must be able to read it
+        return upload, checked
 
     def close(self) -> None:
         """Release the database connections and the file store's lock."""

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cellclass.errors import ServiceError
 
@@ -63,6 +63,8 @@ class ServeSettings(BaseModel):
         max_pixels: Largest accepted image, in values (height x width x channels).
         max_images: Most images in one request.
         max_metadata_bytes: Largest ``metadata`` JSON of a contribution.
+        queue: A ranking CSV (``cellclass rank``) to serve as the labelling queue.
+        pool: Folder the ranking's relative image paths are under; default the CSV's folder.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -82,16 +84,32 @@ class ServeSettings(BaseModel):
     max_pixels: int = Field(default=4096 * 4096, ge=1)
     max_images: int = Field(default=64, ge=1)
     max_metadata_bytes: int = Field(default=16 * 1024, ge=2)
+    queue: Path | None = None
+    pool: Path | None = None
 
-    @field_validator("state_dir", "run", "onnx", mode="after")
+    @field_validator("state_dir", "run", "onnx", "queue", "pool", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
+
+    @model_validator(mode="after")
+    def _pool_needs_a_queue(self) -> ServeSettings:
+        if self.pool is not None and self.queue is None:
+            raise ValueError(f"a pool folder ({self.pool}) is given without a queue; valid: --pool together "
+                             f"with --queue RANK.csv")
+        return self
 
     @property
     def database_url(self) -> str:
         """The database URL in effect."""
         return self.database or f"sqlite:///{(self.state_dir / 'cellclass.db').as_posix()}"
+
+    @property
+    def queue_pool(self) -> Path | None:
+        """The folder of the queue's images in effect (None without a queue)."""
+        if self.queue is None:
+            return None
+        return self.pool if self.pool is not None else self.queue.parent
 
     @property
     def files_url(self) -> str:
@@ -129,7 +147,8 @@ class ServeSettings(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))} (env {ENV_PREFIX}{str(e['loc'][0]).upper()}): "
-                f"{e['msg']}, got {e.get('input')!r}"
+                f"{e['msg']}, got {e.get('input')!r}" if e["loc"]
+                else e["msg"].removeprefix("Value error, ")  # a check of several fields together
                 for e in exc.errors()
             )
             raise ServiceError(f"invalid service settings: {problems}") from None

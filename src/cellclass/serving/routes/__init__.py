@@ -1,2 +1,2 @@
 """The HTTP API's routers, one module per thing served: the web page, probes, predictions,
-contributions and keys. :func:`cellclass.serving.app.create_app` includes them in that order."""
+contributions, the labelling queue and keys. :func:`cellclass.serving.app.create_app` includes them in that order."""

@@ -11,6 +11,7 @@ from cellclass.errors import NotFoundError, PermissionDeniedError
 from cellclass.serving import schemas
 from cellclass.serving.contributions import MAX_JSON_DEPTH, ContributionStore
 from cellclass.serving.dependencies import ServiceDep, StoreDep, read_upload, require
+from cellclass.serving.display import display_npy
 from cellclass.serving.keys import KEY_ID_PATTERN, ApiKey
 from cellclass.serving.service import Service
 from cellclass.serving.settings import ServeSettings
@@ -76,10 +77,25 @@ async def get_contribution(store: StoreDep, contribution_id: ContributionId, key
     return await visible(store, contribution_id, key)
 
 
-async def contribution_image(store: StoreDep, contribution_id: ContributionId, key: ContributeKey) -> Response:
-    """The contributed file, as uploaded."""
+async def contribution_image(
+    service: ServiceDep,
+    store: StoreDep,
+    contribution_id: ContributionId,
+    key: ContributeKey,
+    format_: Annotated[Literal["original", "npy"], Query(alias="format", description=(
+        "original: the file as uploaded; npy: its (C, H, W) channels for display, 8 or 16 bits kept."))] = "original",
+    max_side: Annotated[int, Query(ge=16, le=4096, description=(
+        "With format=npy: largest height or width sent (larger images are reduced by block means)."))] = 1024,
+) -> Response:
+    """The contributed file, as uploaded, or its channels for display (the web page's review)."""
     record = await visible(store, contribution_id, key)
     data = await run_in_threadpool(store.image, record)
+    if format_ == "npy":
+        name = record["sha256"] + record["extension"]
+        array, headers = await service.run_cpu(
+            lambda: display_npy(service.predictor.read_image_bytes(data, name), max_side))
+        return Response(array, media_type="application/octet-stream",
+                        headers={**headers, "Content-Disposition": f'inline; filename="{record["sha256"]}.npy"'})
     return Response(data, media_type=_MEDIA_TYPES.get(record["extension"], "application/octet-stream"),
                     headers={"Content-Disposition": f'attachment; filename="{record["sha256"]}{record["extension"]}"'})
 
