@@ -77,6 +77,8 @@ def serve(
     max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", min=0, help="Longest wait to fill a batch.")] = None,
     max_upload_mb: Annotated[float | None, typer.Option("--max-upload-mb", min=0.001, help="Largest image file, MiB.")] = None,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=1, help="Largest image, pixel values (H x W x C).")] = None,
+    max_field_objects: Annotated[int | None, typer.Option(
+        "--max-field-objects", min=1, help="Most objects in a field sent to /v1/fields (default 1000).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = False,
 ) -> None:
     """Serve a trained run over HTTP: predictions, contributions, a web page (/) and API docs (/docs)."""
@@ -89,6 +91,7 @@ def serve(
         run=run, state_dir=state_dir, database=database, files=files, onnx=onnx, backend=backend,
         open_predict=open_predict, tta=tta, threads=threads, max_batch=max_batch, max_wait_ms=max_wait_ms,
         max_upload_bytes=None if max_upload_mb is None else int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
+        max_field_objects=max_field_objects,
     )
     from cellclass.inference.checkpoint import Checkpoint
 

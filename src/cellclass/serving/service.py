@@ -26,6 +26,7 @@ from cellclass.inference.predictor import Predictor
 from cellclass.serving.batching import MicroBatcher
 from cellclass.serving.contributions import ContributionStore, dataset_definition, parse_json_field, validate_labels
 from cellclass.serving.database import Database
+from cellclass.serving.fields import FieldReader
 from cellclass.serving.files import open_file_store, private_folder
 from cellclass.serving.keys import KeyStore
 from cellclass.serving.saliency import grad_cam, overlay_png
@@ -51,6 +52,7 @@ class Service:
         batcher: The micro-batcher of prediction requests.
         threads: Inference threads; also how many requests decode and prepare images at
             once (CPU-bound work beyond the cores only thrashes).
+        fields: Segments and cuts the fields sent to ``/v1/fields`` as the training cells were.
     """
 
     settings: ServeSettings
@@ -63,6 +65,7 @@ class Service:
     contributions: ContributionStore
     batcher: MicroBatcher
     threads: int = 1
+    fields: FieldReader | None = None
     _cpu_limiter: Any = None
     _saliency_model: Any = None
     _saliency_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -98,7 +101,10 @@ class Service:
                                max_wait_ms=settings.max_wait_ms)
         log.info("serving %s (%s, %s backend, %d thread(s)); state in %s", identity["name"], run_name,
                  identity["backend"], threads, settings.state_dir)
-        return cls(settings, predictor, identity, definition, ident, db, KeyStore(db), contributions, batcher, threads)
+        fields = FieldReader(predictor.channels, predictor.channel_indices, predictor.image_size, loaded.crops,
+                             settings.max_field_objects)
+        return cls(settings, predictor, identity, definition, ident, db, KeyStore(db), contributions, batcher, threads,
+                   fields)
 
     async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU-bound work (decoding, preparation, Grad-CAM) in a thread, at most ``threads`` at once.
