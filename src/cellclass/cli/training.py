@@ -202,7 +202,7 @@ def predict(
     predictor = Predictor.from_checkpoint(run, tta=tta)
     aggregations = task_aggregations(predictor.encoders, choice)
     if data is None:
-        rows, column = _predict_files(predictor, images or []), aggregate_by
+        rows, column = _predict_files(predictor, images or [], aggregate_by == "folder"), aggregate_by
     else:
         rows, column = _predict_rows(predictor, dataset.to_spec(data), aggregate_by)
     if column is not None:
@@ -218,14 +218,14 @@ def predict(
         raise typer.Exit(1)
 
 
-def _predict_files(predictor: Any, images: list[Path]) -> list[dict[str, Any]]:
-    """One row per image file: its path, its parent folder, an error or its labels and probabilities."""
+def _predict_files(predictor: Any, images: list[Path], folders: bool) -> list[dict[str, Any]]:
+    """One row per image file: its path (and parent folder), an error or its labels and probabilities."""
     rows: list[dict[str, Any]] = []
     for start in range(0, len(images), 256):
         chunk = images[start : start + 256]
         prepared: dict[int, Any] = {}
         for i, path in enumerate(chunk):
-            row: dict[str, Any] = {"image": str(path), "folder": str(path.parent), "error": ""}
+            row: dict[str, Any] = {"image": str(path), **({"folder": str(path.parent)} if folders else {}), "error": ""}
             try:
                 prepared[i] = predictor.prepare([predictor.read_image(path)], names=[f"image {str(path)!r}"])
             except CellclassError as exc:
