@@ -130,9 +130,9 @@ def test_an_empty_field_has_no_cell_and_no_answer(fields_api: TestClient, predic
     ("f.tif", lambda d: d, {"cell_channel": "2"}, 422, "cell_channel '2' is the nucleus channel (2)"),
     ("f.tif", lambda d: d, {"outlines": "maybe"}, 422, "form field 'outlines'"),
     ("two.npy", lambda d: npy_bytes(np.full((2, 64, 64), 9, np.uint8)), {}, 422,
-     "nucleus_channel 2 is out of range: the field has 2 channel(s)"),
+     "the field has 2 channel(s); the model expects 4 (red, green, blue, yellow)"),
     ("three.npy", lambda d: npy_bytes(np.random.default_rng(0).integers(0, 255, (3, 96, 96), dtype=np.uint8)),
-     {"nucleus_channel": "0", "cell_channel": "none"}, 422, "has 3 channel(s); the model expects 4"),
+     {"nucleus_channel": "0", "cell_channel": "none"}, 422, "the field has 3 channel(s); the model expects 4"),
 ])
 def test_a_field_it_cannot_use_is_refused_in_one_line(fields_api: TestClient, predict_key: str,
                                                       field_tiff: tuple[str, bytes, np.ndarray], name: str,
@@ -177,3 +177,23 @@ def test_an_outline_follows_the_object() -> None:
     yy, xx = np.mgrid[:600, :600]
     big[(yy - 300) ** 2 + (xx - 300) ** 2 < 290 ** 2] = 1
     assert 3 <= len(outline(big, 1, (10, 10, 591, 591))) <= 200
+
+
+def test_channel_names_go_through_the_models_channel_selection() -> None:
+    from cellclass.errors import UploadError
+    from cellclass.serving.fields import FieldReader, FieldRequest
+
+    reader = FieldReader(channels=["Marker", "DNA"], channel_indices=[1, 3], in_chans=2, image_size=16, crops=None,
+                         max_objects=50)
+    rng = np.random.default_rng(3)
+    field = rng.integers(0, 50, (4, 64, 64)).astype(np.uint16)
+    field[3, 20:30, 20:30] = 4000  # one bright nucleus on the upload's channel 3, the model's "DNA"
+    cut = reader.cut(field, FieldRequest())
+    assert cut.segmentation["nucleus_channel"] == 3  # found by its name, dna
+    assert cut.n_objects == 1 and cut.crops[0].shape == (4, 16, 16) and cut.segmentation["n_skipped"] == 0
+    assert cut.segmentation["crop"] == {"size": 16}
+    assert "the model's input size" in cut.segmentation["crop_settings_from"]
+    assert reader.cut(field, FieldRequest(nucleus_channel="marker")).segmentation["nucleus_channel"] == 1
+    with pytest.raises(UploadError, match=r"the field has 3 channel\(s\); the model expects at least 4, of which it "
+                                          r"reads 2 \(Marker, DNA\)"):
+        reader.cut(field[:3], FieldRequest())

@@ -98,6 +98,7 @@ class FieldReader:
     Args:
         channels: The model's channel names (of its input, after channel selection).
         channel_indices: The channels the model keeps of each upload (all when empty).
+        in_chans: The channels the model reads.
         image_size: The model's input side (the crop side where no crop settings are recorded).
         crops: The checkpoint's crop settings (:attr:`Checkpoint.crops`), or None.
         max_objects: Most objects a field may hold.
@@ -105,6 +106,7 @@ class FieldReader:
 
     channels: Sequence[str]
     channel_indices: Sequence[int]
+    in_chans: int
     image_size: int
     crops: Mapping[str, Any] | None
     max_objects: int
@@ -113,9 +115,11 @@ class FieldReader:
         """Segment ``image`` (``(C, H, W)``) and crop its objects.
 
         Raises:
-            UploadError: On a channel that is not one of the field's, more objects than
-                :attr:`max_objects`, or an image the segmentation refuses.
+            UploadError: On a field of another channel count than the model's, a channel
+                that is not one of the field's, more objects than :attr:`max_objects`, or an
+                image the segmentation refuses.
         """
+        self._check_channels(image.shape[0])
         recorded = (self.crops or {}).get("segmentation") or {}
         nucleus = self._channel(request.nucleus_channel, image.shape[0], "nucleus_channel",
                                 recorded.get("nucleus_channel"))
@@ -152,6 +156,15 @@ class FieldReader:
                                                                                  "(the run records no crop settings)",
         }
         return SegmentedField(labels, cells, crops, n_objects, segmentation)
+
+    def _check_channels(self, n_channels: int) -> None:
+        """Refuse a field the model cannot read before it is segmented."""
+        fits = n_channels > max(self.channel_indices) if self.channel_indices else n_channels == self.in_chans
+        if not fits:
+            names = f" ({', '.join(self.channels)})" if self.channels else ""
+            wanted = (f"at least {max(self.channel_indices) + 1}, of which it reads {len(self.channel_indices)}"
+                      if self.channel_indices else str(self.in_chans))
+            raise UploadError(f"the field has {n_channels} channel(s); the model expects {wanted}{names}")
 
     def _crop_settings(self) -> dict[str, Any]:
         """The keyword arguments of :func:`crop_cells`: the recorded ones, else a crop of the model's size."""

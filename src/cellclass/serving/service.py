@@ -101,8 +101,8 @@ class Service:
                                max_wait_ms=settings.max_wait_ms)
         log.info("serving %s (%s, %s backend, %d thread(s)); state in %s", identity["name"], run_name,
                  identity["backend"], threads, settings.state_dir)
-        fields = FieldReader(predictor.channels, predictor.channel_indices, predictor.image_size, loaded.crops,
-                             settings.max_field_objects)
+        fields = FieldReader(predictor.channels, predictor.channel_indices, predictor.in_chans, predictor.image_size,
+                             loaded.crops, settings.max_field_objects)
         return cls(settings, predictor, identity, definition, ident, db, KeyStore(db), contributions, batcher, threads,
                    fields)
 
