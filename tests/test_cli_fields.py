@@ -217,10 +217,8 @@ def test_grid_cuts_montages_into_tiles(cli, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cell_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def cell_run(cli, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Simulated HPA fields segmented, cut into 32 x 32 cells and a LeNet-5 trained on them for 2 epochs."""
-    from conftest import run_cli
-
     root = tmp_path_factory.mktemp("cell_run")
     paths = {name: root / name for name in ("fields", "seg", "cells", "run")}
     steps = [
@@ -232,7 +230,7 @@ def cell_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
          "--tracker", "none", "--set", "tta=false", "--out", paths["run"]),
     ]
     for args in steps:
-        done = run_cli(*args)
+        done = cli(*args)
         assert done.returncode == 0, done.stdout + done.stderr
     paths["train_stdout"] = done.stdout  # type: ignore[assignment]
     return paths
