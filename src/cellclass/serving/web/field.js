@@ -12,19 +12,33 @@ let fieldPinned = null;
 
 // -- the mode switch: Image (the cards of app.js) or Field ---------------------------------------
 function setupFieldMode() {
-  const nav = document.createElement("nav");
-  nav.id = "mode-switch";
-  nav.setAttribute("aria-label", "Mode");
-  for (const [mode, text] of [["image", "Image"], ["field", "Field"]]) {
+  const tabs = $("views");
+  if (tabs && typeof showView === "function") {
+    // The page has view tabs (each view a .view element shown by showView): Field is one more.
     const button = document.createElement("button");
     button.type = "button";
-    button.id = "mode-" + mode;
-    button.textContent = text;
-    button.addEventListener("click", () => setMode(mode));
-    nav.appendChild(button);
+    button.id = "mode-field";
+    button.dataset.view = "field";
+    button.textContent = "Field";
+    button.addEventListener("click", () => showView("field"));
+    tabs.appendChild(button);
+    if (location.hash === "#field") showView("field"); else $("view-field").hidden = true;
+  } else {
+    document.body.classList.add("own-modes");
+    const nav = document.createElement("nav");
+    nav.id = "mode-switch";
+    nav.setAttribute("aria-label", "Mode");
+    for (const [mode, text] of [["image", "Image"], ["field", "Field"]]) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.id = "mode-" + mode;
+      button.textContent = text;
+      button.addEventListener("click", () => setMode(mode));
+      nav.appendChild(button);
+    }
+    document.querySelector("main").prepend(nav);
+    setMode(location.hash === "#field" ? "field" : "image");
   }
-  document.querySelector("main").prepend(nav);
-  setMode(location.hash === "#field" ? "field" : "image");
   $("field-button").addEventListener("click", submitField);
 }
 
