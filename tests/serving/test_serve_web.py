@@ -126,7 +126,8 @@ def test_field_mode_outlines_the_cells_of_a_field(field_run: dict[str, Path], fi
                 assert page.locator("#field-overlay .cell-outline.selected").count() == 1
                 page.screenshot(path=str(artifacts / "serving-web-field.png"), full_page=True)
 
-                page.click("#mode-image")
+                # Back: the Image switch, or the Predict tab where the page has view tabs.
+                page.click("#mode-image" if page.locator("#mode-image").count() else "#views [data-view='predict']")
                 assert page.is_visible("#predict-card") and not page.is_visible("#field-card")
             finally:
                 browser.close()
