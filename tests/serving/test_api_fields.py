@@ -124,8 +124,8 @@ def test_an_empty_field_has_no_cell_and_no_answer(fields_api: TestClient, predic
     ("f.tif", lambda d: d, {"aggregate": "median"}, 422, "aggregation 'median' is invalid; valid: mean, max"),
     ("f.tif", lambda d: d, {"aggregate": "x" * 21}, 422, "form field 'aggregate': String should have at most 20"),
     ("f.tif", lambda d: d, {"nucleus_channel": "dapi"}, 422,
-     "nucleus_channel 'dapi' is not a channel of the model; valid: an index from 0 to 3, or a name (red, green, "
-     "blue, yellow)"),
+     ("nucleus_channel 'dapi' is not a channel of the model; valid: an index from 0 to 3, or a name (red, green, "
+      "blue, yellow)")),
     ("f.tif", lambda d: d, {"nucleus_channel": "7"}, 422, "nucleus_channel 7 is out of range: the field has 4"),
     ("f.tif", lambda d: d, {"cell_channel": "2"}, 422, "cell_channel '2' is the nucleus channel (2)"),
     ("f.tif", lambda d: d, {"outlines": "maybe"}, 422, "form field 'outlines'"),
