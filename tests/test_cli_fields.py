@@ -214,3 +214,105 @@ def test_grid_cuts_montages_into_tiles(cli, tmp_path: Path) -> None:
     assert tiles.columns.tolist() == ["file", "phase", *GRID_COLUMNS]
     assert tiles.groupby("file").size().tolist() == [5, 6]
     assert "--image-size 8" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def cell_run(cli, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Simulated HPA fields segmented, cut into 32 x 32 cells and a LeNet-5 trained on them for 2 epochs."""
+    root = tmp_path_factory.mktemp("cell_run")
+    paths = {name: root / name for name in ("fields", "seg", "cells", "run")}
+    steps = [
+        ("simulate", "hpa-fields", paths["fields"], "--n-fields", "12", "--size", "224", "--seed", "5"),
+        ("segment", paths["fields"], "--preset", "hpa", "--cell-channel", "red", "--out", paths["seg"]),
+        ("crops", paths["fields"], "--preset", "hpa", "--masks", paths["seg"], "--out", paths["cells"], "--size", "32",
+         "--mask-neighbours", "--border", "pad"),
+        ("train", paths["cells"] / "cells.yaml", "--model", "lenet5", "--epochs", "2", "--image-size", "32",
+         "--tracker", "none", "--set", "tta=false", "--out", paths["run"]),
+    ]
+    for args in steps:
+        done = cli(*args)
+        assert done.returncode == 0, done.stdout + done.stderr
+    paths["train_stdout"] = done.stdout  # type: ignore[assignment]
+    return paths
+
+
+def _test_fields(run: Path, cells: Path) -> list[str]:
+    """The fields of the cells on the run's test side."""
+    table = pd.read_csv(cells / "cells.csv", dtype=str, keep_default_na=False)
+    field_of = dict(zip(table.crop, table.field_id, strict=True))
+    return sorted({field_of[i] for i in json.loads((run / "split.json").read_text())["ids"]["test"]})
+
+
+@pytest.mark.slow
+def test_a_cell_model_answers_per_cell_and_per_field(cli, cell_run: dict[str, Path]) -> None:
+    from cellclass.inference.checkpoint import Checkpoint
+
+    run, cells = cell_run["run"], cell_run["cells"]
+    test_fields = _test_fields(run, cells)
+    assert "field level: " in cell_run["train_stdout"] and "cell level" in cell_run["train_stdout"]
+    checkpoint = Checkpoint.load(run)
+    assert checkpoint.crops is not None
+    assert {k: checkpoint.crops[k] for k in ("size", "mask_neighbours", "border", "pad")} == {
+        "size": 32, "mask_neighbours": True, "border": "pad", "pad": "zero"}
+    assert checkpoint.crops["segmentation"]["nucleus_channel"] == 2 and checkpoint.crops["segmentation"][
+        "cell_channel"] == 0
+    assert set(checkpoint.field_thresholds["localization"]) == {"mean", "max", "topk_mean:3"}
+
+    evaluated = cli("evaluate", run)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    text = " ".join(evaluated.stdout.split())
+    assert f"field level: {len(test_fields)} test fields by field_id" in text
+    assert "field thresholds of localization: per class, tuned on the validation fields (mean of their cells)" in text
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    block = metrics["fields"]
+    assert block["n_fields"] == len(test_fields) and block["column"] == "field_id"
+    assert block["n_cells"] == metrics["evaluation"]["n_images"]
+    assert 0.0 <= block["tasks"]["localization"]["macro_f1"] <= 1.0
+    table = pd.read_csv(run / "evaluation" / "field_predictions.csv", dtype=str, keep_default_na=False)
+    assert sorted(table.field_id) == test_fields  # one row per test field
+    assert table.n_cells.astype(int).sum() == block["n_cells"]
+    train_block = json.loads((run / "metrics.json").read_text())["fields"]
+    assert train_block["tasks"]["localization"]["macro_f1"] == block["tasks"]["localization"]["macro_f1"]
+
+    other = cli("evaluate", run, "--aggregate", "topk:2", "--out", run / "eval-top2")
+    assert other.returncode == 0, other.stdout + other.stderr
+    top2 = json.loads((run / "eval-top2" / "metrics.json").read_text())["fields"]["tasks"]["localization"]
+    assert top2["aggregation"] == "topk_mean:2"
+    assert top2["thresholds_from"] == "per class, tuned on the validation fields (topk_mean:2 of their cells)"
+
+    every = cli("evaluate", run, "--data", cells / "cells.yaml", "--aggregate", "max", "--out", run / "eval-all")
+    assert every.returncode == 0, every.stdout + every.stderr
+    assert len(pd.read_csv(run / "eval-all" / "field_predictions.csv")) == 12
+
+    wrong = cli("evaluate", run, "--aggregate", "majority")
+    assert wrong.returncode == 2 and "error: aggregation 'majority' does not apply to task 'localization'" in \
+        wrong.stderr
+
+
+@pytest.mark.slow
+def test_predict_answers_the_fields_of_a_cell_dataset(cli, cell_run: dict[str, Path], tmp_path: Path) -> None:
+    run, cells = cell_run["run"], cell_run["cells"]
+    out = tmp_path / "predictions.csv"
+    done = cli("predict", run, "--data", cells / "cells.yaml", "--out", out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cell_table = pd.read_csv(cells / "cells.csv", dtype=str, keep_default_na=False)
+    rows = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert len(rows) == len(cell_table) and (rows.field_id == cell_table.field_id).all()
+    fields = pd.read_csv(tmp_path / "field_predictions.csv", dtype=str, keep_default_na=False)
+    assert sorted(fields.field_id) == sorted(set(cell_table.field_id))  # one row per field
+    assert fields.n_cells.astype(int).tolist() == cell_table.groupby("field_id", sort=False).size().tolist()
+    assert "12 field answer(s) by field_id written to" in " ".join(done.stdout.split())
+
+    crops = sorted((cells / "crops").rglob("*.tif"))
+    by_folder = cli("predict", run, *crops, "--aggregate-by", "folder", "--aggregate", "max", "--out",
+                    tmp_path / "files.csv")
+    assert by_folder.returncode == 0, by_folder.stdout + by_folder.stderr
+    folders = pd.read_csv(tmp_path / "field_files.csv")
+    assert len(folders) == 12 and folders.n_cells.sum() == len(crops)
+    assert "per class, tuned on the validation fields (max of their cells)" in " ".join(by_folder.stdout.split())
+    for args, fragment in ((["--aggregate-by", "well", crops[0]], "--aggregate-by 'well' with image files"),
+                           ([], "give image files or --data SPEC"),
+                           (["--data", cells / "cells.yaml", "--aggregate-by", "plate"],
+                            "--aggregate-by 'plate' is not a column of the dataset")):
+        refused = cli("predict", run, *args, "--out", tmp_path / "x.csv")
+        assert refused.returncode == 2 and fragment in refused.stderr, refused.stderr

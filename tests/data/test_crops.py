@@ -15,6 +15,7 @@ from cellclass.data.crops import (
     GRID_COLUMNS,
     QcThresholds,
     crop_cells,
+    crop_settings,
     cut_montage,
     field_key,
     make_crops,
@@ -23,6 +24,7 @@ from cellclass.data.crops import (
     object_properties,
 )
 from cellclass.data.io import read_image, write_tiff
+from cellclass.data.masks import segment_fields
 from cellclass.data.presets import hpa
 from cellclass.data.segment import SkimageBackend
 from cellclass.data.simulate_fields import simulate_nuclei_field
@@ -347,6 +349,26 @@ def test_a_backend_segments_each_field_and_writes_its_masks(dataset: DatasetSpec
     assert again.n_cells == result.n_cells
 
 
+def test_crop_settings_are_read_back_from_the_cells_folder(dataset: DatasetSpec, tmp_path: Path) -> None:
+    assert crop_settings(dataset) is None  # fields, not crops
+    seg = tmp_path / "seg"
+    segment_fields(dataset, SkimageBackend(channel=0), seg)
+    result = make_crops(dataset, seg, tmp_path / "cells", 24, mask_background=True, border="pad", pad="reflect",
+                        min_area=20)
+    settings = crop_settings(DatasetSpec.from_yaml(result.spec))
+    assert {k: v for k, v in settings.items() if k != "segmentation"} == {
+        "size": 24, "mask_neighbours": False, "mask_background": True, "border": "pad", "pad": "reflect",
+        "min_area": 20, "max_area": None}
+    segmentation = settings["segmentation"]
+    assert segmentation["backend"] == "skimage" and segmentation["nucleus_channel"] == 0
+    assert segmentation["cell_channel"] is None and segmentation["params"]["threshold"] == "local"
+    # With masks of unknown origin the crops are still known; with a backend, the backend is.
+    plain = make_crops(dataset, dataset.base_dir / "seg", tmp_path / "plain", 16)
+    assert crop_settings(DatasetSpec.from_yaml(plain.spec))["segmentation"] is None
+    direct = make_crops(dataset, SkimageBackend(channel=0), tmp_path / "direct", 16, border="pad")
+    assert crop_settings(DatasetSpec.from_yaml(direct.spec))["segmentation"]["backend"] == "skimage"
+
+
 def test_hpa_fields_end_to_end_with_the_true_masks(tmp_path: Path) -> None:
     simulate_hpa_fields(tmp_path / "hpa", n_fields=3, size=192, seed=1)
     spec = hpa(tmp_path / "hpa")
@@ -488,6 +510,7 @@ def test_make_grid_crops(tmp_path: Path) -> None:
     montage = read_image(root / "montage0.tif")
     np.testing.assert_array_equal(tile, montage[:, 8:16, 8:16])
     assert DatasetSpec.from_yaml(result.spec).groups == ["experiment", "field_id"]
+    assert crop_settings(DatasetSpec.from_yaml(result.spec)) is None  # tiles are no crops around objects
     with pytest.raises(CropError, match="row 1 \\(montage0.tif\\): montage of 16 x 24 pixels is not a grid"):
         make_grid_crops(spec, tmp_path / "other", 7)
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import Server, api_settings, run_cellclass
+from serve_helpers import Server, api_settings, run_cellclass, tiff_bytes
 
 from cellclass.data.presets import bps
 from cellclass.serving.app import create_app
@@ -73,3 +74,39 @@ def api_keys(api: TestClient) -> dict[str, str]:
     store = api.app.state.service.keys
     return {"predict": store.create("predict")[0], "contribute": store.create("contribute", "lab A")[0],
             "contribute_b": store.create("contribute", "lab B")[0], "curate": store.create("curate", "curator")[0]}
+
+
+@pytest.fixture(scope="session")
+def field_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A cell model: 10 simulated HPA fields of 192 x 192 segmented (nuclei on blue, cells grown on red), cut into
+    32 x 32 crops with neighbours masked, and a LeNet-5 trained on them for one epoch.
+
+    Returns the folders: ``fields``, ``seg``, ``cells`` and ``run``.
+    """
+    from cellclass.data.crops import make_crops
+    from cellclass.data.masks import segment_fields
+    from cellclass.data.presets import hpa
+    from cellclass.data.segment import SkimageBackend
+    from cellclass.data.simulate_hpa_fields import simulate_hpa_fields
+    from cellclass.data.spec import DatasetSpec
+
+    root = tmp_path_factory.mktemp("field_run")
+    paths = {name: root / name for name in ("fields", "seg", "cells", "run")}
+    simulate_hpa_fields(paths["fields"], n_fields=10, size=192, seed=4)
+    spec = hpa(paths["fields"])
+    segment_fields(spec, SkimageBackend(channel=2), paths["seg"], cell_channel=0)
+    crops = make_crops(spec, paths["seg"], paths["cells"], 32, mask_neighbours=True, border="pad")
+    train(DatasetSpec.from_yaml(crops.spec), TrainConfig(model="lenet5", image_size=32, epochs=1, tta=False,
+                                                         precision="32-true"), paths["run"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def field_tiff(field_run: dict[str, Path]) -> tuple[str, bytes, np.ndarray]:
+    """The first simulated field as one 4-channel TIFF: ``(its Id, the TIFF's bytes, the (C, H, W) image)``."""
+    from cellclass.data.presets import hpa
+
+    spec = hpa(field_run["fields"])
+    record = spec.load_manifest().to_dict("records")[0]
+    image = spec.read_image(record)
+    return str(record["Id"]), tiff_bytes(image), image

@@ -119,6 +119,7 @@ def test_metadata_within_the_bounds_is_stored_as_standard_json(api: TestClient, 
 EXPECTED_STATUSES = {
     ("/v1/predict", "post"): {"200", "400", "401", "403", "413", "415", "422"},
     ("/v1/saliency", "post"): {"200", "400", "401", "403", "413", "415", "422"},
+    ("/v1/fields", "post"): {"200", "400", "401", "403", "413", "415", "422"},
     ("/v1/contributions", "post"): {"200", "201", "400", "401", "403", "413", "415", "422"},
     ("/v1/contributions", "get"): {"200", "401", "403", "422"},
     ("/v1/contributions/{contribution_id}", "get"): {"200", "401", "403", "404", "422"},

@@ -69,3 +69,68 @@ def test_web_page_predicts_shows_saliency_and_contributes(server: Server, keys: 
         record = c.get(f"/v1/contributions/{contribution_id}").json()
     assert record["labels"] == {"particle_type": particle} and record["filename"] == name
     assert (artifacts / "serving-web-predict.png").stat().st_size > 10_000
+
+
+def test_field_mode_outlines_the_cells_of_a_field(field_run: dict[str, Path], field_tiff: tuple[str, bytes, object],
+                                                  tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (`apt-get install chromium`; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the Python package) is not installed")
+    import pandas as pd
+
+    artifacts = request.config.rootpath / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    field_id, data, _ = field_tiff
+    image = tmp_path / "field.tif"
+    image.write_bytes(data)
+    masks = pd.read_csv(field_run["seg"] / "masks.csv", dtype={"Id": str})
+    n_cells = int(masks.n_objects[masks.Id == field_id].iloc[0])  # the objects `segment` found, as the server does
+    server = Server(field_run["run"], tmp_path / "state", tmp_path / "server.log").start()
+    try:
+        key = server.key("predict")
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 1200})
+                page.goto(server.url + "/")
+                page.wait_for_selector("#labels .checks", timeout=30_000)  # the model description arrived
+                assert page.is_visible("#predict-card") and not page.is_visible("#field-card")
+                page.click("#mode-field")
+                assert page.is_visible("#field-card") and not page.is_visible("#predict-card")
+                assert page.is_visible("#key-card")
+
+                page.fill("#api-key", key)
+                page.set_input_files("#field-input", str(image))
+                page.click("#field-button")
+                page.wait_for_selector("#field-status.ok", timeout=60_000)
+                page.wait_for_selector("#field-image[data-loaded='true']", timeout=30_000)
+                status = page.text_content("#field-status")
+                assert f"{n_cells} cell(s) classified of {n_cells} object(s) found by lenet5" in status
+                assert page.locator("#field-overlay polygon.cell-outline").count() == n_cells
+                assert page.locator("#field-cells tbody tr").count() == n_cells
+                points = page.get_attribute("#field-overlay polygon.cell-outline >> nth=0", "points")
+                assert len(points.split()) >= 3
+                colours = page.eval_on_selector_all("#field-overlay .cell-outline", "els => els.map(e => e.getAttribute('stroke'))")
+                assert all(c.startswith("#") for c in colours)
+                box = page.locator("#field-overlay").bounding_box()
+                assert box["width"] > 200 and box["height"] > 200  # drawn over the field's image
+                assert page.text_content("#field-answer .label").strip()
+                assert "mean; thresholds: per class, tuned on the validation fields" in page.text_content("#field-answer")
+
+                page.hover("#field-cells tbody tr >> nth=0")
+                assert "Cell 1" in page.text_content("#field-cell-detail")
+                page.click("#field-overlay .cell-outline >> nth=1", force=True)
+                detail = page.text_content("#field-cell-detail")
+                assert "pinned" in detail and "area" in detail
+                assert page.locator("#field-cell-detail .bar").count() >= 1
+                assert page.locator("#field-overlay .cell-outline.selected").count() == 1
+                page.screenshot(path=str(artifacts / "serving-web-field.png"), full_page=True)
+
+                # Back: the Image switch, or the Predict tab where the page has view tabs.
+                page.click("#mode-image" if page.locator("#mode-image").count() else "#views [data-view='predict']")
+                assert page.is_visible("#predict-card") and not page.is_visible("#field-card")
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    assert (artifacts / "serving-web-field.png").stat().st_size > 10_000

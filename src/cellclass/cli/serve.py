@@ -82,6 +82,8 @@ def serve(
                                                                "in the web page, one image at a time.")] = None,
     pool: Annotated[Path | None, typer.Option("--pool", help="Folder the ranking's relative image paths are under "
                                                              "(default: the CSV's folder).")] = None,
+    max_field_objects: Annotated[int | None, typer.Option(
+        "--max-field-objects", min=1, help="Most objects in a field sent to /v1/fields (default 1000).")] = None,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log every request.")] = False,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store holding a models:/ RUN "
                                                      "(default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
@@ -102,6 +104,7 @@ def serve(
         open_predict=open_predict, tta=tta, threads=threads, max_batch=max_batch, max_wait_ms=max_wait_ms,
         max_upload_bytes=None if max_upload_mb is None else int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
         queue=queue, pool=pool,
+        max_field_objects=max_field_objects,
     )
     from cellclass.inference.checkpoint import Checkpoint
     from cellclass.serving.labelling import read_ranking

@@ -25,6 +25,14 @@ from cellclass.cli.output import (
 )
 from cellclass.errors import CellclassError, SpecError
 
+AggregateByOpt = Annotated[str | None, typer.Option(
+    "--aggregate-by", help="Answer per field too: the column naming each cell's field (default: field_id where the "
+                           "dataset has it, as `cellclass crops` writes). predict with image files: folder (each "
+                           "file's parent folder is its field).", show_default=False)]
+AggregateOpt = Annotated[str | None, typer.Option(
+    "--aggregate", help="How a field's cells make its answer: mean, max, topk or topk:K (multi-label; default "
+                        "mean), majority or mean (single-label; default majority).", show_default=False)]
+
 
 @app.command()
 def models(
@@ -93,13 +101,37 @@ def print_metrics(result: dict[str, Any], out: Path) -> None:
                   + f"; evaluated on {result['evaluation']['on']} ({result['evaluation']['n_images']} images)")
     if split.get("warning"):
         console.print(f"[bold red]warning:[/bold red] {split['warning']}")
-    table = Table()
+    fields = result.get("fields")
+    table = Table(title="cell level" if fields else None)
     for col in ("task", "accuracy", "balanced acc.", "macro F1", "ROC-AUC"):
         table.add_column(col, justify="right")
     for task, m in result["tasks"].items():
         table.add_row(task, *[metric_text(m.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")])
     console.print(table)
-    console.print(f"run folder: {out} (metrics.json, predictions.csv, plots/, report.html)")
+    if fields:
+        _print_fields(fields)
+    console.print(f"run folder: {out} (metrics.json, predictions.csv{', field_predictions.csv' if fields else ''}, "
+                  "plots/, report.html)")
+
+
+def _print_fields(fields: dict[str, Any]) -> None:
+    """The field level of a cell model's metrics: its fields, how they were answered, a row per task."""
+    counts = fields["cells_per_field"]
+    table = Table(title=f"field level: {fields['n_fields']} {fields['on']} by {fields['column']} "
+                        f"({fields['n_cells']} cells, {counts['min']} to {counts['max']} per field)")
+    for col in ("task", "aggregation", "accuracy", "balanced acc.", "macro F1", "ROC-AUC"):
+        table.add_column(col, justify="right")
+    for task, m in fields["tasks"].items():
+        table.add_row(task, m["aggregation"],
+                      *[metric_text(m.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")])
+    console.print(table)
+    for task, m in fields["tasks"].items():
+        if m["thresholds_from"].startswith("argmax"):
+            continue
+        console.print(f"field thresholds of {task}: {m['thresholds_from']}")
+    if fields.get("n_fields_split_across_sides"):
+        console.print(f"[bold red]warning:[/bold red] {fields['n_fields_split_across_sides']} field(s) have cells on "
+                      f"other sides of the split; they are answered from their {fields['on'].split()[0]} cells only")
 
 
 @app.command()
@@ -110,69 +142,184 @@ def evaluate(
     data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this dataset instead of the run's test split.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/evaluation).")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
+    aggregate_by: AggregateByOpt = None,
+    aggregate: AggregateOpt = None,
 ) -> None:
-    """Evaluate a run's best checkpoint on its test split or on another dataset (--data)."""
+    """Evaluate a run's best checkpoint on its test split or on another dataset (--data).
+
+    A cell model (trained on `cellclass crops` output) is evaluated at the cell level and at
+    the field level: its cells' probabilities aggregated to their field (the field_id
+    column, or --aggregate-by) and scored against the field's labels, in
+    field_predictions.csv and the "fields" block of metrics.json.
+    """
     from cellclass.evaluation.evaluate import evaluate_run
+    from cellclass.evaluation.fields import parse_aggregation
     from cellclass.training.config import run_config
 
     if data is None and dataset.given():
         raise SpecError(f"{', '.join(dataset.given())} given without --data; valid: the dataset options with "
                         "--data SPEC (without --data the run's own test split is evaluated)")
+    choice = parse_aggregation(aggregate)
     spec = None if data is None else dataset.to_spec(data)
     with stage_progress() as update:
-        result = evaluate_run(run, run_config(run), spec=spec, out=out, tta=tta, progress=update)
+        result = evaluate_run(run, run_config(run), spec=spec, out=out, tta=tta, aggregate_by=aggregate_by,
+                              aggregation=choice, progress=update)
     print_metrics(result, out or run / "evaluation")
 
 
 @app.command()
+@takes_options
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder or .ckpt file.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (TIFF, PNG, NPY).")],
+    dataset: DatasetOptions,
+    images: Annotated[list[Path] | None, typer.Argument(
+        help="Image files (TIFF, PNG, NPY); or none with --data.", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Predict every row of this dataset instead of image files (e.g. the cells.yaml of "
+                       "`cellclass crops`).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path("predictions.csv"),
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
+    aggregate_by: AggregateByOpt = None,
+    aggregate: AggregateOpt = None,
 ) -> None:
-    """Predict image files with a trained run; writes one CSV row per image.
+    """Predict image files, or every row of a dataset (--data), with a trained run; writes one CSV row per image.
 
     An image that cannot be predicted (missing, undecodable, empty, NaN pixels, another
     channel count) keeps its row, with the reason in the ``error`` column, and the others
     are predicted; the command then exits 1. The output never replaces an input.
+
+    Cells of fields (a --data with a field_id column, or --aggregate-by) are also answered
+    per field, their probabilities aggregated (--aggregate), in field_<OUT name> beside OUT
+    (field_predictions.csv by default).
     """
     import pandas as pd
 
     from cellclass.atomic import atomic_path
+    from cellclass.evaluation.fields import parse_aggregation, task_aggregations
     from cellclass.inference.predictor import Predictor
 
-    check_output_file(out, "--out", inputs=[run, *images], input_folders=[run])
+    if (data is None) == (not images):
+        raise SpecError("give image files or --data SPEC (one of them); valid: `cellclass predict RUN a.tif b.tif` "
+                        "or `cellclass predict RUN --data cells.yaml`")
+    if data is None and dataset.given():
+        raise SpecError(f"{', '.join(dataset.given())} given without --data; valid: the dataset options with "
+                        "--data SPEC")
+    if data is None and aggregate_by not in (None, "folder"):
+        raise SpecError(f"--aggregate-by {aggregate_by!r} with image files; valid: --aggregate-by folder (each "
+                        "file's parent folder is its field), or a column of a --data dataset")
+    fields_out = out.with_name(f"field_{out.name}")
+    sources = [run, *(images or []), *([] if data is None else [data])]
+    check_output_file(out, "--out", inputs=sources, input_folders=[run])
+    choice = parse_aggregation(aggregate)
     predictor = Predictor.from_checkpoint(run, tta=tta)
+    aggregations = task_aggregations(predictor.encoders, choice)
+    if data is None:
+        rows, column = _predict_files(predictor, images or [], aggregate_by == "folder"), aggregate_by
+    else:
+        rows, column = _predict_rows(predictor, dataset.to_spec(data), aggregate_by)
+    if column is not None:
+        check_output_file(fields_out, "the field predictions file", inputs=sources, input_folders=[run])
+    with atomic_path(out) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    failed = sum(bool(r["error"]) for r in rows)
+    console.print(f"{len(rows) - failed} prediction(s) written to {out}"
+                  + (f"; {failed} image(s) could not be predicted (see the error column)" if failed else ""))
+    if column is not None:
+        _write_field_answers(predictor, rows, column, aggregations, fields_out)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _predict_files(predictor: Any, images: list[Path], folders: bool) -> list[dict[str, Any]]:
+    """One row per image file: its path (and parent folder), an error or its labels and probabilities."""
     rows: list[dict[str, Any]] = []
     for start in range(0, len(images), 256):
         chunk = images[start : start + 256]
         prepared: dict[int, Any] = {}
         for i, path in enumerate(chunk):
-            row: dict[str, Any] = {"image": str(path), "error": ""}
+            row: dict[str, Any] = {"image": str(path), **({"folder": str(path.parent)} if folders else {}), "error": ""}
             try:
                 prepared[i] = predictor.prepare([predictor.read_image(path)], names=[f"image {str(path)!r}"])
             except CellclassError as exc:
                 row["error"] = str(exc)
                 print_error(str(exc))
             rows.append(row)
-        if not prepared:
-            continue
-        x = predictor.normalize(np.concatenate(list(prepared.values())))
-        results = predictor.describe(predictor.predict_normalized(x))
-        for i, result in zip(prepared, results, strict=True):
-            row = rows[start + i]
-            for task_name, r in result.items():
-                label = r["label"]
-                row[task_name] = ";".join(label) if isinstance(label, list) else label
-                row.update({f"{task_name}__p__{c}": round(p, 6) for c, p in r["probabilities"].items()})
-    with atomic_path(out) as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    failed = sum(bool(r["error"]) for r in rows)
-    console.print(f"{len(rows) - failed} prediction(s) written to {out}"
-                  + (f"; {failed} image(s) could not be predicted (see the error column)" if failed else ""))
-    if failed:
-        raise typer.Exit(1)
+        _fill_predictions(predictor, rows, start, prepared)
+    return rows
+
+
+def _predict_rows(predictor: Any, spec: Any, aggregate_by: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """One row per row of ``spec`` (read as the run's images were), and the column naming its field, if any."""
+    import dataclasses
+
+    from cellclass.data.spec import ROW_COLUMN
+    from cellclass.evaluation.fields import field_column
+
+    spec = dataclasses.replace(spec, image=spec.image.with_defaults(predictor.axes))
+    frame = spec.load_manifest(apply_drop=False)
+    column = field_column([c for c in frame.columns if c != ROW_COLUMN], aggregate_by)
+    records = frame.to_dict("records")
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(records), 256):
+        prepared: dict[int, Any] = {}
+        for i, record in enumerate(records[start : start + 256]):
+            image_id = spec.image_id(record)
+            row: dict[str, Any] = {"image": image_id, "row": record[ROW_COLUMN]}
+            if column is not None:
+                row[column] = str(record[column])
+            row["error"] = ""
+            try:
+                name = f"row {record[ROW_COLUMN]} ({image_id})"
+                prepared[i] = predictor.prepare([spec.read_image(record)], names=[name])
+            except CellclassError as exc:
+                row["error"] = str(exc)
+                print_error(str(exc))
+            rows.append(row)
+        _fill_predictions(predictor, rows, start, prepared)
+    return rows, column
+
+
+def _fill_predictions(predictor: Any, rows: list[dict[str, Any]], start: int, prepared: dict[int, Any]) -> None:
+    """Predict the prepared images of a chunk and write their labels and probabilities into their rows."""
+    if not prepared:
+        return
+    x = predictor.normalize(np.concatenate(list(prepared.values())))
+    results = predictor.describe(predictor.predict_normalized(x))
+    for i, result in zip(prepared, results, strict=True):
+        row = rows[start + i]
+        for task_name, r in result.items():
+            label = r["label"]
+            row[task_name] = ";".join(label) if isinstance(label, list) else label
+            row.update({f"{task_name}__p__{c}": round(p, 6) for c, p in r["probabilities"].items()})
+
+
+def _write_field_answers(predictor: Any, rows: list[dict[str, Any]], column: str, aggregations: dict[str, Any],
+                         path: Path) -> None:
+    """Aggregate the predicted rows to their fields, write them to ``path`` and say how."""
+    from cellclass.atomic import atomic_path
+    from cellclass.evaluation.fields import (
+        FIELD_COLUMN,
+        answer_fields,
+        choose_thresholds,
+        field_predictions_frame,
+    )
+
+    done = [r for r in rows if not r["error"]]
+    if not done:
+        print_error(f"no image was predicted: no field answer written to {path}")
+        return
+    encoders = predictor.encoders
+    probs = {t: np.array([[r[f"{t}__p__{c}"] for c in e.classes] for r in done]) for t, e in encoders.items()}
+    # The thresholds training stored were tuned on the fields of field_id, which are the crops' folders.
+    stored = predictor.field_thresholds if column in (FIELD_COLUMN, "folder") else {}
+    thresholds, sources = choose_thresholds(encoders, aggregations, stored, predictor.thresholds)
+    answers = answer_fields(column, [r[column] for r in done], probs, encoders, aggregations, thresholds)
+    with atomic_path(path) as tmp:
+        field_predictions_frame(answers, encoders).to_csv(tmp, index=False)
+    how = ", ".join(f"{t}: {a.key}" for t, a in aggregations.items())
+    console.print(f"{len(answers.fields)} field answer(s) by {column} written to {path} ({how})")
+    for task, text in sources.items():
+        console.print(f"field thresholds of {task}: {text}")
 
 
 @app.command()
@@ -189,8 +336,8 @@ def cv(
 
     Re-running the same command skips the folds already finished.
     """
-    from cellclass.training.crossval import cross_validate
     from cellclass.tracking.folds import FoldLogger, cv_progress
+    from cellclass.training.crossval import cross_validate
 
     ds = dataset.to_spec(spec)
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it

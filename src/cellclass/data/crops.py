@@ -75,6 +75,7 @@ from cellclass.progress import ProgressFn
 __all__ = [
     "BORDER_MODES",
     "CELL_COLUMNS",
+    "CROP_SETTING_NAMES",
     "GRID_COLUMNS",
     "MONTAGE_ORDERS",
     "PAD_MODES",
@@ -83,6 +84,7 @@ __all__ = [
     "CropResult",
     "QcThresholds",
     "crop_cells",
+    "crop_settings",
     "cut_montage",
     "field_key",
     "make_crops",
@@ -475,6 +477,57 @@ class CropResult:
     n_cells: int
     n_processed: int
     n_flagged: int
+
+
+CROP_SETTING_NAMES: tuple[str, ...] = ("size", "mask_neighbours", "mask_background", "border", "pad", "min_area",
+                                        "max_area")
+"""The settings of :func:`crop_cells` that :func:`crop_settings` reads back."""
+
+
+def crop_settings(spec: DatasetSpec) -> dict[str, Any] | None:
+    """How the crops of a dataset written by :func:`make_crops` were cut, from its ``crops.json``.
+
+    What a model trained on the crops records, so that a new field is cut the same way: the
+    :data:`CROP_SETTING_NAMES`, and under ``segmentation`` how the masks were made where
+    ``segment.json`` (of ``cellclass segment``) or the crops' own backend tells it:
+    ``backend``, ``nucleus_channel``, ``params``, ``cell_channel`` and ``cell_params``.
+
+    Returns:
+        The settings, or ``None`` for a dataset that is not a folder of crops around objects
+        (no ``crops.json`` beside its manifest, or tiles of montages).
+    """
+    manifest = spec.manifest_path
+    path = None if manifest is None else manifest.parent / "crops.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text()).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        log.warning("%s cannot be read; the crop settings are not recorded", path)
+        return None
+    if settings.get("kind") != "cells":
+        return None
+    out: dict[str, Any] = {name: settings.get(name) for name in CROP_SETTING_NAMES}
+    segmentation = None
+    if settings.get("backend") is not None:
+        segmentation = {"backend": settings["backend"]}
+    elif settings.get("masks_dir") and (Path(settings["masks_dir"]) / "segment.json").is_file():
+        try:
+            segmentation = json.loads((Path(settings["masks_dir"]) / "segment.json").read_text()).get("settings")
+        except (OSError, ValueError, AttributeError):
+            segmentation = None
+    out["segmentation"] = _segmentation_settings(segmentation)
+    return out
+
+
+def _segmentation_settings(recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The backend, nucleus channel and parameters of recorded segmentation settings."""
+    if not isinstance(recorded, Mapping) or not isinstance(recorded.get("backend"), Mapping):
+        return None
+    backend = recorded["backend"]
+    return {"backend": backend.get("name"), "nucleus_channel": backend.get("channel"),
+            "params": backend.get("params"), "cell_channel": recorded.get("cell_channel"),
+            "cell_params": recorded.get("cell_params")}
 
 
 # --------------------------------------------------------------------------------------

@@ -230,9 +230,9 @@ def _metrics_from_predictions(
 
 
 def single_label_metrics(
-    y_true: ArrayLike, proba: ArrayLike, classes: Sequence[str]
+    y_true: ArrayLike, proba: ArrayLike, classes: Sequence[str], predictions: ArrayLike | None = None
 ) -> dict[str, Any]:
-    """Metrics of a single-label (softmax) task; the prediction is the argmax class.
+    """Metrics of a single-label (softmax) task; the prediction is the argmax class unless given.
 
     ``roc_auc`` is the macro one-vs-rest AUC over classes with both positives and negatives
     in ``y_true`` (None if there are none); ``map`` the macro average precision over
@@ -244,6 +244,8 @@ def single_label_metrics(
         y_true: Class indices in ``range(K)``, shape (N,).
         proba: Class probabilities, shape (N, K).
         classes: K class names, in column order.
+        predictions: The predicted class indices, shape (N,), where they are not the
+            argmax of ``proba`` (a field's majority vote with its ties broken).
 
     Returns:
         Keys ``n, accuracy, balanced_accuracy, macro_f1, micro_f1, weighted_f1,
@@ -258,7 +260,9 @@ def single_label_metrics(
     p = as_proba(proba)
     names = check_classes(classes, p.shape[1])
     y = as_labels(y_true, p.shape[0], p.shape[1])
-    return _metrics_from_predictions(y, p.argmax(axis=1).astype(np.int64), p, names)
+    y_pred = p.argmax(axis=1).astype(np.int64) if predictions is None else as_labels(predictions, p.shape[0],
+                                                                                      p.shape[1])
+    return _metrics_from_predictions(y, y_pred, p, names)
 
 
 def binary_metrics(
@@ -393,6 +397,7 @@ def task_metrics(
     proba: ArrayLike,
     classes: Sequence[str],
     thresholds: ArrayLike | float | None = None,
+    predictions: ArrayLike | None = None,
 ) -> dict[str, Any]:
     """Metrics of one label task, dispatched on its type.
 
@@ -404,21 +409,26 @@ def task_metrics(
         classes: Class names in column order.
         thresholds: None for the default 0.5; for binary one number (or a size-1 array),
             for multilabel one number or one per class. Single-label tasks take none.
+        predictions: Single-label tasks: the predicted class indices where they are not
+            the argmax of ``proba`` (see :func:`single_label_metrics`).
 
     Returns:
         The dictionary of the matching ``*_metrics`` function, with ``task_type`` added.
 
     Raises:
-        EvaluationError: If ``task_type`` is unknown or thresholds are given to a
-            single-label task.
+        EvaluationError: If ``task_type`` is unknown, thresholds are given to a
+            single-label task or predictions to another.
     """
+    if predictions is not None and task_type != "single":
+        raise EvaluationError(f"predictions apply to single-label tasks; received them for a {task_type!r} task, "
+                              "whose prediction follows its thresholds.")
     if task_type == "single":
         if thresholds is not None:
             raise EvaluationError(
                 f"thresholds apply to binary and multilabel tasks; received {thresholds!r} "
                 "for a single-label task, whose prediction is the argmax class."
             )
-        out = single_label_metrics(y_true, proba, classes)
+        out = single_label_metrics(y_true, proba, classes, predictions)
     elif task_type == "binary":
         if thresholds is None:
             threshold = 0.5

@@ -20,6 +20,15 @@ from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.prepared import PreparedData
 from cellclass.data.spec import ROW_COLUMN
 from cellclass.evaluation import plots as P
+from cellclass.evaluation.fields import (
+    STORED_AGGREGATIONS,
+    Aggregation,
+    choose_thresholds,
+    evaluate_fields,
+    field_column,
+    task_aggregations,
+    tune_field_thresholds,
+)
 from cellclass.evaluation.metrics import task_metrics
 from cellclass.evaluation.thresholds import tune_thresholds
 from cellclass.inference.checkpoint import Checkpoint
@@ -109,9 +118,15 @@ def write_evaluation(out: Path, predictor: Predictor, data: PreparedData, x: Any
     val_targets = {t: v[split.val] for t, v in data.targets.items()}
     thresholds = tune_task_thresholds(predictor, val_targets, val_probs, threshold_method)
     predictor.thresholds = {**predictor.thresholds, **thresholds}
+    column = field_column(data.frame.columns, None)
+    if column is not None:  # a cell model: its field answers' thresholds, tuned on the validation fields
+        predictor.field_thresholds = tune_field_thresholds(
+            predictor.encoders, data.frame[column].astype(str).to_numpy()[split.val], val_probs, val_targets, STORED_AGGREGATIONS,
+            threshold_method)
+    changes = {k: v for k, v in (("thresholds", thresholds), ("field_thresholds", predictor.field_thresholds)) if v}
     best = out / "checkpoints" / "best.ckpt"
-    if thresholds and best.is_file():
-        Checkpoint.load(best).replace(thresholds=thresholds).save(best)
+    if changes and best.is_file():
+        Checkpoint.load(best).replace(**changes).save(best)
     on_test = len(split.test) > 0
     idx = split.test if on_test else split.val
     test_probs = predictor.predict_normalized(x[idx]) if on_test else val_probs
@@ -132,8 +147,47 @@ def write_evaluation(out: Path, predictor: Predictor, data: PreparedData, x: Any
         **dict(extra or {}),
         "tasks": tasks,
     }
-    write_results(out, result, predictor, data, idx, test_targets, test_probs, "test" if on_test else "val")
+    side = "test" if on_test else "val"
+    fields = None
+    if column is not None:
+        result["fields"], fields = field_results(predictor, data, column, idx, test_targets, test_probs, side=side)
+    write_results(out, result, predictor, data, idx, test_targets, test_probs, side, fields=fields)
     return result
+
+
+def field_results(predictor: Predictor, data: PreparedData, column: str, idx: np.ndarray,
+                  targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray], *, side: str,
+                  aggregation: Aggregation | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The field level of an evaluation: rows ``idx`` of ``data`` aggregated to their fields.
+
+    The thresholds are the predictor's field thresholds for the aggregation (see
+    :func:`~cellclass.evaluation.fields.choose_thresholds`).
+
+    Args:
+        predictor: The cell model.
+        data: The cells.
+        column: The column naming each cell's field.
+        idx: The rows evaluated.
+        targets: Their labels, per task.
+        probs: Their probabilities, per task.
+        side: Which side ``idx`` is (``test`` ...), written in ``field_predictions.csv``.
+        aggregation: The aggregation (default: each task type's).
+
+    Returns:
+        The ``fields`` block of ``metrics.json`` and the ``field_predictions.csv`` table.
+    """
+    aggregations = task_aggregations(predictor.encoders, aggregation)
+    thresholds, sources = choose_thresholds(predictor.encoders, aggregations, predictor.field_thresholds,
+                                            predictor.thresholds)
+    ids = data.frame[column].astype(str).to_numpy()
+    block, table = evaluate_fields(predictor.encoders, column, ids[idx], probs, targets, aggregations, thresholds,
+                                   sources, on=f"{side} fields", side=side)
+    chosen = np.zeros(len(ids), dtype=bool)
+    chosen[idx] = True
+    # Fields with cells outside the rows evaluated (a split not made by this column) are answered from part of
+    # their cells only.
+    block["n_fields_split_across_sides"] = len(set(ids[idx]) & set(ids[~chosen]))
+    return block, table
 
 
 def evaluation_block(*, on: str, n_images: int, checkpoint: str | None, tta: bool,
@@ -152,15 +206,20 @@ def evaluation_block(*, on: str, n_images: int, checkpoint: str | None, tta: boo
 
 
 def write_results(out: Path, result: Mapping[str, Any], predictor: Predictor, data: PreparedData, idx: np.ndarray,
-                  targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray], side: str) -> None:
+                  targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray], side: str, *,
+                  fields: pd.DataFrame | None = None) -> None:
     """Write ``metrics.json`` (``result``), ``predictions.csv`` (rows ``idx`` of ``data``, named
-    ``side``), the plots and ``report.html`` into ``out``."""
+    ``side``), ``field_predictions.csv`` (``fields``, when given), the plots and ``report.html``
+    into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=json_default))
     frame = predictions_frame(predictor, [data.ids[i] for i in idx], data.frame[ROW_COLUMN].to_numpy()[idx], targets,
                               probs, side)
     with atomic_path(out / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
+    if fields is not None:
+        with atomic_path(out / "field_predictions.csv") as tmp:
+            fields.to_csv(tmp, index=False)
     write_report(out, result, write_plots(out, predictor, targets, probs, result["tasks"]))
 
 
@@ -201,14 +260,10 @@ def write_plots(out: Path, predictor: Predictor, targets: Mapping[str, np.ndarra
 def write_report(out: Path, result: Mapping[str, Any], plots: list[Path]) -> Path:
     """A self-contained HTML page: how the numbers were obtained, the numbers, the plots."""
     esc = html.escape
-    rows = []
-    for task, m in result["tasks"].items():
-        cells = "".join(
-            f"<td>{_fmt(m.get(k))}</td>" for k in ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1",
-                                                   "roc_auc", "map", "hamming_loss", "jaccard_samples"))
-        rows.append(f"<tr><th>{esc(task)}</th>{cells}</tr>")
+    rows = [_metric_row(task, m) for task, m in result["tasks"].items()]
     header = "".join(f"<th>{h}</th>" for h in ("task", "accuracy", "balanced acc.", "macro F1", "micro F1",
                                                "ROC-AUC", "mAP", "Hamming loss", "Jaccard"))
+    fields_html = _fields_html(result.get("fields"), header)
     split = result["split"]
     how = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in result["evaluation"].items())
     warning = f'<p class="warn">{esc(split["warning"])}</p>' if split.get("warning") else ""
@@ -224,10 +279,29 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f
 img{{max-width:540px;border:1px solid #ddd}}</style></head><body>
 <h1>{esc(str(result.get('model', 'model')))} on {esc(result['dataset'])}</h1>
 <h2>How these numbers were obtained</h2>{warning}<ul>{how}</ul>{split_html}
-<h2>Test metrics</h2><table><tr>{header}</tr>{''.join(rows)}</table>
+<h2>Test metrics</h2><table><tr>{header}</tr>{''.join(rows)}</table>{fields_html}
 <h2>Plots</h2>{images}
 </body></html>"""
     return atomic_write_text(out / "report.html", page)
+
+
+def _metric_row(task: str, m: Mapping[str, Any]) -> str:
+    cells = "".join(f"<td>{_fmt(m.get(k))}</td>" for k in ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1",
+                                                          "roc_auc", "map", "hamming_loss", "jaccard_samples"))
+    return f"<tr><th>{html.escape(task)}</th>{cells}</tr>"
+
+
+def _fields_html(fields: Mapping[str, Any] | None, header: str) -> str:
+    """The field level of a cell model: how its answers were made, and their metrics."""
+    if not fields:
+        return ""
+    esc = html.escape
+    how = "".join(f"<li><b>{esc(task)}</b>: {esc(m['aggregation_text'])} ({esc(m['aggregation'])}); thresholds: "
+                  f"{esc(m['thresholds_from'])}</li>" for task, m in fields["tasks"].items())
+    rows = "".join(_metric_row(task, m) for task, m in fields["tasks"].items())
+    return (f"<h2>Field metrics</h2><p>{fields['n_fields']} {esc(fields['on'])} by <b>{esc(fields['column'])}</b>, "
+            f"{fields['n_cells']} cells; truth: {esc(fields['truth'])}</p><ul>{how}</ul>"
+            f"<table><tr>{header}</tr>{rows}</table>")
 
 
 def _split_html(split: Mapping[str, Any]) -> str:

@@ -62,6 +62,12 @@ class Checkpoint:
         epoch: Epoch the weights are from.
         metrics: That epoch's validation metrics (networks).
         thresholds: Per-class decision thresholds of multi-label tasks, tuned on validation.
+        field_thresholds: A cell model's per-class thresholds of its multi-label tasks' field
+            answers, by task then aggregation (``mean``, ``max``, ``topk_mean:3``), tuned on
+            the validation fields (see :mod:`cellclass.evaluation.fields`).
+        crops: How the training cells were cut from their fields (the settings of
+            ``cellclass crops``, with the segmentation's under ``segmentation``), so a new
+            field is cut the same way; ``None`` when the training images were not crops.
         state_dict: A network's weights.
         estimator: A baseline's fitted estimator.
         training_state: What resuming needs (``last.ckpt`` only): the loop's state dict.
@@ -83,6 +89,8 @@ class Checkpoint:
     epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, list[float]] = field(default_factory=dict)
+    field_thresholds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    crops: dict[str, Any] | None = None
     state_dict: dict[str, torch.Tensor] | None = None
     estimator: Any = None
     training_state: dict[str, Any] | None = None
@@ -124,6 +132,9 @@ class Checkpoint:
             "epoch": int(self.epoch),
             "metrics": dict(self.metrics),
             "thresholds": {t: [float(v) for v in values] for t, values in self.thresholds.items()},
+            "field_thresholds": {t: {k: [float(v) for v in values] for k, values in by.items()}
+                                 for t, by in self.field_thresholds.items()},
+            "crops": self.crops,
         }
         if self.kind == "baseline":
             payload["estimator"] = pickle.dumps(self.estimator, protocol=pickle.HIGHEST_PROTOCOL)
@@ -175,6 +186,9 @@ class Checkpoint:
             epoch=int(payload.get("epoch") or 0),
             metrics=dict(payload.get("metrics") or {}),
             thresholds={t: list(v) for t, v in (payload.get("thresholds") or {}).items()},
+            field_thresholds={t: {k: list(v) for k, v in by.items()}
+                              for t, by in (payload.get("field_thresholds") or {}).items()},
+            crops=payload.get("crops"),
             state_dict=payload.get("state_dict") if kind == "network" else None,
             estimator=estimator,
             training_state=payload.get("training_state"),

@@ -45,6 +45,8 @@ class Predictor:
         channel_indices: Channels kept from each image (all when empty).
         channels: Channel names.
         thresholds: Per-class thresholds of multi-label tasks.
+        field_thresholds: Per-class thresholds of multi-label tasks' field answers, by task
+            then aggregation (a cell model's; see :attr:`Checkpoint.field_thresholds`).
         tta: Average over the 8 D4 transforms.
         batch_size: Inference batch size.
         identity: Model identity reported with predictions (name, run, checkpoint).
@@ -64,6 +66,7 @@ class Predictor:
     channel_indices: list[int] = field(default_factory=list)
     channels: list[str] = field(default_factory=list)
     thresholds: dict[str, list[float]] = field(default_factory=dict)
+    field_thresholds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     tta: bool = False
     batch_size: int = 64
     identity: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +106,7 @@ class Predictor:
             channel_indices=list(ckpt.channel_indices),
             channels=list(ckpt.channels),
             thresholds={k: list(v) for k, v in ckpt.thresholds.items()},
+            field_thresholds={t: {k: list(v) for k, v in by.items()} for t, by in ckpt.field_thresholds.items()},
             tta=bool(config.get("tta", False)) if tta is None else tta,
             identity={"model": config.get("model"), "checkpoint": None if ckpt.path is None else str(ckpt.path),
                       "epoch": ckpt.epoch, "run": ckpt.run},

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from cellclass import __version__
 from cellclass.serving.gate import RequestGate
 from cellclass.serving.handlers import add_exception_handlers
-from cellclass.serving.routes import contributions, keys, predict, probes, queue, web
+from cellclass.serving.routes import contributions, fields, keys, predict, probes, queue, web
 from cellclass.serving.service import Service
 from cellclass.serving.settings import ServeSettings
 
@@ -48,7 +48,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(
         title="cellclass",
         summary="Predictions and dataset contributions for fluorescence microscopy cell images.",
-        description=("Upload TIFF, PNG or NPY images for per-task predictions; contribute labelled images "
+        description=("Upload TIFF, PNG or NPY images for per-task predictions, or a whole field of view for its "
+                     "cells' predictions and the field's answer; contribute labelled images "
                      "for curators to accept into the next training run, or label the images a ranking "
                      "puts first (the labelling queue). Keys travel as "
                      "`Authorization: Bearer KEY` (roles: predict < contribute < curate)."),
@@ -56,8 +57,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         lifespan=lifespan,
     )
     # In this order in the OpenAPI document; the gate reads each route's key and body needs.
-    routers = [web.router, probes.router, predict.make_router(settings), contributions.make_router(settings),
-               queue.make_router(), keys.router]
+    routers = [web.router, probes.router, predict.make_router(settings), fields.make_router(settings),
+               contributions.make_router(settings), queue.make_router(), keys.router]
     app.state.settings = settings
     app.add_middleware(RequestGate, routes=[route for router in routers for route in router.routes],
                        upload_bytes=settings.max_request_bytes, json_bytes=MAX_JSON_BODY)

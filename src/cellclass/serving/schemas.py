@@ -68,6 +68,7 @@ class Limits(BaseModel):
     max_upload_bytes: int
     max_pixels: int = Field(description="Largest image in pixel values (height x width x channels).")
     max_images: int = Field(description="Most images per request.")
+    max_field_objects: int | None = Field(default=None, description="Most objects in a field sent to /v1/fields.")
     accepted_extensions: list[str]
 
 
@@ -105,6 +106,57 @@ class PredictResponse(BaseModel):
 
     model: ModelIdentity
     predictions: list[ImagePrediction]
+
+
+class FieldCell(BaseModel):
+    """One cell of a field: where it is, its outline, and the model's answer for it."""
+
+    object_id: int = Field(description="Its label value in the field's segmentation (1..N).")
+    bbox: list[int] = Field(description="Bounding box [y0, x0, y1, x1] in field pixels (start inclusive, end "
+                                        "exclusive).")
+    centroid: list[float] = Field(description="[y, x] of its pixels' mean, in field pixels.")
+    area: int = Field(description="Its pixels.")
+    touches_border: bool = Field(description="Whether it touches the field's edge.")
+    outline: list[list[float]] | None = Field(
+        default=None, description="Its outer contour as [x, y] vertices (pixel centres at +0.5), simplified; null "
+                                  "when outlines=false.")
+    tasks: dict[str, TaskPrediction]
+
+
+class FieldTaskAnswer(BaseModel):
+    """One task's answer for the whole field, aggregated from its cells."""
+
+    label: str | list[str] = Field(description="Class name (a list for multi-label tasks).")
+    probabilities: dict[str, float] = Field(description="Aggregated probabilities (vote shares for majority).")
+    aggregation: str = Field(description="mean, max, topk_mean:K, majority.")
+    thresholds: str = Field(description="Where the multi-label thresholds come from.")
+
+
+class FieldSegmentation(BaseModel):
+    """How the field was segmented and cut into the crops the model read."""
+
+    backend: str = Field(description="skimage: threshold and watershed, no weights.")
+    nucleus_channel: int
+    cell_channel: int | None = Field(description="The channel whole cells were grown on; null for nuclei only.")
+    membrane: bool
+    n_objects: int = Field(description="Objects found.")
+    n_skipped: int = Field(description="Objects not classified (cut by the border, or outside the area bounds).")
+    crop: dict[str, Any] = Field(description="The crop settings: size, masking, border, area bounds.")
+    crop_settings_from: str
+
+
+class FieldResponse(BaseModel):
+    """A field's cells and the field's answer."""
+
+    model: ModelIdentity
+    filename: str
+    height: int
+    width: int
+    segmentation: FieldSegmentation
+    n_cells: int = Field(description="Cells classified.")
+    cells: list[FieldCell]
+    field: dict[str, FieldTaskAnswer] | None = Field(description="The field's answer per task; null without a cell.")
+    preview: str | None = Field(default=None, description="The field as a PNG data URL (preview=true).")
 
 
 class Contribution(BaseModel):

@@ -31,6 +31,7 @@ from cellclass.serving.contributions import (
     validate_labels,
 )
 from cellclass.serving.database import Database
+from cellclass.serving.fields import FieldReader
 from cellclass.serving.files import open_file_store, private_folder
 from cellclass.serving.keys import KeyStore
 from cellclass.serving.labelling import LabellingQueue, QueueItem
@@ -58,6 +59,7 @@ class Service:
         threads: Inference threads; also how many requests decode and prepare images at
             once (CPU-bound work beyond the cores only thrashes).
         queue: The labelling queue (``--queue``), or None.
+        fields: Segments and cuts the fields sent to ``/v1/fields`` as the training cells were.
     """
 
     settings: ServeSettings
@@ -71,6 +73,7 @@ class Service:
     batcher: MicroBatcher
     threads: int = 1
     queue: LabellingQueue | None = None
+    fields: FieldReader | None = None
     _cpu_limiter: Any = None
     _saliency_model: Any = None
     _saliency_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -114,8 +117,10 @@ class Service:
                                max_wait_ms=settings.max_wait_ms)
         log.info("serving %s (%s, %s backend, %d thread(s)); state in %s", identity["name"], run_name,
                  identity["backend"], threads, settings.state_dir)
+        fields = FieldReader(predictor.channels, predictor.channel_indices, predictor.in_chans, predictor.image_size,
+                             loaded.crops, settings.max_field_objects)
         return cls(settings, predictor, identity, definition, ident, db, KeyStore(db), contributions, batcher, threads,
-                   queue)
+                   queue, fields)
 
     async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU-bound work (decoding, preparation, Grad-CAM) in a thread, at most ``threads`` at once.

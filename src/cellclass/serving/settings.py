@@ -62,6 +62,7 @@ class ServeSettings(BaseModel):
             ``max_pixels`` 16-bit values); a request's body may hold 1 MiB more.
         max_pixels: Largest accepted image, in values (height x width x channels).
         max_images: Most images in one request.
+        max_field_objects: Most objects a field sent to ``/v1/fields`` may hold.
         max_metadata_bytes: Largest ``metadata`` JSON of a contribution.
         queue: A ranking CSV (``cellclass rank``) to serve as the labelling queue.
         pool: Folder the ranking's relative image paths are under; default the CSV's folder.
@@ -83,6 +84,7 @@ class ServeSettings(BaseModel):
     max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=4096 * 4096, ge=1)
     max_images: int = Field(default=64, ge=1)
+    max_field_objects: int = Field(default=1000, ge=1)
     max_metadata_bytes: int = Field(default=16 * 1024, ge=2)
     queue: Path | None = None
     pool: Path | None = None

@@ -36,6 +36,7 @@ from cellclass.allocator import steady_allocator
 from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.augment import AugmentConfig, BatchAugment
 from cellclass.data.cache import iter_images
+from cellclass.data.crops import crop_settings
 from cellclass.data.labels import save_encoders
 from cellclass.data.batches import BatchLoader, default_workers
 from cellclass.data.normalize import NormalizedView
@@ -349,6 +350,7 @@ def _checkpoint_template(model: Any, spec: DatasetSpec, data: PreparedData, conf
         channel_indices=list(config.channels),
         config=config.to_dict(),
         spec=spec.to_dict(),
+        crops=crop_settings(spec),
         steps=None if plan is None else plan.to_dict(),
         run=str(out),
     )

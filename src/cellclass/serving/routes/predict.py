@@ -25,7 +25,8 @@ async def model_info(service: ServiceDep, p: PredictorDep, settings: SettingsDep
         "image_size": p.image_size, "fit": p.fit, "dataset_id": service.dataset_id,
         "open_predict": settings.open_predict,
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels,
-                   "max_images": settings.max_images, "accepted_extensions": list(ACCEPTED_EXTENSIONS)},
+                   "max_images": settings.max_images, "max_field_objects": settings.max_field_objects,
+                   "accepted_extensions": list(ACCEPTED_EXTENSIONS)},
     }
 
 

@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 WEB_DIR = Path(__file__).parents[1] / "web"
-"""The page's files: ``index.html``, ``app.js``, ``style.css``."""
+"""The page's files: ``index.html``, ``app.js`` (Image mode), ``field.js`` (Field mode), ``style.css``."""
 
 router = APIRouter(include_in_schema=False)
 
