@@ -167,3 +167,14 @@ class EvaluationError(CellclassError, ValueError):
 
 class ModelExportError(CellclassError):
     """A network cannot be exported (ONNX) as asked, or an exported model does not fit its checkpoint."""
+
+
+# Embeddings and ranking images for labelling
+
+
+class EmbeddingError(CellclassError):
+    """Features cannot be taken from a model, mapped or aggregated as asked (a baseline has none)."""
+
+
+class RankingError(CellclassError, ValueError):
+    """Images cannot be ranked for labelling as asked: strategy, budget, pool or ensemble."""
