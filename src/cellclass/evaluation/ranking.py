@@ -166,17 +166,16 @@ def k_center_greedy(features: np.ndarray, budget: int,
     if x.ndim != 2:
         raise RankingError(f"embeddings of shape {x.shape} are invalid; valid: (N, D)")
     n = len(x)
-    if labelled is not None and len(labelled):
-        nearest = np.full(n, np.inf)
-        for centre in np.asarray(labelled, dtype=np.float64):
-            nearest = np.minimum(nearest, np.linalg.norm(x - centre, axis=1))
-    else:
-        nearest = np.linalg.norm(x - x.mean(axis=0), axis=1) if n else np.zeros(0)
+    nearest = np.full(n, np.inf)
+    for centre in np.asarray(labelled if labelled is not None else np.zeros((0, x.shape[1])), dtype=np.float64):
+        nearest = np.minimum(nearest, np.linalg.norm(x - centre, axis=1))
+    # with no centre yet, the mean stands in for one: for the first pick only
+    first = np.linalg.norm(x - x.mean(axis=0), axis=1) if n and np.isinf(nearest).all() else nearest
     order, scores = [], []
     for _ in range(min(budget, n)):
-        pick = int(np.argmax(nearest))  # the first of equals: deterministic
+        pick = int(np.argmax(first if not order else nearest))  # the first of equals: deterministic
         order.append(pick)
-        scores.append(float(nearest[pick]))
+        scores.append(float((first if len(order) == 1 else nearest)[pick]))
         nearest = np.minimum(nearest, np.linalg.norm(x - x[pick], axis=1))
         nearest[pick] = -np.inf  # never picked twice, even where rows coincide
     return np.asarray(order, dtype=np.int64), np.asarray(scores, dtype=np.float64)

@@ -94,9 +94,9 @@ def model_outputs(predictor: Predictor, x: Any, *, tta: bool | None = None) -> M
                 per_view[task].append(np.stack(probs[task]))
     width = int(getattr(model, "num_features", 0))
     stacked = {t: (np.concatenate(v, axis=1) if v else np.zeros((len(views), 0, predictor.encoders[t].n_outputs)))
-               for t, v in per_view.items()}
+               .astype(np.float64) for t, v in per_view.items()}
     return ModelOutputs(
         features=np.concatenate(features).astype(np.float32) if features else np.zeros((0, width), np.float32),
-        probabilities={t: v.mean(axis=0).astype(np.float64) for t, v in stacked.items()},
-        views={t: v.astype(np.float64) for t, v in stacked.items()} if tta else None,
+        probabilities={t: v.mean(axis=0) for t, v in stacked.items()},
+        views=stacked if tta else None,
     )
