@@ -20,6 +20,7 @@ folder:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -204,6 +205,8 @@ def embed_run(run: str | Path, settings: PrepareSettings, spec: DatasetSpec, out
     check_map(map_method)
     if profile_by:
         check_profiles(list(spec.load_manifest(labels=False).columns), profile_by, profile_stat)
+    # stacks are read as the training images were, unless the dataset's spec says otherwise
+    spec = dataclasses.replace(spec, image=spec.image.with_defaults(predictor.axes))
     data = prepare_pool(spec, settings, predictor.encoders)
     outputs = model_outputs(predictor, NormalizedView(data.images, predictor.normalizer, data.groups), tta=tta)
     sides = run_sides(run, data)

@@ -36,7 +36,7 @@ from cellclass.atomic import atomic_path, atomic_write_text
 from cellclass.data.normalize import NormalizedView
 from cellclass.data.prepared import PreparedData, PrepareSettings, prepare_pool
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
-from cellclass.errors import RankingError
+from cellclass.errors import RankingError, SpecError
 from cellclass.evaluation.evaluate import run_spec
 from cellclass.evaluation.ranking import (
     DISAGREEMENT,
@@ -132,7 +132,8 @@ def rank_run(run: str | Path, settings: PrepareSettings, pool: DatasetSpec, out:
     task = _score_task(predictor, task)
     if strategy in NEEDS_FEATURES or strategy == "tta-bald":
         check_embeddable(predictor, f"run {str(run)!r}")
-    data = prepare_pool(pool, settings)
+    # stacks are read as the training images were, unless the pool's spec says otherwise
+    data = prepare_pool(dataclasses.replace(pool, image=pool.image.with_defaults(predictor.axes)), settings)
     left_out = (_Exclusion(len(data.ids)) if keep_test else
                 test_exclusion(Path(exclude_groups_of) if exclude_groups_of else run, data))
     left_out.add_labelled(run, data)
@@ -265,7 +266,7 @@ def test_exclusion(reference: Path, data: PreparedData) -> _Exclusion:
                            "folder made by `cellclass train` (or keep the test in the pool, knowingly)")
     group = split.get("group") if str(split.get("method", "")).startswith("group") else None
     if group and group in data.frame.columns:
-        frame = run_spec(reference).load_manifest()
+        _, frame = _run_manifest(reference)
         groups = sorted(set(frame[group].astype(str).to_numpy()[np.asarray(split["test"], dtype=np.int64)]))
         left_out.test = data.frame[group].astype(str).isin(groups).to_numpy()
         left_out.groups, left_out.group_column = groups, group
@@ -285,9 +286,24 @@ def _run_images(run: Path, sides: Sequence[str]) -> set[tuple[str, ...]]:
     rows = np.asarray(sorted(r for side in sides for r in split.get(side, [])), dtype=np.int64)
     if not len(rows):
         return set()
-    spec = run_spec(run)
-    records = spec.load_manifest().to_dict("records")
+    spec, frame = _run_manifest(run)
+    records = frame.to_dict("records")
     return {tuple(str(p.resolve()) for p in spec.image_paths(records[r])) for r in rows if r < len(records)}
+
+
+def _run_manifest(run: Path) -> tuple[DatasetSpec, pd.DataFrame]:
+    """A run's dataset spec and manifest, as it was split (what its ``split.json`` positions index).
+
+    Raises:
+        RankingError: When the run's dataset cannot be read where it was trained.
+    """
+    spec = run_spec(run)
+    try:
+        return spec, spec.load_manifest()
+    except SpecError as exc:
+        raise RankingError(f"the dataset of run {str(run)!r} cannot be read, so its test and training images are "
+                           f"unknown: {exc}; valid: the run's dataset where it was trained (or --include-test, "
+                           "knowingly)") from None
 
 
 def _pool_images(data: PreparedData) -> list[tuple[str, ...]]:
