@@ -90,7 +90,7 @@ def test_rank_leaves_out_the_test_plates_and_writes_the_interface(cli, runs: dic
     n_test = int(pool["filename"].str.split("_").str[0].isin(_test_plates(runs["run"])).sum())
     text = " ".join(result.stdout.split())
     assert "6 of 40 pool image(s) ranked by hybrid" in text
-    assert f"left out: {n_test} image(s) of the test (the {len(_test_plates(runs['run']))} test plate value(s)" in text
+    assert f"left out: {n_test} image(s) of the test, by the {len(_test_plates(runs['run']))} test plate value(s)" in text
     sidecar = json.loads((tmp_path / "rank.json").read_text())
     assert sidecar["image_root"] == str(runs["pool"].resolve()) and sidecar["left_out"]["test"] == n_test
 
@@ -113,6 +113,22 @@ def test_rank_a_manifest_pool_without_labels(cli, runs: dict[str, Path], tmp_pat
     assert result.returncode == 0, result.stderr
     assert "the test images of run" in result.stdout and "the pool has no 'plate' column" in result.stdout
     assert len(pd.read_csv(out)) == 4
+
+
+def test_rank_a_plain_folder_of_images(cli, runs: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    (folder / "sub").mkdir(parents=True)
+    names = sorted(p.name for p in runs["pool"].glob("*.tif"))
+    for name in names[:6]:
+        shutil.copy(runs["pool"] / name, folder / name)
+    shutil.copy(runs["pool"] / names[6], folder / "sub" / names[6])
+    out = tmp_path / "rank.csv"
+    result = cli("rank", runs["run"], folder, "--budget", "20", "--strategy", "entropy", "--out", out, "--include-test")
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(frame["image"]) == sorted([*names[:6], f"sub/{names[6]}"])
+    assert set(frame["plate"]) - {""} <= {n.split("_")[0] for n in names}  # derived from file names, as the run's
+    assert json.loads((tmp_path / "rank.json").read_text())["image_root"] == str(folder.resolve())
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,24 +22,57 @@ if TYPE_CHECKING:
 RunArg = Annotated[Path, typer.Argument(help="Run folder made by `cellclass train`.", show_default=False)]
 PoolArg = Annotated[
     Path,
-    typer.Argument(help="Pool of images to rank, in any dataset form (a YAML spec, a manifest CSV with "
-                        "--image-col, a folder with --preset); labels are not needed.", show_default=False),
+    typer.Argument(help="Pool of images to rank: a folder of images, or any dataset form (a YAML spec, a "
+                        "manifest CSV with --image-col, a folder with --preset); labels are not needed.",
+                   show_default=False),
 ]
 
 
-def pool_spec(dataset: DatasetOptions, source: Path, run: Path) -> DatasetSpec:
-    """The spec of a dataset whose labels may be absent.
+@contextlib.contextmanager
+def pool_spec(dataset: DatasetOptions, source: Path, run: Path) -> Iterator[DatasetSpec]:
+    """The spec of a dataset whose labels may be absent, for the duration of a command.
 
     A manifest given without ``--task`` is read with the run's tasks, on columns named after
-    them: labels where such a column exists, none where it does not.
+    them: labels where such a column exists, none where it does not. A folder holding no
+    spec file, given without ``--preset``, is a pool of every image file under it (listed
+    in a temporary manifest; paths stay relative to the folder).
     """
-    is_manifest = source.is_file() and source.suffix.lower() not in (".yaml", ".yml")
-    if dataset.task or dataset.preset or not is_manifest:
-        return dataset.to_spec(source)
+    import pandas as pd
+
+    from cellclass.data.io import IMAGE_EXTENSIONS
+    from cellclass.data.presets import SPEC_FILE_NAMES
+    from cellclass.errors import SpecError
+    from cellclass.evaluation.evaluate import run_spec
     from cellclass.inference.checkpoint import Checkpoint
 
-    encoders = Checkpoint.load(run).encoders
-    return dataclasses.replace(dataset, task=[f"{name}:{e.type}" for name, e in encoders.items()]).to_spec(source)
+    is_manifest = source.is_file() and source.suffix.lower() not in (".yaml", ".yml")
+    is_image_folder = source.is_dir() and not dataset.preset and not any((source / n).is_file()
+                                                                         for n in SPEC_FILE_NAMES)
+    if dataset.task or dataset.preset or not (is_manifest or is_image_folder):
+        yield dataset.to_spec(source)
+        return
+    tasks = [f"{name}:{e.type}" for name, e in Checkpoint.load(run).encoders.items()]
+    if is_manifest:
+        yield dataclasses.replace(dataset, task=tasks).to_spec(source)
+        return
+    files = sorted(f.relative_to(source).as_posix() for f in source.rglob("*")
+                   if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+    if not files:
+        raise SpecError(f"folder {str(source)!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)}) and no spec "
+                        f"({' / '.join(SPEC_FILE_NAMES)}); valid: a folder of images, a YAML spec, a manifest CSV "
+                        "with --image-col, or a dataset folder with --preset")
+    # the run's columns derived from file names (plate, well) are derived here too, so test plates are known
+    own = run_spec(run)
+    column = own.image.column or "filename"
+    derived = {name: rule for name, rule in own.derive.items() if rule.source == column}
+    with tempfile.TemporaryDirectory(prefix="cellclass-pool-") as folder:
+        manifest = Path(folder) / "pool.csv"
+        pd.DataFrame({column: files}).to_csv(manifest, index=False)
+        spec = dataclasses.replace(dataset, image_col=column, task=tasks).to_spec(manifest)
+        spec.name, spec.derive = source.resolve().name, derived
+        spec.groups = spec.groups or [g for g in own.groups if g in derived]
+        spec.image = dataclasses.replace(spec.image, root=str(source.resolve()))
+        yield spec
 
 
 @app.command()
@@ -60,8 +96,9 @@ def embed(
     from cellclass.evaluation.embedding import embed_run
     from cellclass.training.config import run_config
 
-    summary = embed_run(run, run_config(run), pool_spec(dataset, spec, run), out, tta=tta, map_method=map_,
-                        profile_by=profile_by or [], profile_stat=profile_stat, seed=seed)
+    with pool_spec(dataset, spec, run) as data:
+        summary = embed_run(run, run_config(run), data, out, tta=tta, map_method=map_,
+                            profile_by=profile_by or [], profile_stat=profile_stat, seed=seed)
     console.print(f"{summary['n_images']} image(s) embedded by {summary['model']}: {summary['feature_dim']} features"
                   f" each{' (D4 views averaged)' if summary['tta'] else ''}; map: {summary['map']}")
     _print_probe(summary)
@@ -123,14 +160,15 @@ def rank(
     check_budget(budget)
     check_output_file(out, "--out", inputs=[run, pool], input_folders=[run])
     members = [Member(m, run_config(m)) for m in ensemble_runs(ensemble or [])]
-    summary = rank_run(run, run_config(run), pool_spec(dataset, pool, run), out, strategy=strategy, budget=budget,
-                       task=score_task, tta=tta, exclude_groups_of=exclude_groups_of, keep_test=include_test,
-                       members=members, top_factor=top_factor, seed=seed)
+    with pool_spec(dataset, pool, run) as images:
+        summary = rank_run(run, run_config(run), images, out, strategy=strategy, budget=budget, task=score_task,
+                           tta=tta, exclude_groups_of=exclude_groups_of, keep_test=include_test, members=members,
+                           top_factor=top_factor, seed=seed)
     left = summary["left_out"]
     console.print(f"{summary['n_ranked']} of {summary['n_pool']} pool image(s) ranked by {strategy} "
                   f"(task {summary['task']}) into {out}")
-    console.print(f"left out: {left['test']} image(s) of the test ({left['how']}); {left['labelled']} the run "
-                  "was trained or validated on")
+    console.print(f"left out: {left['test']} image(s) of the test, by {left['how']}; {left['labelled']} the "
+                  "run was trained or validated on")
     _print_top(out, summary["task"])
 
 

@@ -15,7 +15,8 @@ Left out of the pool, so the test stays untouched and nobody labels twice:
 ``rank.csv`` (the interface the web labelling queue reads): ``rank`` (1 = ask first),
 ``image`` (the path as the pool gives it: relative to the pool's image root, or absolute;
 the image id for multi-file channel sets), ``score`` (higher = ask first), ``strategy``,
-then per task ``pred_<task>`` and ``p_<task>_<class>`` (the run's current probabilities),
+then per task ``pred_<task>`` (the run's current guess; a multi-label guess is its classes
+joined by ``;``, or by ``|`` where a class name holds ``;``) and ``p_<task>_<class>`` (its probabilities),
 then ``id``, ``row`` (manifest row) and the pool's group columns. ``rank.json`` beside it
 says how the ranking was made (pool, image root, exclusions, strategy, budget).
 """
@@ -321,7 +322,8 @@ def rank_frame(data: PreparedData, predictor: Predictor, probs: dict[str, np.nda
                         "strategy": strategy})
     labels = predictor.decide(probs)
     for task, encoder in predictor.encoders.items():
-        out[f"pred_{task}"] = [";".join(v) if isinstance(v, list) else v for v in labels[task]]
+        joiner = "|" if any(";" in name for name in encoder.classes) else ";"  # a multi-label guess, as the queue reads it
+        out[f"pred_{task}"] = [joiner.join(v) if isinstance(v, list) else v for v in labels[task]]
         for j, name in enumerate(encoder.classes):
             out[f"p_{task}_{name}"] = np.round(probs[task][:, j], 6)
     out["id"] = [data.ids[i] for i in chosen]
