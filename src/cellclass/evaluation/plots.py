@@ -449,10 +449,10 @@ def plot_embedding_map(coords: ArrayLike, categories: Sequence[str], out: str | 
     labels = np.asarray([str(c) if str(c) != "" else "(none)" for c in categories], dtype=object)
     names, counts = np.unique(labels, return_counts=True)
     ranked = [str(n) for n in names[np.argsort(-counts, kind="stable")]]
-    colours = _palette(len([n for n in ranked if n != "(none)"]))
+    colours = _map_palette(len([n for n in ranked if n != "(none)"]))
     fig = _new_figure(7.5, 6.0)
     ax = fig.add_subplot(1, 1, 1)
-    size = float(np.clip(3000 / max(len(xy), 1), 2, 30))
+    size = float(np.clip(12000 / max(len(xy), 1), 4, 30))
     coloured = 0
     for name in ranked:
         mask = labels == name
@@ -470,3 +470,11 @@ def plot_embedding_map(coords: ArrayLike, categories: Sequence[str], out: str | 
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, markerscale=max(1.0, 12 / size),
               frameon=False, title=f"{len(ranked)} categories{legend_note}", title_fontsize=7)
     return _save(fig, out)
+
+
+def _map_palette(n: int) -> list[Any]:
+    """Colours for many categories, without the greys (light grey marks an unlabelled point)."""
+    if n <= 10:
+        return _palette(n)
+    tab20, tab20b = colormaps["tab20"], colormaps["tab20b"]
+    return [tab20(i) for i in range(20) if i not in (14, 15)] + [tab20b(i) for i in range(20)]
