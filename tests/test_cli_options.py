@@ -24,7 +24,8 @@ from cellclass.training.config import TrainConfig
 from cellclass.training.loop import train
 
 TAKERS = {
-    DatasetOptions: {"validate", "inspect", "prepare", "segment", "crops", "train", "evaluate", "cv", "sweep"},
+    DatasetOptions: {"validate", "inspect", "prepare", "segment", "crops", "train", "evaluate", "cv", "sweep",
+                     "embed", "rank"},
     TrainOptions: {"train", "cv", "sweep"},
     TrackerOptions: {"train", "cv", "sweep"},
 }
