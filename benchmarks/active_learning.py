@@ -17,8 +17,8 @@ bounded to 100..400 steps; images normalized by percentiles fitted on the pool's
 on choosing an epoch: the last one is scored); test scored without TTA; rankings from
 single-view probabilities and the penultimate features (`model_outputs`).
 
-    python benchmarks/active_learning.py --out bench-runs/active_learning     # about 10 minutes on 2 cores
-    python benchmarks/active_learning.py --quick                              # a smoke run (under a minute)
+    python benchmarks/active_learning.py --out bench-runs/active_learning     # about 8 minutes on 2 cores
+    python benchmarks/active_learning.py --quick                              # a smoke run (about 15 s)
 
 Writes curves.csv (one row per strategy, seed and round), summary.json and
 learning_curve.png (macro F1 against labels, mean over seeds with min-max band) to --out,

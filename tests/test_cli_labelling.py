@@ -135,7 +135,7 @@ def test_rank_a_plain_folder_of_images(cli, runs: dict[str, Path], tmp_path: Pat
 def test_every_strategy_ranks_the_pool(strategy: str, runs: dict[str, Path], tmp_path: Path) -> None:
     members = [Member(r, run_config(r)) for r in (runs["run"], runs["run_b"])]
     summary = rank_run(runs["run"], run_config(runs["run"]), bps(runs["pool"]), tmp_path / "r.csv",
-                       strategy=strategy, budget=5, members=members)
+                       strategy=strategy, budget=5, members=members if strategy == "ensemble-bald" else ())
     frame = pd.read_csv(tmp_path / "r.csv")
     assert list(frame.columns) == COLUMNS and len(frame) == 5 and summary["n_ranked"] == 5
     assert frame["image"].is_unique and not set(frame["plate"]) & _test_plates(runs["run"])
@@ -169,3 +169,18 @@ def test_ensemble_runs_expands_a_cv_folder(tmp_path: Path) -> None:
     assert ensemble_runs([tmp_path / "cv"]) == [tmp_path / "cv" / "fold_0", tmp_path / "cv" / "fold_1"]
     with pytest.raises(RankingError, match="is neither a run folder"):
         ensemble_runs([tmp_path])
+
+
+def test_a_baseline_ranks_by_uncertainty_but_has_no_embeddings(runs: dict[str, Path], tmp_path: Path) -> None:
+    from cellclass.errors import EmbeddingError, RankingError
+
+    baseline = tmp_path / "mlp"
+    train(bps(runs["data"]), TrainConfig(model="mlp", tasks=["particle_type"], image_size=16, tta=False), baseline)
+    summary = rank_run(baseline, run_config(baseline), bps(runs["pool"]), tmp_path / "r.csv", strategy="entropy",
+                       budget=4)
+    assert summary["n_ranked"] == 4 and pd.read_csv(tmp_path / "r.csv")["score"].is_monotonic_decreasing
+    with pytest.raises(EmbeddingError, match="is a baseline"):
+        rank_run(baseline, run_config(baseline), bps(runs["pool"]), tmp_path / "r.csv", strategy="hybrid", budget=4)
+    with pytest.raises(RankingError, match="was given to strategy 'entropy', which does not use one"):
+        rank_run(baseline, run_config(baseline), bps(runs["pool"]), tmp_path / "r.csv", strategy="entropy", budget=4,
+                 members=[Member(runs["run"], run_config(runs["run"]))])

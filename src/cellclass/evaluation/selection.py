@@ -129,6 +129,9 @@ def rank_run(run: str | Path, settings: PrepareSettings, pool: DatasetSpec, out:
     if strategy == "ensemble-bald" and len(members) < 2:
         raise RankingError(f"strategy 'ensemble-bald' needs an ensemble of at least 2 models; got {len(members)} "
                            "(give --ensemble with a `cellclass cv` folder or several run folders)")
+    if strategy != "ensemble-bald" and members:
+        raise RankingError(f"an ensemble of {len(members)} model(s) was given to strategy {strategy!r}, which does "
+                           "not use one; valid: --ensemble with --strategy ensemble-bald only")
     predictor = Predictor.from_checkpoint(run, tta=True if strategy == "tta-bald" else tta)
     task = _score_task(predictor, task)
     if strategy in NEEDS_FEATURES or strategy == "tta-bald":
