@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def load(manifest: Path, plan: Plan) -> Data:
     x = normalizer.transform_batch(images).astype(np.float32)
     groups = prepared.groups
     split = {"method": "group by plate (cellclass train's split, seed 0): pool = its train + val plates",
-             "pool_images": int(len(pool)), "test_images": int(len(test)),
+             "pool_images": len(pool), "test_images": len(test),
              "pool_plates": len(set(groups[pool])), "test_plates": len(set(groups[test])),
              "plates_on_both_sides": len(set(groups[pool]) & set(groups[test]))}
     return Data(x, y, pool, test, prepared.encoders[TASK], normalizer, split)
@@ -279,7 +280,8 @@ def plot(curves: pd.DataFrame, summary: dict[str, Any], out: Path, title: str) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=Path("bench-runs/active_learning"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Output folder (default bench-runs/active_learning; a temporary one with --quick).")
     parser.add_argument("--strategies", default="random,margin,hybrid",
                         help="Comma-separated strategies of `cellclass rank` (random is always included).")
     parser.add_argument("--seeds", type=int, default=3)
@@ -295,6 +297,8 @@ def main() -> None:
     if args.quick:
         plan = dataclasses.replace(plan, seeds=1, rounds=2, pool_limit=400, min_steps=10, max_steps=10,
                                    full_pool=False, seed_fraction=0.1, batch_fraction=0.1)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="cellclass-al-")) if args.quick else Path("bench-runs/active_learning")
     started = time.perf_counter()
     data = load(manifest, plan)
     print(f"MitoCheck: {data.split['pool_images']} pool images on {data.split['pool_plates']} plates, "
@@ -311,6 +315,7 @@ def main() -> None:
               **summary, "plot": str(png)}
     (args.out / "summary.json").write_text(json.dumps(result, indent=2))
     print_table(summary)
+    print(f"curves.csv, summary.json and learning_curve.png in {args.out}")
     print(json.dumps({k: result[k] for k in ("benchmark", "quick", "best_strategy", "ratio",
                                              "random_full_budget_labels", "random_full_budget_macro_f1", "seconds")}))
 

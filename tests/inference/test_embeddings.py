@@ -49,9 +49,9 @@ def test_tta_averages_features_and_probabilities_over_the_d4_views() -> None:
     again = model_outputs(predictor, turned, tta=True)
     np.testing.assert_allclose(again.features, outputs.features, atol=1e-5)  # the group mean: from any element
     averaged = predictor.predict_normalized(x, tta=True)
-    for task in ENCODERS:
+    for task, encoder in ENCODERS.items():
         np.testing.assert_allclose(outputs.probabilities[task], averaged[task], atol=1e-6)
-        assert outputs.views[task].shape == (8, 6, ENCODERS[task].n_outputs)
+        assert outputs.views[task].shape == (8, 6, encoder.n_outputs)
         np.testing.assert_allclose(outputs.views[task].mean(axis=0), outputs.probabilities[task], atol=1e-9)
     plain = model_outputs(predictor, x, tta=False)
     np.testing.assert_allclose(outputs.views["particle"][0], plain.probabilities["particle"], atol=1e-6)
