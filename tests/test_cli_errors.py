@@ -255,3 +255,25 @@ def test_output_folder_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest
     assert rc == 2
     assert_one_error_line(rc, out, err, f"'{taken}' exists and is not a folder")
     assert taken.read_text() == "mine"
+
+
+def test_embed_of_a_baseline_run_is_one_line(tiny_run: Path, bps_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = call(["embed", tiny_run, bps_dir, "--preset", "bps", "--out", tmp_path / "e"], capsys)
+    assert rc == 2
+    assert_one_error_line(rc, out, err, "is a baseline (mlp), which has no learned features to embed",
+                          "valid: a run of a network")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("budget", ["0", "-3"])
+def test_rank_budget_below_one_is_one_line(budget: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = call(["rank", tmp_path / "run", tmp_path, "--budget", budget], capsys)
+    assert rc == 2
+    assert_one_error_line(rc, out, err, f"budget {budget} is invalid; valid: a whole number of images >= 1")
+
+
+def test_rank_unknown_strategy_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = call(["rank", tmp_path / "run", tmp_path, "--budget", "5", "--strategy", "bald"], capsys)
+    assert rc == 2
+    assert_one_error_line(rc, out, err, "strategy 'bald' is unknown; valid: least-confidence, margin, entropy")

@@ -25,7 +25,7 @@ from cellclass.training.loop import train
 
 TAKERS = {
     DatasetOptions: {"validate", "inspect", "prepare", "segment", "crops", "train", "evaluate", "predict", "cv",
-                     "sweep"},
+                     "sweep", "embed", "rank"},
     TrainOptions: {"train", "cv", "sweep"},
     TrackerOptions: {"train", "cv", "sweep"},
 }

@@ -185,3 +185,14 @@ class ModelPackageError(CellclassError):
 
 class ModelRegistryError(CellclassError):
     """A registered model name, version or ``models:/`` URI cannot be resolved or used as asked."""
+
+
+# Embeddings and ranking images for labelling
+
+
+class EmbeddingError(CellclassError):
+    """Features cannot be taken from a model, mapped or aggregated as asked (a baseline has none)."""
+
+
+class RankingError(CellclassError, ValueError):
+    """Images cannot be ranked for labelling as asked: strategy, budget, pool or ensemble."""

@@ -2,9 +2,9 @@
 
 Commands live in sub-modules by concern, each registering on the one :data:`app`
 (``app``): ``data`` (simulate, validate, inspect), ``cache`` (prepare, fetch), ``training``
-(models, train, evaluate, predict, cv, compare), ``fields`` (segment, crops, simulate
-hpa-fields), ``sweep``, ``serve`` (serve, keys,
-contributions, export) and ``demo``. The options several commands share are defined once
+(models, train, evaluate, predict, cv, compare), ``labelling`` (embed, rank), ``fields``
+(segment, crops, simulate hpa-fields), ``sweep``, ``serve`` (serve, keys, contributions,
+export) and ``demo``. The options several commands share are defined once
 in ``options``; what they print goes through ``output``. A command imports the library
 modules it runs in its body, so ``--help`` and a mistaken option answer without loading
 pandas or torch.
@@ -23,7 +23,7 @@ import sys
 
 import typer
 
-from cellclass.cli import cache, data, demo, fields, serve, sweep, training  # noqa: F401  (register their commands)
+from cellclass.cli import cache, data, demo, fields, labelling, serve, sweep, training  # noqa: F401  (register their commands)
 from cellclass.cli.app import app
 from cellclass.cli.output import print_error
 from cellclass.errors import CellclassError

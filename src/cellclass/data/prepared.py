@@ -21,6 +21,7 @@ from cellclass.data.cache import images_for_training
 from cellclass.data.labels import TaskEncoder, encode_frame, fit_encoders
 from cellclass.data.spec import DatasetSpec
 from cellclass.data.splits import Split, choose_split_method, make_split
+from cellclass.errors import SpecError
 from cellclass.progress import ProgressFn
 
 SIDES = ("train", "val", "test")
@@ -129,6 +130,37 @@ def prepare_every_row(spec: DatasetSpec, settings: PrepareSettings,
                   seed=0, fractions={})
     ids = [spec.image_id(r) for r in frame.to_dict("records")]
     return PreparedData(spec, frame, dict(encoders), targets, None, split, None, images, ids)
+
+
+def prepare_pool(spec: DatasetSpec, settings: PrepareSettings,
+                 encoders: Mapping[str, TaskEncoder] | None = None) -> PreparedData:
+    """Every row of a dataset whose labels may be missing: a pool of images to embed or rank.
+
+    Labels, where the pool has them, are encoded with ``encoders`` (a model's); an empty or
+    absent label is ``-1`` (an empty set for multi-label tasks). Every row is on the test
+    side; ``groups`` holds the first declared group column, when the pool has one.
+
+    Raises:
+        SpecError: When the pool has no row.
+        LabelError: When a label is not one of the model's classes.
+    """
+    frame = spec.load_manifest(labels=False)
+    if frame.empty:
+        raise SpecError(f"pool {str(spec.manifest_path or spec.image_root)!r} has no row"
+                        + (f" satisfying {' and '.join(spec.where)!r}" if spec.where else "")
+                        + "; valid: a dataset with at least one image")
+    known = {t.name for t in spec.tasks}
+    kept = {t: e for t, e in (encoders or {}).items() if t in known}
+    targets = encode_frame(spec, frame, kept) if kept else {}
+    images = images_for_training(spec, frame, size=settings.image_size, mode=settings.fit,
+                                 channels=settings.channels or None, workers=settings.workers,
+                                 cache_dir=settings.cache_dir)
+    groups = frame[spec.groups[0]].astype(str).to_numpy() if spec.groups else None
+    none = np.array([], dtype=np.int64)
+    split = Split(train=none, val=none.copy(), test=np.arange(len(frame)), method="pool: every row", group=None,
+                  seed=0, fractions={})
+    ids = [spec.image_id(r) for r in frame.to_dict("records")]
+    return PreparedData(spec, frame, dict(kept), targets, groups, split, None, images, ids)
 
 
 def write_split(path: str | Path, data: PreparedData) -> Path:

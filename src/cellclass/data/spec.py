@@ -474,15 +474,15 @@ class DatasetSpec:
         return dataclasses.replace(self, tasks=[self.task(n) for n in names])
 
     # -- manifest ---------------------------------------------------------------------
-    def required_columns(self) -> list[str]:
-        """Source columns the manifest must have."""
+    def required_columns(self, *, labels: bool = True) -> list[str]:
+        """Source columns the manifest must have (the label columns only when ``labels``)."""
         cols: list[str] = []
         if self.image.column:
             cols.append(self.image.column)
         cols += self.image.pattern_fields
         if self.image.series_column:
             cols.append(self.image.series_column)
-        for t in self.tasks:
+        for t in self.tasks if labels else ():
             cols += t.columns
         cols += [d.source for d in self.derive.values()]
         cols += [g for g in self.groups if g not in self.derive]
@@ -490,11 +490,14 @@ class DatasetSpec:
             cols.append(self.split_column)
         return list(dict.fromkeys(c for c in cols if c not in self.derive))
 
-    def load_manifest(self, *, apply_drop: bool = True) -> pd.DataFrame:
+    def load_manifest(self, *, apply_drop: bool = True, labels: bool = True) -> pd.DataFrame:
         """Read the manifest as text, add derived columns and the ``_row`` number.
 
         Args:
             apply_drop: Drop unlabeled rows when the spec says so.
+            labels: Require the label columns. ``False`` reads a pool of images still to be
+                labelled: a label column it lacks is added empty, and no row is dropped as
+                unlabeled.
 
         Raises:
             SpecError: When the manifest is missing, empty (no header), not UTF-8, not
@@ -509,12 +512,14 @@ class DatasetSpec:
             if not path.is_file():
                 raise SpecError(f"manifest {str(path)!r} of dataset {self.name!r} does not exist")
             frame = read_manifest_csv(path)
-        missing = [c for c in self.required_columns() if c not in frame.columns]
+        missing = [c for c in self.required_columns(labels=labels) if c not in frame.columns]
         if missing:
             raise SpecError(
                 f"manifest {str(self.manifest_path or self.image_root)!r} lacks column(s) "
                 f"{missing}; it has: {', '.join(map(str, frame.columns))}"
             )
+        for column in [c for t in self.tasks for c in t.columns if c not in frame.columns]:
+            frame[column] = ""  # only without labels: required columns were checked above
         frame.insert(0, ROW_COLUMN, np.arange(1, len(frame) + 1))
         for name, rule in self.derive.items():
             extracted = frame[rule.source].astype(str).str.extract(rule.regex, expand=False)
@@ -523,7 +528,7 @@ class DatasetSpec:
             frame[name] = extracted.fillna("").astype(str)
         for expression in self.where:
             frame = frame[where_mask(frame, expression)].reset_index(drop=True)
-        if apply_drop and self.drop_unlabeled:
+        if apply_drop and labels and self.drop_unlabeled:
             frame = frame[self.labeled_mask(frame)].reset_index(drop=True)
         return frame
 

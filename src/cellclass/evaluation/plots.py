@@ -42,6 +42,7 @@ __all__ = [
     "plot_calibration",
     "plot_comparison",
     "plot_confusion_matrix",
+    "plot_embedding_map",
     "plot_learning_curves",
     "plot_per_class_f1",
     "plot_roc_pr",
@@ -424,3 +425,56 @@ def plot_comparison(table_df: pd.DataFrame, metric: str, out: str | os.PathLike[
     ax.set_title(f"{metric} by model" + (" (error bars: confidence interval)" if yerr is not None else ""))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out)
+
+
+def plot_embedding_map(coords: ArrayLike, categories: Sequence[str], out: str | os.PathLike[str], *,
+                       title: str, max_legend: int = 20) -> Path:
+    """Scatter of a 2-D map of embeddings, one colour per category (class, prediction, plate ...).
+
+    Categories are drawn largest first, so small ones stay visible; an empty category
+    (an unlabelled image) is drawn in light grey as ``(none)``. Beyond ``max_legend``
+    categories the colours repeat and the legend names the largest ``max_legend``.
+
+    Args:
+        coords: ``(N, 2)`` map coordinates.
+        categories: The category of each point.
+        out: PNG path.
+        title: Figure title (what the colours are).
+        max_legend: Most categories named in the legend.
+    """
+    xy = np.asarray(coords, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) != len(categories):
+        raise EvaluationError(f"a map needs (N, 2) coordinates and N categories; received {xy.shape} and "
+                              f"{len(categories)}")
+    labels = np.asarray([str(c) if str(c) != "" else "(none)" for c in categories], dtype=object)
+    names, counts = np.unique(labels, return_counts=True)
+    ranked = [str(n) for n in names[np.argsort(-counts, kind="stable")]]
+    colours = _map_palette(len([n for n in ranked if n != "(none)"]))
+    fig = _new_figure(7.5, 6.0)
+    ax = fig.add_subplot(1, 1, 1)
+    size = float(np.clip(12000 / max(len(xy), 1), 4, 30))
+    coloured = 0
+    for name in ranked:
+        mask = labels == name
+        if name == "(none)":
+            colour = (0.8, 0.8, 0.8, 1.0)
+        else:
+            colour, coloured = colours[coloured % len(colours)], coloured + 1
+        shown = name if ranked.index(name) < max_legend else None
+        ax.scatter(xy[mask, 0], xy[mask, 1], s=size, color=colour, alpha=0.75, linewidths=0,
+                   label=None if shown is None else f"{name} ({int(mask.sum())})")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    legend_note = f" (largest {max_legend} of {len(ranked)})" if len(ranked) > max_legend else ""
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, markerscale=max(1.0, 12 / size),
+              frameon=False, title=f"{len(ranked)} categories{legend_note}", title_fontsize=7)
+    return _save(fig, out)
+
+
+def _map_palette(n: int) -> list[Any]:
+    """Colours for many categories, without the greys (light grey marks an unlabelled point)."""
+    if n <= 10:
+        return _palette(n)
+    tab20, tab20b = colormaps["tab20"], colormaps["tab20b"]
+    return [tab20(i) for i in range(20) if i not in (14, 15)] + [tab20b(i) for i in range(20)]

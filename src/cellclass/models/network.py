@@ -96,10 +96,14 @@ class MultiHeadNetwork(nn.Module):
         """Map images ``(N, C, H, W)`` to features ``(N, num_features)``."""
         raise NotImplementedError
 
+    def forward_heads(self, features: Tensor) -> dict[str, Tensor]:
+        """Map features ``(N, num_features)`` to ``{task: logits (N, heads[task])}``."""
+        features = self.head_drop(features)
+        return {task: head(features) for task, head in self.heads.items()}
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Map float images ``(N, C, H, W)`` to ``{task: logits (N, heads[task])}``."""
-        features = self.head_drop(self.forward_features(x))
-        return {task: head(features) for task, head in self.heads.items()}
+        return self.forward_heads(self.forward_features(x))
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
