@@ -89,17 +89,19 @@ function buildLabelInputs() {
 
 function taskSection(task, result) {
   // One task's decision and its probabilities as bars (the chosen classes highlighted).
-  const section = document.createElement("div");
-  section.className = "task";
-  const h = document.createElement("h3");
-  h.textContent = task;
-  const label = document.createElement("div");
-  label.className = "label";
-  label.dataset.task = task;
-  label.textContent = Array.isArray(result.label) ? (result.label.join(", ") || "(none)") : result.label;
-  section.append(h, label);
-  const chosen = new Set(Array.isArray(result.label) ? result.label : [result.label]);
-  for (const [cls, p] of Object.entries(result.probabilities)) {
+  return taskBlock(task, result, task, null, Infinity);
+}
+
+function labelText(label) {
+  return Array.isArray(label) ? (label.join(", ") || "(none)") : label;
+}
+
+function probabilityBars(probabilities, chosen, limit) {
+  // Bars of the `limit` most probable classes, highest first (all of them for Infinity, in the given order).
+  const box = document.createElement("div");
+  let entries = Object.entries(probabilities);
+  if (Number.isFinite(limit)) entries = entries.sort((a, b) => b[1] - a[1]).slice(0, limit);
+  for (const [cls, p] of entries) {
     const row = document.createElement("div");
     row.className = "bar" + (chosen.has(cls) ? " chosen" : "");
     const name = document.createElement("span");
@@ -113,8 +115,30 @@ function taskSection(task, result) {
     const value = document.createElement("span");
     value.textContent = (100 * p).toFixed(1) + "%";
     row.append(name, track, value);
-    section.appendChild(row);
+    box.appendChild(row);
   }
+  return box;
+}
+
+function taskBlock(task, result, heading, note, limit) {
+  // A task's decision under `heading`, an optional note, and its probability bars.
+  const section = document.createElement("div");
+  section.className = "task";
+  const h = document.createElement("h3");
+  h.textContent = heading;
+  const label = document.createElement("div");
+  label.className = "label";
+  label.dataset.task = task;
+  label.textContent = labelText(result.label);
+  section.append(h, label);
+  if (note) {
+    const p = document.createElement("p");
+    p.className = "muted";
+    p.textContent = note;
+    section.appendChild(p);
+  }
+  const chosen = new Set(Array.isArray(result.label) ? result.label : [result.label]);
+  section.appendChild(probabilityBars(result.probabilities, chosen, limit));
   return section;
 }
 

@@ -154,53 +154,6 @@ function renderLegend(result, task) {
   }
 }
 
-function labelText(label) {
-  return Array.isArray(label) ? (label.join(", ") || "(none)") : label;
-}
-
-function probabilityBars(probabilities, chosen, limit) {
-  const box = document.createElement("div");
-  const top = Object.entries(probabilities).sort((a, b) => b[1] - a[1]).slice(0, limit);
-  for (const [cls, p] of top) {
-    const row = document.createElement("div");
-    row.className = "bar" + (chosen.has(cls) ? " chosen" : "");
-    const name = document.createElement("span");
-    name.textContent = cls;
-    const track = document.createElement("div");
-    track.className = "track";
-    const fill = document.createElement("div");
-    fill.className = "fill";
-    fill.style.width = (100 * p).toFixed(1) + "%";
-    track.appendChild(fill);
-    const value = document.createElement("span");
-    value.textContent = (100 * p).toFixed(1) + "%";
-    row.append(name, track, value);
-    box.appendChild(row);
-  }
-  return box;
-}
-
-function taskBlock(task, result, heading, note) {
-  const section = document.createElement("div");
-  section.className = "task";
-  const h = document.createElement("h3");
-  h.textContent = heading;
-  const label = document.createElement("div");
-  label.className = "label";
-  label.dataset.task = task;
-  label.textContent = labelText(result.label);
-  section.append(h, label);
-  if (note) {
-    const p = document.createElement("p");
-    p.className = "muted";
-    p.textContent = note;
-    section.appendChild(p);
-  }
-  const chosen = new Set(Array.isArray(result.label) ? result.label : [result.label]);
-  section.appendChild(probabilityBars(result.probabilities, chosen, 6));
-  return section;
-}
-
 function renderFieldAnswer(answer) {
   const box = $("field-answer");
   box.textContent = "";
@@ -209,7 +162,7 @@ function renderFieldAnswer(answer) {
   box.appendChild(title);
   if (!answer) { box.append("no cell was classified: no answer for the field"); return; }
   for (const [task, result] of Object.entries(answer)) {
-    box.appendChild(taskBlock(task, result, task, `${result.aggregation}; thresholds: ${result.thresholds}`));
+    box.appendChild(taskBlock(task, result, task, `${result.aggregation}; thresholds: ${result.thresholds}`, 6));
   }
 }
 
@@ -224,7 +177,7 @@ function showCell(index) {
   where.textContent = `area ${cell.area} px · centroid (${cell.centroid[1]}, ${cell.centroid[0]}) · box ` +
     `${cell.bbox.join(", ")}` + (cell.touches_border ? " · touches the border" : "");
   box.append(title, where);
-  for (const [task, result] of Object.entries(cell.tasks)) box.appendChild(taskBlock(task, result, task, null));
+  for (const [task, result] of Object.entries(cell.tasks)) box.appendChild(taskBlock(task, result, task, null, 6));
   for (const el of document.querySelectorAll("#field-overlay .cell-outline, #field-cells tbody tr")) {
     el.classList.toggle("selected", Number(el.dataset.index) === index);
   }
