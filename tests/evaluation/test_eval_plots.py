@@ -150,3 +150,14 @@ def test_error_paths(tmp_path: Path, call, match: str) -> None:
     with pytest.raises(EvaluationError, match=match):
         call(tmp_path)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plots_get_the_permissions_of_a_plain_file(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = plot_learning_curves(pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5]}), tmp_path / "lc.png")
+    finally:
+        os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o644  # readable by the group and others, as open() would make it

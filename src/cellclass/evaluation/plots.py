@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from cellclass.atomic import atomic_write_bytes
 from cellclass.errors import EvaluationError
 from cellclass.evaluation._validation import (
     as_indicator,
@@ -63,18 +63,9 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, out: str | os.PathLike[str]) -> Path:
     """Render ``fig`` to PNG and move it onto ``out`` atomically."""
-    path = Path(out)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = atomic_write_bytes(out, buffer.getvalue())
     logger.debug("wrote %s", path)
     return path
 
