@@ -835,14 +835,20 @@ def _sources(spec: DatasetSpec, cutter: Any, item: _Field) -> list[list[Any]]:
     mask = cutter.mask_file(item.image_id)
     if mask is not None:
         paths.append(mask)
-    out = []
+    return file_stamps(paths)
+
+
+def file_stamps(paths: list[Any]) -> list[list[Any]]:
+    """``[path, size, mtime_ns]`` of each file (``None`` for one that cannot be read): what a
+    done-marker records so that a changed input redoes its field."""
+    stamps = []
     for path in paths:
         try:
             stat = os.stat(path)
-            out.append([str(path), stat.st_size, stat.st_mtime_ns])
+            stamps.append([str(path), stat.st_size, stat.st_mtime_ns])
         except OSError:
-            out.append([str(path), None, None])
-    return out
+            stamps.append([str(path), None, None])
+    return stamps
 
 
 def _read_done(out: Path, item: _Field, signature: dict[str, Any], spec: DatasetSpec,

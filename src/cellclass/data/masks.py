@@ -44,6 +44,7 @@ from cellclass.data.crops import (
     csv_text,
     describe_backend,
     field_key,
+    file_stamps,
     jsonable,
     map_fields,
     mask_path_for,
@@ -392,14 +393,7 @@ def _sources(spec: DatasetSpec, job: _Job, item: _Field) -> list[list[Any]]:
     source = job.mask_source(spec, item.record)
     if source is not None:
         paths.append(source)
-    out = []
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            out.append([str(path), stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            out.append([str(path), None, None])
-    return out
+    return file_stamps(paths)
 
 
 def _read_done(out: Path, item: _Field, signature: dict[str, Any], spec: DatasetSpec,
