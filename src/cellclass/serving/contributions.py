@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,8 +177,16 @@ def json_depth(text: str) -> int:
     the parser then refuses anyway.
     """
     depth = deepest = 0
+    for _, opening in _brackets(text):
+        depth += 1 if opening else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _brackets(text: str) -> Iterator[tuple[int, bool]]:
+    """``(position, opening)`` of each array or object bracket of JSON text, outside strings."""
     in_string = escaped = False
-    for char in text:
+    for i, char in enumerate(text):
         if in_string:
             if escaped:
                 escaped = False
@@ -188,12 +196,8 @@ def json_depth(text: str) -> int:
                 in_string = False
         elif char == '"':
             in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
+        elif char in "[{]}":
+            yield i, char in "[{"
 
 
 _MAX_INT_DIGITS = 4300  # Python's own limit on converting digits to int
@@ -550,22 +554,12 @@ def _deep_values_as_text(text: str, max_depth: int) -> str:
     """JSON text in which each array or object opening below ``max_depth`` is replaced by a string of its text."""
     pieces: list[str] = []
     copied, depth, start = 0, 0, -1
-    in_string = escaped = False
-    for i, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
+    for i, opening in _brackets(text):
+        if opening:
             depth += 1
             if depth == max_depth + 1:
                 start = i
-        elif char in "]}":
+        else:
             if depth == max_depth + 1 and start >= 0:
                 pieces += [text[copied:start], json.dumps(text[start : i + 1])]
                 copied, start = i + 1, -1
