@@ -54,6 +54,10 @@ class TimmNetwork(MultiHeadNetwork):
             classifier, or of a cellclass network (its ``backbone.`` part is used).
         drop_rate: Dropout probability before the heads.
         task_types: Task name → ``"single"``, ``"multilabel"`` or ``"binary"``.
+        stem_pool: Keep the stem's max-pool (``False`` replaces it by the identity, for
+            models that have one, the ResNet family: the feature maps stay twice as
+            large on each side, which small single-cell crops need; four times the
+            compute after the stem).
         **timm_kwargs: Passed to :func:`timm.create_model` (``drop_path_rate``, ...).
 
     Raises:
@@ -71,6 +75,7 @@ class TimmNetwork(MultiHeadNetwork):
         pretrained: bool | str | Path = False,
         drop_rate: float = 0.0,
         task_types: Mapping[str, str] | None = None,
+        stem_pool: bool = True,
         **timm_kwargs: Any,
     ) -> None:
         reserved = sorted(set(timm_kwargs) & set(_RESERVED))
@@ -87,7 +92,7 @@ class TimmNetwork(MultiHeadNetwork):
             image_size=image_size,
             drop_rate=drop_rate,
             task_types=task_types,
-            extra_config=timm_kwargs,
+            extra_config=dict(timm_kwargs, **({} if stem_pool else {"stem_pool": False})),
         )
         if pretrained is True:
             backbone = _hub_backbone(name, in_chans, image_size, timm_kwargs)
@@ -95,6 +100,8 @@ class TimmNetwork(MultiHeadNetwork):
             backbone = _create_backbone(name, in_chans, image_size, timm_kwargs)
             if pretrained:
                 load_backbone_weights(backbone, pretrained, model_name=name)
+        if not stem_pool:
+            _drop_stem_pool(backbone, name)
         self.backbone = backbone
         self._init_heads(_feature_width(backbone, in_chans, image_size, name))
 
@@ -124,6 +131,14 @@ def _create_backbone(
         return timm.create_model(name, **args)
     except TypeError as err:
         raise _bad_kwargs_error(name, timm_kwargs, err) from err
+
+
+def _drop_stem_pool(backbone: nn.Module, name: str) -> None:
+    """Replace the stem's max-pool by the identity (``stem_pool=False``)."""
+    if not isinstance(getattr(backbone, "maxpool", None), nn.MaxPool2d):
+        raise ModelError(f"stem_pool = False is invalid for {name!r}: it has no stem max-pool; valid: models of "
+                         "the ResNet family (resnet18, resnet50, resnext, ...), or stem_pool = True")
+    backbone.maxpool = nn.Identity()
 
 
 def _bad_kwargs_error(name: str, kwargs: Mapping[str, Any], err: Exception) -> ModelError:

@@ -78,6 +78,13 @@ class TrainConfig:
         workers: Image decoding threads.
         pretrained: ``False``, ``True`` (hub, needs network) or a path to local weights.
         drop_rate: Dropout before the heads.
+        drop_path_rate: Stochastic depth of timm backbones (the chance a residual block
+            is skipped, rising to this value in the last block; 0 is off).
+        stem_pool: Keep the stem max-pool of ResNet-family backbones (``false``: feature
+            maps twice as large on each side, for small single-cell crops).
+        ema_decay: Keep an exponential moving average of the weights with this decay per
+            optimizer step (0 is off); validation, checkpoints and evaluation then use the
+            averaged weights.
         pixels: Side the scikit-learn baselines downsample to.
         cache: Build the prepared image cache (``cellclass prepare``) when no valid one
             exists; a valid cache is used whenever present, whatever this says.
@@ -133,6 +140,9 @@ class TrainConfig:
     workers: int = 4
     pretrained: bool | str = False
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    stem_pool: bool = True
+    ema_decay: float = 0.0
     pixels: int = 32
     cache: bool = False
     cache_dir: str | None = None
@@ -195,7 +205,8 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"lr = {self.lr!r} is invalid; valid: a number > 0")
         bounds = {"weight_decay": (0, None), "intensity_scale": (0, None), "intensity_shift": (0, None),
-                  "warmup_fraction": (0, 1), "label_smoothing": (0, 1), "drop_rate": (0, 1)}
+                  "warmup_fraction": (0, 1), "label_smoothing": (0, 1), "drop_rate": (0, 1),
+                  "drop_path_rate": (0, 1), "ema_decay": (0, 1)}
         for key, (low, high) in bounds.items():
             value = getattr(self, key)
             if value < low or (high is not None and value >= high):

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 import yaml
 from lightning_fabric import Fabric
+from torch.optim.swa_utils import AveragedModel
 
 from cellclass.allocator import steady_allocator
 from cellclass.atomic import atomic_path, atomic_write_text
@@ -309,11 +310,24 @@ def _create_model(config: TrainConfig, data: PreparedData, *, in_chans: int) -> 
     kwargs: dict[str, Any] = {"task_types": {t: e.type for t, e in data.encoders.items()}}
     if is_baseline(config.model):
         kwargs["pixels"] = config.pixels
-    elif config.drop_rate:
-        kwargs["drop_rate"] = config.drop_rate
+    else:
+        kwargs.update(_network_kwargs(config))
     torch.manual_seed(config.seed)  # weights are initialised in create_model: seed first
     return create_model(config.model, in_chans=in_chans, heads=heads, image_size=config.image_size,
                         pretrained=config.pretrained, **kwargs)
+
+
+def _network_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The network arguments the configuration sets (only those away from their defaults,
+    so a model that lacks one is refused only when it is asked for)."""
+    kwargs: dict[str, Any] = {}
+    if config.drop_rate:
+        kwargs["drop_rate"] = config.drop_rate
+    if config.drop_path_rate:
+        kwargs["drop_path_rate"] = config.drop_path_rate
+    if not config.stem_pool:
+        kwargs["stem_pool"] = False
+    return kwargs
 
 
 def _start_run_folder(out: Path, spec: DatasetSpec, config: TrainConfig, data: PreparedData,
@@ -430,7 +444,7 @@ def _fit_network(fabric: Fabric, model: Any, x: Any, data: PreparedData, config:
                 _append_metrics(out, row)
                 if tracker is not None:
                     tracker.log_metrics(_numeric(row), step=epoch)
-                checkpoint = template.replace(state_dict=_weights(trainer.model), epoch=epoch, metrics=_numeric(row))
+                checkpoint = template.replace(state_dict=_weights(trainer.evaluated), epoch=epoch, metrics=_numeric(row))
                 saver.save(checkpoint, improved, trainer.state_dict())
             fabric.barrier()
             if saver.patience_spent:
@@ -465,6 +479,7 @@ class Trainer:
         self.fabric, self.config, self.plan, self.loss_fn, self.saver = fabric, config, plan, loss_fn, saver
         self.inner_optimizer = build_optimizer(model, config, fabric.device)
         self.scheduler = build_scheduler(self.inner_optimizer, config, plan.total_steps, plan.schedule)
+        self.ema = weight_average(model, config.ema_decay, fabric.device)
         self.model, self.optimizer = fabric.setup(model, self.inner_optimizer)
         self.order = torch.Generator().manual_seed(config.seed)
         self.augment = augmenter(config, fabric.global_rank)
@@ -477,7 +492,14 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "order_rng": self.order.get_state(),
                 "augment_rng": None if self.augment is None else self.augment.generator.get_state(),
+                **({} if self.ema is None else {"raw_weights": _weights(self.model),
+                                                "ema_updates": int(self.ema.n_averaged)}),
                 **self.saver.state_dict()}
+
+    @property
+    def evaluated(self) -> Any:
+        """The network that is validated and saved: the weight average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a :meth:`state_dict`; a run now planned for more epochs follows the
@@ -493,6 +515,10 @@ class Trainer:
             self.augment.generator.set_state(state["augment_rng"])
         self.saver.load_state_dict(state)
         self.epoch = state["epoch"]
+        if self.ema is not None and "raw_weights" in state:  # the saved weights are the average
+            self.ema.module.load_state_dict(_weights(self.model))
+            self.ema.n_averaged.fill_(state["ema_updates"])
+            _inner(self.model).load_state_dict(state["raw_weights"])
 
 
 def train_one_epoch(trainer: Trainer, loader: BatchLoader, data: PreparedData, epoch: int,
@@ -515,6 +541,8 @@ def train_one_epoch(trainer: Trainer, loader: BatchLoader, data: PreparedData, e
         xb = fabric.to_device(xb.contiguous(memory_format=fmt))
         yb = {t: fabric.to_device(v[idx]) for t, v in targets.items()}
         loss = train_step(fabric, model, trainer.optimizer, trainer.scheduler, trainer.loss_fn, xb, yb)
+        if trainer.ema is not None:
+            trainer.ema.update_parameters(_inner(model))
         running += loss * len(idx)
         seen += len(idx)
         if progress and fabric.is_global_zero:
@@ -538,10 +566,10 @@ def validate(trainer: Trainer, x: Any, data: PreparedData, batch_size: int = 256
 
     Every process evaluates the full side, so all ranks agree on the best epoch.
     """
-    model, idx = trainer.model, data.split.val
+    model, idx = trainer.evaluated, data.split.val
     model.eval()
     logits: dict[str, list[torch.Tensor]] = {t: [] for t in data.encoders}
-    with torch.inference_mode():
+    with torch.inference_mode(), trainer.fabric.autocast():
         for start in range(0, len(idx), batch_size):
             xb = trainer.fabric.to_device(torch.from_numpy(x[idx[start : start + batch_size]]))
             for t, v in model(xb).items():
@@ -564,11 +592,34 @@ def augmenter(config: TrainConfig, rank: int = 0) -> BatchAugment | None:
                                       intensity_shift=config.intensity_shift), seed=config.seed + 7919 * rank)
 
 
+def weight_average(model: torch.nn.Module, decay: float, device: Any = None) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (``None`` for decay 0).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the
+    first steps' random weights fade quickly in a short run.
+    """
+    if not decay:
+        return None
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # counters (BatchNorm's batches tracked) follow the model
+            torch._foreach_copy_(averaged, current)
+            return
+        beta = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        torch._foreach_lerp_(averaged, current, 1.0 - beta)
+
+    return AveragedModel(model, device=device, multi_avg_fn=update, use_buffers=True)
+
+
+def _inner(model: Any) -> torch.nn.Module:
+    """The network inside Fabric's wrapper (and DDP's)."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "module", inner) if hasattr(inner, "module") else inner
+
+
 def _weights(model: Any) -> dict[str, torch.Tensor]:
     """The network's weights on the CPU, unwrapped from Fabric (and DDP)."""
-    inner = getattr(model, "module", model)
-    inner = getattr(inner, "module", inner) if hasattr(inner, "module") else inner
-    return {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in _inner(model).state_dict().items()}
 
 
 # -- per-epoch metrics -----------------------------------------------------------------------

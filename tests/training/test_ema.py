@@ -1,0 +1,66 @@
+"""The weight average (``ema_decay``): what it averages, what a run saves, and that an
+interrupted run with an average resumes to the same result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from cellclass.data.presets import bps
+from cellclass.inference.checkpoint import Checkpoint
+from cellclass.training.config import ConfigError, TrainConfig
+from cellclass.training.loop import train, weight_average
+
+FAST = {"model": "lenet5", "tasks": ["particle_type"], "image_size": 32, "epochs": 3, "batch_size": 16,
+        "workers": 2, "tta": False, "ema_decay": 0.9}
+
+
+def test_average_follows_the_weights_with_a_warm_up() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = weight_average(model, 0.9)
+    assert weight_average(model, 0.0) is None
+    first = model[0].weight.detach().clone()
+    ema.update_parameters(model)  # the first update copies
+    torch.testing.assert_close(ema.module[0].weight, first)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update_parameters(model)  # second update: decay min(0.9, 2/11)
+    beta = 2 / 11
+    torch.testing.assert_close(ema.module[0].weight, beta * first + (1 - beta) * (first + 1.0))
+    assert int(ema.module[1].num_batches_tracked) == 7  # counters are copied, not averaged
+
+
+def test_decay_out_of_range_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"ema_decay = 1.0 is invalid; valid: a number >= 0 and < 1"):
+        TrainConfig(ema_decay=1.0)
+
+
+@pytest.mark.slow
+def test_a_run_saves_the_average_and_resumes_to_the_same_result(bps_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(**FAST)
+    straight = tmp_path / "straight"
+    train(bps(bps_dir), cfg, straight)
+    last = Checkpoint.load(straight / "checkpoints" / "last.ckpt")
+    raw = last.training_state["raw_weights"]
+    assert last.training_state["ema_updates"] > 0
+    changed = [k for k, v in last.state_dict.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
+    assert changed, "the saved weights are the average, not the last step's"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_epoch_2(stage: str, done: int, total: int) -> None:
+        if stage.startswith("epoch 2/"):
+            raise Interrupt
+
+    broken = tmp_path / "broken"
+    with pytest.raises(Interrupt):
+        train(bps(bps_dir), cfg, broken, progress=stop_in_epoch_2)
+    train(bps(bps_dir), cfg, broken, resume=True)
+    a = pd.read_csv(straight / "metrics.csv").drop(columns="seconds")
+    b = pd.read_csv(broken / "metrics.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(a, b, atol=1e-6)
