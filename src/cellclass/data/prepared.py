@@ -54,7 +54,8 @@ class PreparedData:
         targets: Task name to encoded labels, one per row.
         groups: The group (plate, well ...) of each row, when the split is by group.
         split: Row positions of the train, validation and test sides.
-        split_warning: Why the split is weaker than asked (e.g. no group column), if it is.
+        split_warning: Why the split is weaker than asked (e.g. no group column), if it is;
+            :meth:`split_note` adds the groups the split moved.
         images: The images fitted to size, intensities unchanged (in memory or a cache).
         ids: Image id of each row.
     """
@@ -72,9 +73,16 @@ class PreparedData:
     def describe_split(self) -> dict[str, Any]:
         """How the split was made and the class counts per side, by class name, per task."""
         info = self.split.describe(labels=self.targets, classes={t: e.classes for t, e in self.encoders.items()})
-        if self.split_warning:
-            info["warning"] = self.split_warning
+        note = self.split_note()
+        if note:
+            info["warning"] = note
         return info
+
+    def split_note(self) -> str | None:
+        """``split_warning`` and a sentence per group moved so a class is on every side, in one
+        text (``None`` when there is neither): what a run logs and records as the split's warning."""
+        parts = ([self.split_warning] if self.split_warning else []) + self.split.move_notes()
+        return "; ".join(parts) or None
 
 
 def prepare_data(spec: DatasetSpec, settings: PrepareSettings, *, split_override: Mapping[str, Any] | None = None,
@@ -101,6 +109,7 @@ def prepare_data(spec: DatasetSpec, settings: PrepareSettings, *, split_override
             frame, labels=first, groups=groups, method=method, val_fraction=settings.val_fraction,
             test_fraction=settings.test_fraction, seed=settings.seed, group_column=group_col,
             predefined=frame[spec.split_column].to_numpy() if method == "predefined" else None,
+            classes=encoders[spec.tasks[0].name].classes,
         )
     ids = [spec.image_id(r) for r in frame.to_dict("records")]
     # A valid prepared cache is read in place (bounded memory); otherwise images are decoded
@@ -169,7 +178,7 @@ def write_split(path: str | Path, data: PreparedData) -> Path:
     payload = {
         "split": {"train": split.train.tolist(), "val": split.val.tolist(), "test": split.test.tolist(),
                   "method": split.method, "group": split.group, "seed": split.seed,
-                  "fractions": split.fractions},
+                  "fractions": split.fractions, "moves": split.moves},
         "ids": {side: [data.ids[i] for i in getattr(split, side)] for side in SIDES},
     }
     return atomic_write_text(path, json.dumps(payload))

@@ -6,11 +6,19 @@ same plate sits on both sides. Where a dataset declares groups, every split here
 each group whole on one side, stratified by class where that is possible, and records
 how it was made (:meth:`Split.describe`), which goes verbatim into every ``metrics.json``.
 
+Stratified group folds balance classes only approximately: a class held by a few large
+groups can miss a side altogether (MitoCheck's OutOfFocus, 7 plates, drew no validation
+plate). After a group split is drawn, every class found in at least as many groups as
+there are sides gets a group on each side: whole groups move from train to validation
+(or to test, or back to train), the test side only changing where it lacks a class itself
+or no other side can spare a group. Each move is recorded in :attr:`Split.moves`.
+
 Positions returned are integer positions (``iloc``) into the manifest frame, sorted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -56,6 +64,10 @@ RANDOM_ON_GROUPS_WARNING = (
 
 _SIDES = ("train", "val", "test")
 _EMPTY = np.zeros(0, dtype=np.int64)
+_SIDE_WORDS = {"train": "training", "val": "validation", "test": "test"}
+_DONORS = {"test": ("train", "val"), "val": ("train", "test"), "train": ("val", "test")}
+"""Sides a group may come from to give a side a class it lacks, in order of preference:
+test gives only where no other side can spare one, so test figures stay comparable."""
 
 
 @dataclass
@@ -72,6 +84,9 @@ class Split:
         fractions: Requested ``val`` and ``test`` fractions of all rows.
         groups: Group value of every row (used by :meth:`describe`), if known.
         labels: Labels the split was stratified on (used by :meth:`describe`), if any.
+        moves: Groups moved after the draw so that a class is on every side, in order:
+            ``group``, ``images`` (its rows), ``class_images`` (its rows of the class),
+            ``from``, ``to`` and ``class`` (name, or index where names were not given).
     """
 
     train: np.ndarray
@@ -83,6 +98,7 @@ class Split:
     fractions: dict[str, float] = field(default_factory=dict)
     groups: np.ndarray | None = field(default=None, repr=False)
     labels: np.ndarray | None = field(default=None, repr=False)
+    moves: list[dict[str, Any]] = field(default_factory=list)
 
     def side(self, name: str) -> np.ndarray:
         """Positions of side ``train``, ``val`` or ``test``."""
@@ -112,8 +128,9 @@ class Split:
         Returns:
             ``method``, ``group_column``, ``seed``, ``requested_fractions``, ``sizes``
             and achieved ``fractions`` per side, ``groups`` (number per side),
-            ``groups_overlap`` and ``overlapping_groups`` (``None`` without groups), and
-            ``class_counts`` per side when labels are known (per task for a mapping).
+            ``groups_overlap`` and ``overlapping_groups`` (``None`` without groups),
+            ``moved_groups`` (:attr:`moves`, each with its ``note``), and ``class_counts``
+            per side when labels are known (per task for a mapping).
         """
         n = max(self.n_rows, 1)
         out: dict[str, Any] = {
@@ -126,6 +143,7 @@ class Split:
             "groups": None,
             "groups_overlap": None,
             "overlapping_groups": None,
+            "moved_groups": [{**m, "note": n} for m, n in zip(self.moves, self.move_notes(), strict=True)],
         }
         if self.groups is not None:
             per_side = {s: set(np.asarray(self.groups)[self.side(s)].tolist()) for s in _SIDES}
@@ -149,6 +167,17 @@ class Split:
                 np.asarray(labels), None if isinstance(classes, Mapping) else classes
             )
         return out
+
+    def move_notes(self) -> list[str]:
+        """One sentence per moved group, e.g. ``moved plate P7 (47 images) from training to
+        validation so OutOfFocus is represented``."""
+        what = self.group or "group"
+        return [
+            f"moved {what} {m['group']} ({m['images']} images, {m['class_images']} of class {m['class']}) "
+            f"from {_SIDE_WORDS[m['from']]} to {_SIDE_WORDS[m['to']]} so {m['class']} is represented "
+            f"on the {_SIDE_WORDS[m['to']]} side"
+            for m in self.moves
+        ]
 
     def _class_counts(
         self, labels: np.ndarray, classes: Sequence[str] | None
@@ -253,6 +282,8 @@ def make_split(
     seed: int = 0,
     predefined: np.ndarray | None = None,
     group_column: str | None = None,
+    classes: Sequence[str] | None = None,
+    represent_classes: bool = True,
 ) -> Split:
     """Split the rows of ``frame`` into train, validation and test.
 
@@ -274,6 +305,12 @@ def make_split(
             ``test``, any case) for ``predefined``. Without a validation side, one is
             carved from train (by group when ``groups`` are given).
         group_column: Name of the column ``groups`` came from, for the record.
+        classes: Names of the label indices (or columns), for :attr:`Split.moves` and logs.
+        represent_classes: After a group split is drawn (or a validation side carved by
+            group from a predefined train side), move whole groups so that every class
+            found in at least as many groups as there are sides is on each side
+            (:attr:`Split.moves` records them; a side still lacking a class is logged as a
+            warning). ``False`` gives the plain draw.
 
     Raises:
         SplitError: On an unknown method, invalid fractions, arrays of the wrong length,
@@ -306,20 +343,24 @@ def make_split(
             raise SplitError(
                 "method 'predefined' needs the split column's values (predefined=...)"
             )
-        return _predefined_split(frame, predefined, labels, groups, val_fraction, rng, seed, group_column)
-    return _drawn_split(n, labels, groups, method, val_fraction, test_fraction, rng, seed, group_column)
+        return _predefined_split(frame, predefined, labels, groups, val_fraction, rng, seed, group_column,
+                                 classes=classes, represent=represent_classes)
+    return _drawn_split(n, labels, groups, method, val_fraction, test_fraction, rng, seed, group_column,
+                        classes=classes, represent=represent_classes)
 
 
 def _predefined_split(frame: pd.DataFrame, predefined: np.ndarray, labels: np.ndarray | None,
                       groups: np.ndarray | None, val_fraction: float, rng: np.random.Generator, seed: int,
-                      group_column: str | None) -> Split:
+                      group_column: str | None, *, classes: Sequence[str] | None = None,
+                      represent: bool = True) -> Split:
     """The sides a split column gives, with a validation side carved from train where it has
     none (see :func:`make_split`)."""
     n = len(frame)
     everything = np.arange(n, dtype=np.int64)
     sides = _parse_predefined(frame, predefined)
     train, val, test = (everything[sides == s] for s in _SIDES)
-    if len(val) == 0 and val_fraction > 0 and len(train):
+    carved = len(val) == 0 and val_fraction > 0 and len(train) > 0
+    if carved:
         share = val_fraction * n / len(train)
         if share >= 1.0:
             raise SplitError(
@@ -338,16 +379,23 @@ def _predefined_split(frame: pd.DataFrame, predefined: np.ndarray, labels: np.nd
         "val": round(len(val) / max(n, 1), 4),
         "test": round(len(test) / max(n, 1), 4),
     }
-    return Split(
+    split = Split(
         np.sort(train), np.sort(val), np.sort(test), "predefined",
         group_column if groups is not None else None, seed, fractions, groups, labels,
     )
+    if represent and carved and groups is not None and labels is not None:
+        # only the carved validation side is balanced: the split column fixed the test side
+        held = val_fraction * n
+        split = _represent_classes(split, {"train": len(train) + len(val) - held, "val": held}, classes)
+    return split
 
 
 def _drawn_split(n: int, labels: np.ndarray | None, groups: np.ndarray | None, method: str, val_fraction: float,
-                 test_fraction: float, rng: np.random.Generator, seed: int, group_column: str | None) -> Split:
+                 test_fraction: float, rng: np.random.Generator, seed: int, group_column: str | None, *,
+                 classes: Sequence[str] | None = None, represent: bool = True) -> Split:
     """A ``group`` or ``random`` split of ``n`` rows: the test side held out first, then the
-    validation side from the rest (see :func:`make_split`)."""
+    validation side from the rest, then, for ``group``, groups moved so that every class
+    with enough groups is on each side (see :func:`make_split`)."""
     if method == "group" and groups is None:
         raise SplitError("method 'group' needs the group value of every row (groups=...)")
     split_groups = groups if method == "group" else None
@@ -371,10 +419,15 @@ def _drawn_split(n: int, labels: np.ndarray | None, groups: np.ndarray | None, m
         share = min(val_fraction * n / len(rest), 0.5)
         train, val = _hold_out(rest, labels, split_groups, share, rng, "validation")
     fractions = {"val": float(val_fraction), "test": float(test_fraction)}
-    return Split(
+    split = Split(
         np.sort(train), np.sort(val), np.sort(test), method,
         group_column if method == "group" else None, seed, fractions, groups, labels,
     )
+    if represent and method == "group" and labels is not None:
+        targets = {"train": n * (1.0 - val_fraction - test_fraction)}
+        targets |= {s: f * n for s, f in (("val", val_fraction), ("test", test_fraction)) if f > 0}
+        split = _represent_classes(split, targets, classes)
+    return split
 
 
 def kfold(
@@ -468,6 +521,106 @@ def _row_folds(y: np.ndarray | None, n: int, n_splits: int, seed: int,
             return list(cv.split(x, y))
     log.warning("no class has %d rows; k-fold is not stratified", n_splits)
     return list(KFold(n_splits, shuffle=True, random_state=seed).split(x))
+
+
+# -- every class on every side ----------------------------------------------------------
+def _represent_classes(split: Split, targets: Mapping[str, float], classes: Sequence[str] | None) -> Split:
+    """``split`` with whole groups moved so that every class found in at least
+    ``len(targets)`` groups is on each side named in ``targets`` (their target row counts).
+
+    For each class in index order and each side lacking it (test, validation, train), one
+    group holding it moves from the first side of :data:`_DONORS` that has two or more
+    groups of it and can spare one: the donor keeps at least one group of every class it
+    holds. Among those, the group leaving the side sizes nearest their targets moves (ties:
+    the first by name), so the result depends on the draw alone.
+    """
+    names = list(targets)
+    pool = np.concatenate([split.side(s) for s in names])
+    unique, inverse = np.unique(np.asarray(split.groups)[pool], return_inverse=True)
+    present = _group_presence(np.asarray(split.labels)[pool], inverse, len(unique))
+    group_side = np.zeros(len(unique), dtype=np.int64)
+    group_side[inverse] = np.repeat(np.arange(len(names)), [len(split.side(s)) for s in names])
+    counts = np.stack([present[group_side == i].sum(axis=0) for i in range(len(names))])
+    rows = np.bincount(inverse, minlength=len(unique))
+    target = np.array([targets[s] for s in names], dtype=float)
+    moves: list[dict[str, Any]] = []
+    for k in np.flatnonzero(present.sum(axis=0) >= len(names)):
+        for to in (names.index(s) for s in ("test", "val", "train") if s in names):
+            if counts[to, k]:
+                continue
+            move = _best_move(k, to, names, group_side, present, counts, rows, target)
+            if move is None:
+                continue
+            g, frm = move
+            group_side[g] = to
+            counts[frm] -= present[g]
+            counts[to] += present[g]
+            moves.append({"group": str(unique[g]), "images": int(rows[g]),
+                          "class_images": _rows_of_class(np.asarray(split.labels)[pool][inverse == g], k),
+                          "from": names[frm], "to": names[to], "class": _class_name(classes, k)})
+    _warn_missing(names, present, counts, classes)
+    if not moves:
+        return split
+    for note in dataclasses.replace(split, moves=moves).move_notes():
+        log.info("%s", note)
+    sides = {s: np.sort(pool[group_side[inverse] == i]) for i, s in enumerate(names)}
+    return dataclasses.replace(split, **sides, moves=moves)
+
+
+def _best_move(k: int, to: int, names: list[str], group_side: np.ndarray, present: np.ndarray,
+               counts: np.ndarray, rows: np.ndarray, target: np.ndarray) -> tuple[int, int] | None:
+    """``(group, side it leaves)`` of the group of class ``k`` to move to side ``to``, or
+    ``None`` where no side can spare one (see :func:`_represent_classes`)."""
+    sizes = np.bincount(group_side, weights=rows, minlength=len(names))
+    for donor in _DONORS[names[to]]:
+        if donor not in names or counts[d := names.index(donor), k] < 2:
+            continue
+        candidates = np.flatnonzero((group_side == d) & present[:, k])
+        # a group may leave only if the donor keeps a group of every class it holds
+        spare = np.array([(counts[d][present[g]] >= 2).all() for g in candidates], dtype=bool)
+        candidates = candidates[spare]
+        if len(candidates):
+            drift = (np.abs(sizes[d] - rows[candidates] - target[d])
+                     + np.abs(sizes[to] + rows[candidates] - target[to]))
+            return int(candidates[np.argmin(drift)]), d
+    return None
+
+
+def _group_presence(y: np.ndarray, inverse: np.ndarray, n_groups: int) -> np.ndarray:
+    """``(groups, classes)`` booleans: the group holds a row of the class (a single label's
+    index, or a multi-label column with a positive); the empty label (-1) is no class."""
+    if y.ndim == 2:
+        out = np.zeros((n_groups, y.shape[1]), dtype=np.int64)
+        np.add.at(out, inverse, (np.asarray(y) > 0).astype(np.int64))
+        return out > 0
+    known = y >= 0
+    out = np.zeros((n_groups, int(y[known].max()) + 1 if known.any() else 0), dtype=bool)
+    out[inverse[known], y[known].astype(np.int64)] = True
+    return out
+
+
+def _rows_of_class(y: np.ndarray, k: int) -> int:
+    return int((y[:, k] > 0).sum()) if y.ndim == 2 else int((y == k).sum())
+
+
+def _class_name(classes: Sequence[str] | None, k: int) -> str:
+    return str(classes[k]) if classes is not None and k < len(classes) else str(k)
+
+
+def _warn_missing(names: list[str], present: np.ndarray, counts: np.ndarray,
+                  classes: Sequence[str] | None) -> None:
+    """Warn of each side still lacking a class: too few groups, or none could move."""
+    n_groups = present.sum(axis=0)
+    for i, side in enumerate(names):
+        missing = np.flatnonzero((n_groups > 0) & (counts[i] == 0))
+        if not len(missing):
+            continue
+        few = [f"{_class_name(classes, k)} ({n_groups[k]} group(s))" for k in missing if n_groups[k] < len(names)]
+        stuck = [_class_name(classes, k) for k in missing if n_groups[k] >= len(names)]
+        reasons = ([f"{', '.join(few)}: a class needs {len(names)} groups to be on every side"] if few else []) + (
+            [f"{', '.join(stuck)}: no group of it could move there without leaving another class off its side"]
+            if stuck else [])
+        log.warning("the %s side holds no row of %s", _SIDE_WORDS[side], "; nor of ".join(reasons))
 
 
 # -- helpers ------------------------------------------------------------------------------

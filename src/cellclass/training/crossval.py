@@ -54,11 +54,11 @@ def cross_validate(spec: DatasetSpec, config: TrainConfig, out: str | Path, *, n
         inner = make_split(sub, labels=labels[rest], groups=None if base.groups is None else base.groups[rest],
                            method="group" if base.groups is not None else "random",
                            val_fraction=min(0.5, val_share), test_fraction=0.0, seed=config.seed + k,
-                           group_column=base.split.group)
+                           group_column=base.split.group, classes=base.encoders[first_task].classes)
         split = Split(train=np.sort(rest[inner.train]), val=np.sort(rest[inner.val]), test=np.sort(test),
                       method=f"{base.split.method} {n_folds}-fold cross-validation, fold {k}",
                       group=base.split.group, seed=config.seed, fractions={"test": 1 / n_folds},
-                      groups=base.groups, labels=labels)
+                      groups=base.groups, labels=labels, moves=inner.moves)
         data = dataclasses.replace(base, split=split)
         if progress:
             progress(f"fold {k + 1}/{n_folds}", k, n_folds)

@@ -261,8 +261,9 @@ def _fabric(config: TrainConfig) -> Fabric:
 def _check_split(data: PreparedData, *, warn: bool) -> None:
     """Refuse a split without training or validation rows; log why the split is weaker than asked."""
     split = data.split
-    if data.split_warning and warn:
-        log.warning(data.split_warning)
+    note = data.split_note()
+    if note and warn:
+        log.warning(note)
     if len(split.train) == 0 or len(split.val) == 0:
         raise TrainingError(f"the split left {len(split.train)} training and {len(split.val)} validation rows; "
                             "use more data or other fractions")
