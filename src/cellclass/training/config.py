@@ -83,8 +83,10 @@ class TrainConfig:
         stem_pool: Keep the stem max-pool of ResNet-family backbones (``false``: feature
             maps twice as large on each side, for small single-cell crops).
         ema_decay: Keep an exponential moving average of the weights with this decay per
-            optimizer step (0 is off); validation, checkpoints and evaluation then use the
-            averaged weights.
+            optimizer step; validation, checkpoints and evaluation then use the averaged
+            weights. ``auto`` (``None``, the default): ``1 - 6 / total steps`` within
+            [0.9, 0.9999], an average over about the last sixth of the run
+            (:func:`~cellclass.training.optim.auto_ema_decay`); 0 is off.
         pixels: Side the scikit-learn baselines downsample to.
         cache: Build the prepared image cache (``cellclass prepare``) when no valid one
             exists; a valid cache is used whenever present, whatever this says.
@@ -142,7 +144,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     stem_pool: bool = True
-    ema_decay: float = 0.0
+    ema_decay: float | None = None
     pixels: int = 32
     cache: bool = False
     cache_dir: str | None = None
@@ -153,6 +155,8 @@ class TrainConfig:
         self._coerce_numbers()
         if isinstance(self.batch_size, str):
             self.batch_size = _auto_or_int("batch_size", self.batch_size)
+        if isinstance(self.ema_decay, str):
+            self.ema_decay = _auto_or_float("ema_decay", self.ema_decay)
         if isinstance(self.class_weights, bool):
             self.class_weights = "inverse" if self.class_weights else "none"
         self._check_types()
@@ -209,6 +213,8 @@ class TrainConfig:
                   "drop_path_rate": (0, 1), "ema_decay": (0, 1)}
         for key, (low, high) in bounds.items():
             value = getattr(self, key)
+            if value is None:  # auto
+                continue
             if value < low or (high is not None and value >= high):
                 valid = f"a number >= {low}" + (f" and < {high}" if high is not None else "")
                 raise ConfigError(f"{key} = {value!r} is invalid; valid: {valid}")
@@ -337,6 +343,16 @@ def _auto_or_int(key: str, text: str) -> int | None:
         return int(text)
     except ValueError:
         raise ConfigError(f"{key} = {text!r} is invalid; valid: an integer >= 1 or auto") from None
+
+
+def _auto_or_float(key: str, text: str) -> float | None:
+    """``auto`` (``None``) or a number given as text."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} = {text!r} is invalid; valid: a number or auto") from None
 
 
 def parse_set_options(options: Iterable[str]) -> dict[str, Any]:

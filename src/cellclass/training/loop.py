@@ -480,7 +480,7 @@ class Trainer:
         self.fabric, self.config, self.plan, self.loss_fn, self.saver = fabric, config, plan, loss_fn, saver
         self.inner_optimizer = build_optimizer(model, config, fabric.device)
         self.scheduler = build_scheduler(self.inner_optimizer, config, plan.total_steps, plan.schedule)
-        self.ema = weight_average(model, config.ema_decay, fabric.device)
+        self.ema = weight_average(model, plan.ema_decay, fabric.device)
         self.model, self.optimizer = fabric.setup(model, self.inner_optimizer)
         self.order = torch.Generator().manual_seed(config.seed)
         self.augment = augmenter(config, fabric.global_rank)
