@@ -80,3 +80,40 @@ def run_cli(*args: object, timeout: int = 900) -> subprocess.CompletedProcess[st
 def cli() -> object:
     """The :func:`run_cli` helper."""
     return run_cli
+
+
+def make_untrained_run(spec: object, config: object, out: Path, thresholds: dict[str, list[float]] | None = None,
+                       seed: int = 0) -> Path:
+    """A run folder as training leaves it (config.yaml, split.json, best.ckpt) for ``spec``'s tasks in
+    ``config``, with a LeNet-5's untrained weights (from ``seed``): evaluating it is quick and makes mistakes."""
+    import torch
+    import yaml
+
+    from cellclass.data.cache import iter_images
+    from cellclass.data.normalize import Normalizer
+    from cellclass.data.prepared import prepare_data, write_split
+    from cellclass.inference.checkpoint import Checkpoint
+    from cellclass.models import create_model
+
+    spec = spec.select_tasks(config.tasks)
+    data = prepare_data(spec, config)
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(yaml.safe_dump({"train": config.to_dict(),
+                                                     "dataset": {**spec.to_dict(), "base_dir": str(spec.base_dir)}}))
+    write_split(out / "split.json", data)
+    norm = Normalizer().fit(iter_images(data.images, data.split.train))
+    torch.manual_seed(seed)
+    model = create_model("lenet5", in_chans=data.images.shape[1],
+                         heads={t: e.n_outputs for t, e in data.encoders.items()}, image_size=config.image_size,
+                         task_types={t: e.type for t, e in data.encoders.items()})
+    Checkpoint(kind="network", model_config=model.config, encoders=data.encoders, normalizer=norm,
+               image_size=config.image_size, config=config.to_dict(), spec=spec.to_dict(),
+               state_dict=model.state_dict(), epoch=1, run=str(out),
+               thresholds=thresholds or {}).save(out / "checkpoints" / "best.ckpt")
+    return out
+
+
+@pytest.fixture(scope="session")
+def untrained_run() -> object:
+    """The :func:`make_untrained_run` helper."""
+    return make_untrained_run

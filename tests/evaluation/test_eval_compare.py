@@ -17,6 +17,7 @@ from cellclass.evaluation.compare import (
     model_table,
     paired_bootstrap,
 )
+from cellclass.evaluation.metrics import multilabel_metrics
 
 
 @pytest.fixture
@@ -170,3 +171,28 @@ def test_align_requires_runs() -> None:
 def test_argument_errors(call, match: str) -> None:
     with pytest.raises(EvaluationError, match=match):
         call()
+
+
+def test_multilabel_runs_are_compared_on_their_label_sets() -> None:
+    rng = np.random.default_rng(1)
+    classes = ["x", "y", "z"]
+    y = rng.integers(0, 2, (60, 3))
+    good = np.where(rng.random((60, 3)) < 0.9, y, 1 - y)
+    poor = np.where(rng.random((60, 3)) < 0.6, y, 1 - y)
+
+    def sets(m: np.ndarray) -> list[str]:  # as predictions.csv writes them
+        return [";".join(c for c, on in zip(classes, row, strict=True) if on) for row in m]
+
+    frames = {"good": frame(np.arange(60), sets(y), sets(good)), "poor": frame(np.arange(60), sets(y), sets(poor))}
+    table = model_table(frames, n_boot=100, label_sets=classes)
+    for name, pred in (("good", good), ("poor", poor)):
+        direct = multilabel_metrics(y, pred.astype(float), classes)
+        row = table.set_index("model").loc[name]
+        assert row["macro_f1"] == pytest.approx(direct["macro_f1"])
+        assert row["accuracy"] == pytest.approx(direct["subset_accuracy"])
+    pair = compare_predictions(frames, n_boot=100, label_sets=classes).iloc[0]
+    assert pair["delta"] == pytest.approx(table.loc[0, "macro_f1"] - table.loc[1, "macro_f1"])
+    assert pair["mcnemar_b"] == int(np.sum(np.all(good == y, axis=1) & ~np.all(poor == y, axis=1)))
+    frames["poor"].loc[0, "y_pred"] = "x;w"
+    with pytest.raises(EvaluationError, match=r"label 'w' \(in 'x;w'\) is not one of the task's classes"):
+        model_table(frames, n_boot=10, label_sets=classes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,27 @@ def test_apply_thresholds_per_class_and_at_least_one() -> None:
 def test_error_paths(call, error, match) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_classes_without_a_positive_are_named_on_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    y = np.zeros((6, 12), dtype=int)
+    y[:3, 0] = y[3:, 5] = 1  # ten of the twelve classes have no positive
+    p = np.linspace(0.05, 0.95, 72).reshape(6, 12)
+    names = [f"class {chr(97 + k)}" for k in range(12)]
+    with caplog.at_level(logging.INFO, logger="cellclass.evaluation.thresholds"):
+        tuned = tune_thresholds(y, p, classes=names)
+        tune_thresholds(y, p)
+    lines = [r.getMessage() for r in caplog.records if "no positive" in r.getMessage()]
+    empty = [k for k in range(12) if k not in (0, 5)]
+    assert lines == [
+        "10 of 12 classes have no positive sample, so their thresholds stay 0.50: "
+        + ", ".join(names[k] for k in empty),
+        "10 of 12 classes have no positive sample, so their thresholds stay 0.50: " + ", ".join(map(str, empty)),
+    ]
+    assert tuned[empty].tolist() == [0.5] * 10
+
+
+def test_no_line_when_every_class_has_a_positive(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="cellclass.evaluation.thresholds"):
+        tune_thresholds(np.eye(3, dtype=int), np.eye(3) * 0.8 + 0.1, classes=["a", "b", "c"])
+    assert not [r for r in caplog.records if "no positive" in r.getMessage()]

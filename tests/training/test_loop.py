@@ -25,7 +25,8 @@ def test_lenet_run_folder_is_complete_and_honest(bps_dir: Path, tmp_path: Path) 
     result = train(bps(bps_dir), cfg, out)
     for name in ("config.yaml", "encoders.json", "split.json", "metrics.csv", "metrics.json",
                  "predictions.csv", "report.html", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
-                 "plots/learning_curves.png", "plots/confusion_particle_type.png"):
+                 "plots/learning_curves.png", "plots/confusion_particle_type.png",
+                 "mistakes_particle_type.csv", "plots/mistakes_particle_type.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))

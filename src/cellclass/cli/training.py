@@ -93,6 +93,46 @@ def train(
                       f"with `cellclass serve {done.uri} --tracking-uri {done.store}`)", highlight=False)
 
 
+SINGLE_COLUMNS = (("accuracy", "accuracy"), ("balanced acc.", "balanced_accuracy"), ("macro F1", "macro_f1"),
+                  ("ROC-AUC", "roc_auc"))
+"""Summary columns (header, metric) of a single-label or binary task."""
+MULTILABEL_COLUMNS = (("macro F1", "macro_f1"), ("micro F1", "micro_f1"), ("mAP", "map"),
+                      ("macro ROC-AUC", "macro_roc_auc"), ("Hamming loss", "hamming_loss"))
+"""Summary columns (header, metric) of a multi-label task."""
+
+
+def _is_multilabel(metrics: dict[str, Any]) -> bool:
+    return metrics.get("task_type") == "multilabel" or ("hamming_loss" in metrics and "accuracy" not in metrics)
+
+
+def metric_tables(tasks: dict[str, dict[str, Any]], title: str | None = None,
+                  text_columns: tuple[str, ...] = ()) -> list[Table]:
+    """Tables of a row per task, with the metrics that fit its type: one table when every task
+    is of one kind, else one for single-label and binary tasks and one for multi-label tasks.
+
+    Args:
+        tasks: Task name to its metrics (a ``tasks`` block of ``metrics.json``).
+        title: Title of the table (or prefix of the titles of two).
+        text_columns: Keys of each task's metrics shown as they are, after the task name.
+    """
+    kinds: dict[bool, list[str]] = {}
+    for task, metrics in tasks.items():
+        kinds.setdefault(_is_multilabel(metrics), []).append(task)
+    tables = []
+    for multilabel, names in kinds.items():
+        columns = MULTILABEL_COLUMNS if multilabel else SINGLE_COLUMNS
+        kind = "multi-label tasks" if multilabel else "single-label and binary tasks"
+        table = Table(title=title if len(kinds) == 1 else f"{title}: {kind}" if title else kind)
+        for header in ("task", *text_columns, *(h for h, _ in columns)):
+            table.add_column(header, justify="right")
+        for task in names:
+            metrics = tasks[task]
+            table.add_row(task, *[str(metrics.get(k, "")) for k in text_columns],
+                          *[metric_text(metrics.get(k)) for _, k in columns])
+        tables.append(table)
+    return tables
+
+
 def print_metrics(result: dict[str, Any], out: Path) -> None:
     """A run's metrics (its ``metrics.json``): how it was split and evaluated, a row per task."""
     split = result["split"]
@@ -102,29 +142,21 @@ def print_metrics(result: dict[str, Any], out: Path) -> None:
     if split.get("warning"):
         console.print(f"[bold red]warning:[/bold red] {split['warning']}")
     fields = result.get("fields")
-    table = Table(title="cell level" if fields else None)
-    for col in ("task", "accuracy", "balanced acc.", "macro F1", "ROC-AUC"):
-        table.add_column(col, justify="right")
-    for task, m in result["tasks"].items():
-        table.add_row(task, *[metric_text(m.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")])
-    console.print(table)
+    for table in metric_tables(result["tasks"], "cell level" if fields else None):
+        console.print(table)
     if fields:
         _print_fields(fields)
     console.print(f"run folder: {out} (metrics.json, predictions.csv{', field_predictions.csv' if fields else ''}, "
-                  "plots/, report.html)")
+                  "mistakes_<task>.csv, plots/, report.html)")
 
 
 def _print_fields(fields: dict[str, Any]) -> None:
     """The field level of a cell model's metrics: its fields, how they were answered, a row per task."""
     counts = fields["cells_per_field"]
-    table = Table(title=f"field level: {fields['n_fields']} {fields['on']} by {fields['column']} "
-                        f"({fields['n_cells']} cells, {counts['min']} to {counts['max']} per field)")
-    for col in ("task", "aggregation", "accuracy", "balanced acc.", "macro F1", "ROC-AUC"):
-        table.add_column(col, justify="right")
-    for task, m in fields["tasks"].items():
-        table.add_row(task, m["aggregation"],
-                      *[metric_text(m.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")])
-    console.print(table)
+    title = (f"field level: {fields['n_fields']} {fields['on']} by {fields['column']} "
+             f"({fields['n_cells']} cells, {counts['min']} to {counts['max']} per field)")
+    for table in metric_tables(fields["tasks"], title, text_columns=("aggregation",)):
+        console.print(table)
     for task, m in fields["tasks"].items():
         if m["thresholds_from"].startswith("argmax"):
             continue
@@ -360,7 +392,8 @@ def _print_folds(summary: dict[str, Any], model: str, folds: int) -> None:
     for col in ("task", "metric", "mean", "std", "min", "max"):
         table.add_column(col, justify="right")
     for task_name, metrics in summary["tasks"].items():
-        for name in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
+        columns = MULTILABEL_COLUMNS if _is_multilabel(metrics) else SINGLE_COLUMNS
+        for _, name in columns:
             if name in metrics:
                 table.add_row(task_name, name, *[metric_text(metrics[name][k]) for k in ("mean", "std", "min", "max")])
     console.print(table)
@@ -393,14 +426,21 @@ def compare(
             err_console.print(f"comparison written to {out}")
         return
     for task_name, block in result["tasks"].items():
-        table = Table(title=f"task {task_name}: test metrics with 95% bootstrap CI ({block['n']} images)")
-        for col in ("run", "model", "split", "accuracy", "macro F1"):
+        multilabel = block.get("task_type") == "multilabel"
+        table = Table(title=f"task {task_name}: test metrics with 95% bootstrap CI ({block['n']} images"
+                            + ("; label sets: an image is right when its whole set is)" if multilabel else ")"))
+        for col in ("run", "model", "split", "subset accuracy" if multilabel else "accuracy", "macro F1"):
             table.add_column(col)
         for row in block["table"]:
             table.add_row(row["run"], str(row.get("model_name", "")), str(row.get("split", "")),
                           f"{row['accuracy']:.3f} [{row['accuracy_ci_low']:.3f}, {row['accuracy_ci_high']:.3f}]",
                           f"{row['macro_f1']:.3f} [{row['macro_f1_ci_low']:.3f}, {row['macro_f1_ci_high']:.3f}]")
         console.print(table)
+        if multilabel:
+            for run_table in metric_tables(block["test_metrics"], f"task {task_name}: each run's test metrics "
+                                                                  "(its metrics.json)"):
+                run_table.columns[0].header = "run"
+                console.print(run_table)
         pairs = Table(title=f"paired differences ({metric}, A minus B)")
         for col in ("A", "B", "delta", "95% CI", "bootstrap p", "McNemar p"):
             pairs.add_column(col)

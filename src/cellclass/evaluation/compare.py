@@ -6,7 +6,9 @@ here are paired: :func:`paired_bootstrap` resamples images and scores both model
 resample, :func:`mcnemar` counts the images on which exactly one model is right.
 
 Predictions of a run are a DataFrame with columns ``image`` (an id unique within the run),
-``y_true`` and ``y_pred`` (class names or indices) for one single-label task.
+``y_true`` and ``y_pred`` (class names or indices) for one single-label task, or, given
+``label_sets`` (the task's classes), ``;``-joined label sets of a multi-label task, scored as
+0/1 matrices (accuracy is then subset accuracy, macro F1 the mean over classes).
 :func:`compare_runs` compares finished run folders, task by task, from their
 ``predictions.csv``.
 """
@@ -34,6 +36,7 @@ from cellclass.evaluation.results import json_default
 
 __all__ = [
     "MCNEMAR_EXACT_BELOW",
+    "MULTILABEL_METRICS",
     "align_predictions",
     "compare_predictions",
     "compare_runs",
@@ -43,6 +46,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+MULTILABEL_METRICS = ("macro_f1", "micro_f1", "map", "macro_roc_auc", "hamming_loss")
+"""The multi-label test metrics :func:`compare_runs` copies from each run's ``metrics.json``."""
 
 MCNEMAR_EXACT_BELOW = 25
 """McNemar uses the exact binomial test when fewer than this many images are discordant."""
@@ -68,6 +74,31 @@ def _encode(*arrays: ArrayLike) -> list[NDArray[Any]]:
         raise EvaluationError(f"labels must be 1-D (or (N, K) indicators); received shape {arrs[0].shape}.")
     codes, _ = pd.factorize(np.concatenate([a.astype(object) for a in arrs]))
     return [codes[i * n:(i + 1) * n].astype(np.int64) for i in range(len(arrs))]
+
+
+def _label_matrix(values: ArrayLike, classes: Sequence[str]) -> NDArray[np.int64]:
+    """``;``-joined label sets (a multi-label task's column of ``predictions.csv``) as a 0/1 matrix ``(N, K)``."""
+    index = {c: k for k, c in enumerate(classes)}
+    texts = [str(v) for v in np.asarray(values, dtype=object)]
+    out = np.zeros((len(texts), len(index)), dtype=np.int64)
+    for i, text in enumerate(texts):
+        for name in filter(None, text.split(";")):
+            if name not in index:
+                raise EvaluationError(f"label {name!r} (in {text!r}) is not one of the task's classes "
+                                      f"{list(classes)[:10]}; the runs must share the task's classes.")
+            out[i, index[name]] = 1
+    return out
+
+
+def _aligned_labels(aligned: pd.DataFrame, names: Sequence[str],
+                    label_sets: Sequence[str] | None) -> tuple[NDArray[Any], dict[str, NDArray[Any]]]:
+    """The true labels and each run's predictions of aligned runs: as they are, or as 0/1 matrices of label sets."""
+    columns = ["y_true", *names]
+    if label_sets is None:
+        values = {c: aligned[c].to_numpy() for c in columns}
+    else:
+        values = {c: _label_matrix(aligned[c].to_numpy(), label_sets) for c in columns}
+    return values["y_true"], {n: values[n] for n in names}
 
 
 def _correct(y: NDArray[Any], pred: NDArray[Any]) -> NDArray[np.bool_]:
@@ -237,6 +268,7 @@ def compare_predictions(
     seed: int = 0,
     alpha: float = 0.05,
     key: str = "image",
+    label_sets: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Compare every pair of runs on their shared test images.
 
@@ -248,6 +280,8 @@ def compare_predictions(
         seed: Seed of the random generator (the same for every pair).
         alpha: One minus the confidence level.
         key: Column holding the image id.
+        label_sets: A multi-label task's classes: ``y_true`` and ``y_pred`` are then
+            ``;``-joined label sets, scored as 0/1 matrices.
 
     Returns:
         One row per pair, in the order the runs are given: ``model_a, model_b, n, metric,
@@ -263,10 +297,10 @@ def compare_predictions(
             f"comparing needs at least two runs; received {len(frames)} ({list(frames)})."
         )
     aligned = align_predictions(frames, key=key)
-    y = aligned["y_true"].to_numpy()
+    y, preds = _aligned_labels(aligned, list(frames), label_sets)
     rows = []
     for name_a, name_b in itertools.combinations(list(frames), 2):
-        a, b = aligned[name_a].to_numpy(), aligned[name_b].to_numpy()
+        a, b = preds[name_a], preds[name_b]
         boot = paired_bootstrap(y, a, b, metric=metric, n_boot=n_boot, seed=seed, alpha=alpha)
         test = mcnemar(y, a, b)
         rows.append({
@@ -297,6 +331,7 @@ def model_table(
     seed: int = 0,
     alpha: float = 0.05,
     key: str = "image",
+    label_sets: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """One row per run with each metric and its bootstrap confidence interval.
 
@@ -310,6 +345,7 @@ def model_table(
         seed: Seed of the random generator.
         alpha: One minus the confidence level.
         key: Column holding the image id.
+        label_sets: A multi-label task's classes (see :func:`compare_predictions`).
 
     Returns:
         Columns ``model``, ``n`` and, per metric ``m``, ``m``, ``m_ci_low``, ``m_ci_high``.
@@ -319,9 +355,10 @@ def model_table(
     """
     fns = {m: resolve_label_metric(m) for m in metrics}
     aligned = align_predictions(frames, key=key)
+    truth, preds = _aligned_labels(aligned, list(frames), label_sets)
     rows = []
     for name in frames:
-        y, pred = _encode(aligned["y_true"].to_numpy(), aligned[name].to_numpy())
+        y, pred = _encode(truth, preds[name])
         row: dict[str, Any] = {"model": name, "n": int(y.shape[0])}
         for metric, fn in fns.items():
             ci = bootstrap_ci(fn, y, pred, n_boot=n_boot, seed=seed, alpha=alpha)
@@ -338,7 +375,10 @@ def compare_runs(runs: Sequence[str | Path], *, task: str | None = None, metric:
 
     For each task: every run's accuracy and macro F1 with bootstrap confidence intervals,
     and for every pair a paired bootstrap of the difference and McNemar's test. Runs
-    scored on different test images are refused (see :func:`align_predictions`).
+    scored on different test images are refused (see :func:`align_predictions`). A
+    multi-label task is scored on its label sets (accuracy is subset accuracy; an image is
+    right when its whole set is), and its block also holds each run's multi-label test
+    metrics from its ``metrics.json`` (``test_metrics``).
 
     Args:
         runs: Two or more run folders (each with ``metrics.json`` and ``predictions.csv``).
@@ -367,13 +407,19 @@ def compare_runs(runs: Sequence[str | Path], *, task: str | None = None, metric:
     for t in shared:
         frames = {n: pd.DataFrame({"image": p["image"], "y_true": p[f"{t}__true"], "y_pred": p[f"{t}__pred"]})
                   for n, p in preds.items()}
-        table = model_table(frames, metrics=("accuracy", "macro_f1"), n_boot=n_boot, seed=seed)
+        first = metas[names[0]]["tasks"][t]
+        task_type = first.get("task_type", "single")
+        label_sets = list(first["per_class"]) if task_type == "multilabel" else None
+        table = model_table(frames, metrics=("accuracy", "macro_f1"), n_boot=n_boot, seed=seed, label_sets=label_sets)
         table.insert(0, "run", table.pop("model"))
         table["model_name"] = [metas[n].get("model") for n in table["run"]]
         table["split"] = [_split_text(metas[n]["split"]) for n in table["run"]]
-        pairs = compare_predictions(frames, metric=metric, n_boot=n_boot, seed=seed)
-        result["tasks"][t] = {"n": int(table["n"].iloc[0]), "table": table.to_dict("records"),
+        pairs = compare_predictions(frames, metric=metric, n_boot=n_boot, seed=seed, label_sets=label_sets)
+        result["tasks"][t] = {"n": int(table["n"].iloc[0]), "task_type": task_type, "table": table.to_dict("records"),
                               "pairs": pairs.to_dict("records")}
+        if task_type == "multilabel":
+            result["tasks"][t]["test_metrics"] = {n: {k: metas[n]["tasks"][t].get(k) for k in MULTILABEL_METRICS}
+                                                  for n in names}
     if out is not None:
         _write_comparison(Path(out), result)
     return result

@@ -30,6 +30,7 @@ from sklearn.metrics import (
 )
 
 from cellclass.atomic import atomic_write_bytes
+from cellclass.data.inspect import display_rgb
 from cellclass.errors import EvaluationError
 from cellclass.evaluation._validation import (
     as_indicator,
@@ -44,6 +45,7 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_embedding_map",
     "plot_learning_curves",
+    "plot_mistakes",
     "plot_per_class_f1",
     "plot_roc_pr",
 ]
@@ -469,3 +471,51 @@ def _map_palette(n: int) -> list[Any]:
         return _palette(n)
     tab20, tab20b = colormaps["tab20"], colormaps["tab20b"]
     return [tab20(i) for i in range(20) if i not in (14, 15)] + [tab20b(i) for i in range(20)]
+
+
+GalleryRow = tuple[str, Sequence[tuple[np.ndarray, str]]]
+"""One row of an image gallery: its label and its tiles, each an image ``(C, H, W)`` and a caption."""
+
+
+def mistakes_figure(rows: Sequence[GalleryRow], title: str) -> Figure:
+    """The figure of :func:`plot_mistakes`: a row of tiles per gallery row, one image per tile.
+
+    Each image is stretched per channel for display (1-99.5 percentiles): one channel in
+    gray, more as an RGB composite of the first three. Without rows the figure says so.
+    """
+    n_cols = max((len(tiles) for _, tiles in rows), default=0)
+    if not n_cols:
+        fig = _new_figure(5, 1.2)
+        fig.text(0.5, 0.5, f"{title}: no mistakes", ha="center", va="center")
+        return fig
+    height = 2.05 * len(rows) + 0.6
+    fig = _new_figure(1.6 * n_cols + 1.4, height)
+    axes = np.asarray(fig.subplots(len(rows), n_cols, squeeze=False))
+    for (label, tiles), row_axes in zip(rows, axes, strict=True):
+        for j, ax in enumerate(row_axes):
+            if j >= len(tiles):
+                ax.axis("off")
+                continue
+            image, caption = tiles[j]
+            ax.imshow(display_rgb(image), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(caption, fontsize=6, loc="left")
+        row_axes[0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(top=1 - 0.75 / height, bottom=0.1 / height, hspace=0.45, wspace=0.1)
+    return fig
+
+
+def plot_mistakes(rows: Sequence[GalleryRow], out: str | os.PathLike[str], title: str) -> Path:
+    """An image gallery (the most confident mistakes of a task): a row of captioned tiles per row.
+
+    Args:
+        rows: Gallery rows, each a label and its tiles (image ``(C, H, W)``, caption).
+        out: PNG path to write.
+        title: Figure title.
+
+    Returns:
+        The path written.
+    """
+    return _save(mistakes_figure(rows, title), out)

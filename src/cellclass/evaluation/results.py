@@ -1,6 +1,7 @@
 """A run's results: thresholds tuned on validation, metrics per task on test, and the files
-that hold them: ``metrics.json``, ``predictions.csv``, ``plots/`` and ``report.html``, an HTML
-page that says how every number was obtained.
+that hold them: ``metrics.json``, ``predictions.csv``, ``plots/``, the most confident
+mistakes per task (``mistakes_<task>.csv`` and a gallery) and ``report.html``, an HTML page
+that says how every number was obtained.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cellclass.evaluation.fields import (
     tune_field_thresholds,
 )
 from cellclass.evaluation.metrics import task_metrics
+from cellclass.evaluation.mistakes import write_mistakes
 from cellclass.evaluation.thresholds import tune_thresholds
 from cellclass.inference.checkpoint import Checkpoint
 from cellclass.inference.predictor import Predictor
@@ -53,7 +55,8 @@ def tune_task_thresholds(predictor: Predictor, targets: Mapping[str, np.ndarray]
         if method == "none":
             out[task] = [0.5] * enc.n_outputs
         else:
-            out[task] = [float(t) for t in tune_thresholds(targets[task], probs[task], method=method)]
+            tuned = tune_thresholds(targets[task], probs[task], method=method, classes=enc.classes)
+            out[task] = [float(t) for t in tuned]
     return out
 
 
@@ -209,18 +212,21 @@ def write_results(out: Path, result: Mapping[str, Any], predictor: Predictor, da
                   targets: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray], side: str, *,
                   fields: pd.DataFrame | None = None) -> None:
     """Write ``metrics.json`` (``result``), ``predictions.csv`` (rows ``idx`` of ``data``, named
-    ``side``), ``field_predictions.csv`` (``fields``, when given), the plots and ``report.html``
-    into ``out``."""
+    ``side``), ``field_predictions.csv`` (``fields``, when given), the plots, the most confident
+    mistakes of each task and ``report.html`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=json_default))
-    frame = predictions_frame(predictor, [data.ids[i] for i in idx], data.frame[ROW_COLUMN].to_numpy()[idx], targets,
-                              probs, side)
+    ids, row_numbers = [data.ids[i] for i in idx], data.frame[ROW_COLUMN].to_numpy()[idx]
+    frame = predictions_frame(predictor, ids, row_numbers, targets, probs, side)
     with atomic_path(out / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
     if fields is not None:
         with atomic_path(out / "field_predictions.csv") as tmp:
             fields.to_csv(tmp, index=False)
-    write_report(out, result, write_plots(out, predictor, targets, probs, result["tasks"]))
+    plots = write_plots(out, predictor, targets, probs, result["tasks"])
+    mistakes = write_mistakes(out, predictor.encoders, predictor.thresholds, data.images, np.asarray(idx), ids,
+                              row_numbers, targets, probs)
+    write_report(out, result, plots, mistakes)
 
 
 def json_default(value: Any) -> Any:
@@ -257,8 +263,10 @@ def write_plots(out: Path, predictor: Predictor, targets: Mapping[str, np.ndarra
     return made
 
 
-def write_report(out: Path, result: Mapping[str, Any], plots: list[Path]) -> Path:
-    """A self-contained HTML page: how the numbers were obtained, the numbers, the plots."""
+def write_report(out: Path, result: Mapping[str, Any], plots: list[Path],
+                 mistakes: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """A self-contained HTML page: how the numbers were obtained, the numbers, the plots and the
+    galleries of the most confident mistakes (``mistakes``, as :func:`write_mistakes` returns them)."""
     esc = html.escape
     rows = [_metric_row(task, m) for task, m in result["tasks"].items()]
     header = "".join(f"<th>{h}</th>" for h in ("task", "accuracy", "balanced acc.", "macro F1", "micro F1",
@@ -276,19 +284,37 @@ def write_report(out: Path, result: Mapping[str, Any], plots: list[Path]) -> Pat
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f4f4f4}}
 .warn{{background:#fff3cd;padding:8px;border:1px solid #e0c36a}}figure{{display:inline-block;margin:8px}}
-img{{max-width:540px;border:1px solid #ddd}}</style></head><body>
+img{{max-width:540px;border:1px solid #ddd}}img.gallery{{max-width:100%}}</style></head><body>
 <h1>{esc(str(result.get('model', 'model')))} on {esc(result['dataset'])}</h1>
 <h2>How these numbers were obtained</h2>{warning}<ul>{how}</ul>{split_html}
 <h2>Test metrics</h2><table><tr>{header}</tr>{''.join(rows)}</table>{fields_html}
-<h2>Plots</h2>{images}
+<h2>Plots</h2>{images}{_mistakes_html(out, mistakes or {})}
 </body></html>"""
     return atomic_write_text(out / "report.html", page)
 
 
 def _metric_row(task: str, m: Mapping[str, Any]) -> str:
-    cells = "".join(f"<td>{_fmt(m.get(k))}</td>" for k in ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1",
-                                                          "roc_auc", "map", "hamming_loss", "jaccard_samples"))
+    # A multi-label task's macro ROC-AUC is its ROC-AUC column (a single-label one's is macro one-vs-rest too).
+    values = {**m, "roc_auc": m.get("roc_auc", m.get("macro_roc_auc"))}
+    cells = "".join(f"<td>{_fmt(values.get(k))}</td>" for k in ("accuracy", "balanced_accuracy", "macro_f1",
+                                                               "micro_f1", "roc_auc", "map", "hamming_loss",
+                                                               "jaccard_samples"))
     return f"<tr><th>{html.escape(task)}</th>{cells}</tr>"
+
+
+def _mistakes_html(out: Path, mistakes: Mapping[str, Mapping[str, Any]]) -> str:
+    """A section per task: what its gallery shows, the gallery and its CSV."""
+    if not mistakes:
+        return ""
+    esc = html.escape
+    parts = ["<h2>Most confident mistakes</h2>"]
+    for task, m in mistakes.items():
+        plot, csv = (esc(Path(m[k]).relative_to(out).as_posix()) for k in ("plot", "csv"))
+        cut = (f" The figure shows the first {m['n_rows_shown']} of {m['n_rows']} rows; the CSV lists them all."
+               if m["n_rows_shown"] < m["n_rows"] else "")
+        parts.append(f"<h3>{esc(task)}</h3><p>{esc(m['text'])}{esc(cut)} {m['n_listed']} listed in "
+                     f'<a href="{csv}">{csv}</a>.</p><img class="gallery" src="{plot}" alt="mistakes of {esc(task)}">')
+    return "".join(parts)
 
 
 def _fields_html(fields: Mapping[str, Any] | None, header: str) -> str:

@@ -8,6 +8,7 @@ is predicted when ``proba >= threshold``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -72,6 +73,7 @@ def tune_thresholds(
     proba: ArrayLike,
     method: Literal["f1", "prevalence"] = "f1",
     grid: ArrayLike | None = None,
+    classes: Sequence[str] | None = None,
 ) -> NDArray[np.float64]:
     """Choose one decision threshold per class on validation data.
 
@@ -84,7 +86,7 @@ def tune_thresholds(
     Candidates are, by default, the midpoints between consecutive distinct probabilities of
     the class (plus its lowest probability), which searches every distinct decision; with
     ``grid`` they are the grid values. Classes without any positive in ``y_true`` keep
-    0.5: the data say nothing about them.
+    0.5: the data say nothing about them (one log line names them all).
 
     Args:
         y_true: 0/1 indicator matrix, shape (N, K). For a binary task pass the labels as
@@ -92,6 +94,8 @@ def tune_thresholds(
         proba: Probabilities, shape (N, K).
         method: ``"f1"`` or ``"prevalence"``.
         grid: Optional candidate thresholds in [0, 1].
+        classes: The class names, for the log line naming the classes without a positive
+            (default: their column numbers).
 
     Returns:
         Thresholds, float64 array of shape (K,).
@@ -109,10 +113,10 @@ def tune_thresholds(
     candidate_grid = _as_grid(grid)
     n = p.shape[0]
     out = np.full(p.shape[1], DEFAULT_THRESHOLD)
+    _log_without_positives(y, classes)
     for k in range(p.shape[1]):
         n_pos = int(y[:, k].sum())
         if n_pos == 0:
-            logger.info("class %d has no positive sample; keeping threshold %.2f", k, DEFAULT_THRESHOLD)
             continue
         cands = _candidates(p[:, k], candidate_grid)
         n_pred, tp = _counts_at(p[:, k], y[:, k], cands)
@@ -127,6 +131,16 @@ def tune_thresholds(
         out[k] = cands[best[len(best) // 2]]
         logger.debug("class %d: threshold %.4f (%s, %d positives of %d)", k, out[k], method, n_pos, n)
     return out
+
+
+def _log_without_positives(y: NDArray[np.bool_], classes: Sequence[str] | None) -> None:
+    """One line naming every class that has no positive sample (its threshold stays the default)."""
+    empty = np.flatnonzero(~y.any(axis=0))
+    if not len(empty):
+        return
+    names = [str(k) if classes is None else str(classes[k]) for k in empty]
+    logger.info("%d of %d classes have no positive sample, so their thresholds stay %.2f: %s", len(empty),
+                y.shape[1], DEFAULT_THRESHOLD, ", ".join(names))
 
 
 def apply_thresholds(
