@@ -112,13 +112,14 @@ def main() -> None:
         with learn.no_bar():
             learn.fit_one_cycle(args.epochs, 3e-3)
         train_seconds = time.perf_counter() - t0
+        names = learn.recorder.metric_names[1:-1]  # read now: get_preds starts the recorder anew
+        log = [dict(zip(names, map(float, v))) for v in learn.recorder.values]
         test = frame[frame["side"] == "test"].reset_index(drop=True)
         test_dl = learn.dls.test_dl(test, with_labels=True)
         with learn.no_bar():
             probs, _ = learn.get_preds(dl=test_dl)
             tta_probs, _ = learn.tta(dl=test_dl)
         vocab = list(learn.dls.vocab)
-        log = [dict(zip(learn.recorder.metric_names[1:-1], map(float, v))) for v in learn.recorder.values]
     idx = np.flatnonzero((pd.read_csv(args.files, dtype=str)["side"] == "test").to_numpy())
     result = {
         "contender": "fastai", "model": "fastai vision_learner resnet18, pretrained=False",
