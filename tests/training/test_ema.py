@@ -64,3 +64,17 @@ def test_a_run_saves_the_average_and_resumes_to_the_same_result(bps_dir: Path, t
     a = pd.read_csv(straight / "metrics.csv").drop(columns="seconds")
     b = pd.read_csv(broken / "metrics.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(a, b, atol=1e-6)
+
+
+def test_auto_decay_spans_a_sixth_of_the_run_and_is_recorded_in_the_plan() -> None:
+    from cellclass.training.optim import auto_ema_decay, plan_steps
+
+    assert auto_ema_decay(600) == pytest.approx(0.99)
+    assert auto_ema_decay(10) == 0.9 and auto_ema_decay(10**7) == 0.9999
+    assert TrainConfig().ema_decay == 0.0  # off by default
+    auto = TrainConfig(ema_decay="auto", batch_size=64, epochs=20)
+    assert auto.ema_decay is None
+    assert plan_steps(auto, 1966).ema_decay == pytest.approx(1 - 6 / (30 * 20))
+    assert plan_steps(TrainConfig(ema_decay=0.95), 1966).ema_decay == 0.95
+    with pytest.raises(ConfigError, match=r"ema_decay = 'often' is invalid; valid: a number or auto"):
+        TrainConfig(ema_decay="often")

@@ -84,9 +84,10 @@ class TrainConfig:
             maps twice as large on each side, for small single-cell crops).
         ema_decay: Keep an exponential moving average of the weights with this decay per
             optimizer step; validation, checkpoints and evaluation then use the averaged
-            weights. ``auto`` (``None``, the default): ``1 - 6 / total steps`` within
-            [0.9, 0.9999], an average over about the last sixth of the run
-            (:func:`~cellclass.training.optim.auto_ema_decay`); 0 is off.
+            weights. 0 (the default) is off; ``auto`` (``None``): ``1 - 6 / total steps``
+            within [0.9, 0.9999], an average over about the last sixth of the run
+            (:func:`~cellclass.training.optim.auto_ema_decay`). Off by default because it
+            did not help on every real set (docs/results.md).
         pixels: Side the scikit-learn baselines downsample to.
         cache: Build the prepared image cache (``cellclass prepare``) when no valid one
             exists; a valid cache is used whenever present, whatever this says.
@@ -144,7 +145,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     stem_pool: bool = True
-    ema_decay: float | None = None
+    ema_decay: float | None = 0.0
     pixels: int = 32
     cache: bool = False
     cache_dir: str | None = None

@@ -95,7 +95,7 @@ def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
 def auto_ema_decay(total_steps: int) -> float:
     """The weight average's decay of ``ema_decay: auto``: ``1 - 6 / total_steps`` within
     [0.9, 0.9999], so the average spans about the last sixth of the run's steps (0.99 for
-    MitoCheck's 620 steps, where it measured best; see docs/results.md)."""
+    MitoCheck's 600 steps; see docs/results.md for what it did there)."""
     return float(min(0.9999, max(0.9, 1.0 - 6.0 / max(total_steps, 1))))
 
 
