@@ -537,7 +537,8 @@ def _represent_classes(split: Split, targets: Mapping[str, float], classes: Sequ
     names = list(targets)
     pool = np.concatenate([split.side(s) for s in names])
     unique, inverse = np.unique(np.asarray(split.groups)[pool], return_inverse=True)
-    present = _group_presence(np.asarray(split.labels)[pool], inverse, len(unique))
+    labels = np.asarray(split.labels)[pool]
+    present = _group_presence(labels, inverse, len(unique))
     group_side = np.zeros(len(unique), dtype=np.int64)
     group_side[inverse] = np.repeat(np.arange(len(names)), [len(split.side(s)) for s in names])
     counts = np.stack([present[group_side == i].sum(axis=0) for i in range(len(names))])
@@ -556,7 +557,7 @@ def _represent_classes(split: Split, targets: Mapping[str, float], classes: Sequ
             counts[frm] -= present[g]
             counts[to] += present[g]
             moves.append({"group": str(unique[g]), "images": int(rows[g]),
-                          "class_images": _rows_of_class(np.asarray(split.labels)[pool][inverse == g], k),
+                          "class_images": _rows_of_class(labels[inverse == g], k),
                           "from": names[frm], "to": names[to], "class": _class_name(classes, k)})
     _warn_missing(names, present, counts, classes)
     if not moves:

@@ -7,7 +7,7 @@ every checkpoint, so a number can always be traced to the settings that made it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,9 +155,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._coerce_numbers()
         if isinstance(self.batch_size, str):
-            self.batch_size = _auto_or_int("batch_size", self.batch_size)
+            self.batch_size = _auto_or_number("batch_size", self.batch_size, int, "an integer >= 1")
         if isinstance(self.ema_decay, str):
-            self.ema_decay = _auto_or_float("ema_decay", self.ema_decay)
+            self.ema_decay = _auto_or_number("ema_decay", self.ema_decay, float, "a number")
         if isinstance(self.class_weights, bool):
             self.class_weights = "inverse" if self.class_weights else "none"
         self._check_types()
@@ -336,24 +336,14 @@ _SCALARS: dict[str, tuple[Any, str]] = {
 }
 
 
-def _auto_or_int(key: str, text: str) -> int | None:
-    """``auto`` (``None``) or an integer given as text."""
+def _auto_or_number(key: str, text: str, parse: Callable[[str], Any], valid: str) -> Any:
+    """``auto`` (``None``) or a number given as text, read by ``parse`` (``valid`` names it)."""
     if text.strip().lower() == "auto":
         return None
     try:
-        return int(text)
+        return parse(text)
     except ValueError:
-        raise ConfigError(f"{key} = {text!r} is invalid; valid: an integer >= 1 or auto") from None
-
-
-def _auto_or_float(key: str, text: str) -> float | None:
-    """``auto`` (``None``) or a number given as text."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{key} = {text!r} is invalid; valid: a number or auto") from None
+        raise ConfigError(f"{key} = {text!r} is invalid; valid: {valid} or auto") from None
 
 
 def parse_set_options(options: Iterable[str]) -> dict[str, Any]:

@@ -615,7 +615,7 @@ def weight_average(model: torch.nn.Module, decay: float, device: Any = None) -> 
 def _inner(model: Any) -> torch.nn.Module:
     """The network inside Fabric's wrapper (and DDP's)."""
     inner = getattr(model, "module", model)
-    return getattr(inner, "module", inner) if hasattr(inner, "module") else inner
+    return getattr(inner, "module", inner)
 
 
 def _weights(model: Any) -> dict[str, torch.Tensor]:
