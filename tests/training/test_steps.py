@@ -128,7 +128,7 @@ def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"] == 8
     assert runtime_steps(out) | {"schedule_note": None} == {
         "batch_size": 8, "batch_size_from": "auto", "train_images": 94, "steps_per_epoch": 11, "total_steps": 11,
-        "schedule": "onecycle", "schedule_note": None}
+        "schedule": "onecycle", "schedule_note": None, "ema_decay": 0.0}
     assert result["batch_size"] == 8 and json.loads((out / "metrics.json").read_text())["batch_size"] == 8
     assert Checkpoint.load(out).config["batch_size"] == 8
     assert tracker.params["batch_size"] == 8 and tracker.params["batch_size_from"] == "auto"
