@@ -88,6 +88,12 @@ class TrainConfig:
             within [0.9, 0.9999], an average over about the last sixth of the run
             (:func:`~cellclass.training.optim.auto_ema_decay`). Off by default because it
             did not help on every real set (docs/results.md).
+        mixup: Mixup of training batches (images blended in pairs, every task's loss
+            blended alike): the concentration ``alpha`` of the ``Beta(alpha, alpha)`` blend
+            weight (0, the default: off; 0.2-0.4 is usual).
+        cutmix: CutMix of training batches: ``alpha`` as for mixup (0: off; 1.0 is usual).
+            With both on, each batch uses one of them at random (see
+            :mod:`cellclass.training.mixing`).
         pixels: Side the scikit-learn baselines downsample to.
         cache: Build the prepared image cache (``cellclass prepare``) when no valid one
             exists; a valid cache is used whenever present, whatever this says.
@@ -146,6 +152,8 @@ class TrainConfig:
     drop_path_rate: float = 0.0
     stem_pool: bool = True
     ema_decay: float | None = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
     pixels: int = 32
     cache: bool = False
     cache_dir: str | None = None
@@ -211,7 +219,7 @@ class TrainConfig:
             raise ConfigError(f"lr = {self.lr!r} is invalid; valid: a number > 0")
         bounds = {"weight_decay": (0, None), "intensity_scale": (0, None), "intensity_shift": (0, None),
                   "warmup_fraction": (0, 1), "label_smoothing": (0, 1), "drop_rate": (0, 1),
-                  "drop_path_rate": (0, 1), "ema_decay": (0, 1)}
+                  "drop_path_rate": (0, 1), "ema_decay": (0, 1), "mixup": (0, None), "cutmix": (0, None)}
         for key, (low, high) in bounds.items():
             value = getattr(self, key)
             if value is None:  # auto

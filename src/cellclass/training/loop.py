@@ -54,6 +54,7 @@ from cellclass.models import create_model, is_baseline
 from cellclass.progress import ProgressFn
 from cellclass.training.config import TrainConfig
 from cellclass.training.losses import build_loss, multitask_loss
+from cellclass.training.mixing import batch_mix
 from cellclass.training.optim import StepPlan, build_optimizer, build_scheduler, extended_scheduler, plan_steps
 from cellclass.training.saver import CheckpointSaver
 
@@ -484,6 +485,7 @@ class Trainer:
         self.model, self.optimizer = fabric.setup(model, self.inner_optimizer)
         self.order = torch.Generator().manual_seed(config.seed)
         self.augment = augmenter(config, fabric.global_rank)
+        self.mix = batch_mix(config.mixup, config.cutmix, config.seed + 104729 + 7919 * fabric.global_rank)
         self.per_rank = max(1, plan.batch_size // fabric.world_size)
         self.epoch = 0
 
@@ -493,6 +495,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "order_rng": self.order.get_state(),
                 "augment_rng": None if self.augment is None else self.augment.generator.get_state(),
+                "mix_rng": None if self.mix is None else self.mix.state_dict(),
                 **({} if self.ema is None else {"raw_weights": _weights(self.model),
                                                 "ema_updates": int(self.ema.n_averaged)}),
                 **self.saver.state_dict()}
@@ -514,6 +517,8 @@ class Trainer:
         self.order.set_state(state["order_rng"])
         if self.augment is not None and state.get("augment_rng") is not None:
             self.augment.generator.set_state(state["augment_rng"])
+        if self.mix is not None and state.get("mix_rng") is not None:
+            self.mix.load_state_dict(state["mix_rng"])
         self.saver.load_state_dict(state)
         self.epoch = state["epoch"]
         if self.ema is not None and "raw_weights" in state:  # the saved weights are the average
@@ -541,7 +546,8 @@ def train_one_epoch(trainer: Trainer, loader: BatchLoader, data: PreparedData, e
         xb = next(batches)  # read, normalized and augmented by the loader (see data/batches.py)
         xb = fabric.to_device(xb.contiguous(memory_format=fmt))
         yb = {t: fabric.to_device(v[idx]) for t, v in targets.items()}
-        loss = train_step(fabric, model, trainer.optimizer, trainer.scheduler, trainer.loss_fn, xb, yb)
+        xb, loss_fn = (xb, trainer.loss_fn) if trainer.mix is None else trainer.mix(xb, trainer.loss_fn)
+        loss = train_step(fabric, model, trainer.optimizer, trainer.scheduler, loss_fn, xb, yb)
         if trainer.ema is not None:
             trainer.ema.update_parameters(_inner(model))
         running += loss * len(idx)
