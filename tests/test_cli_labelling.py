@@ -13,7 +13,8 @@ import pytest
 from cellclass.data.presets import bps
 from cellclass.data.simulate import simulate_bps
 from cellclass.evaluation.ranking import STRATEGIES
-from cellclass.evaluation.selection import Member, ensemble_runs, rank_run
+from cellclass.evaluation.selection import Member, rank_run
+from cellclass.inference.ensemble import ensemble_runs
 from cellclass.training.config import TrainConfig, run_config
 from cellclass.training.loop import train
 
@@ -161,13 +162,13 @@ def test_the_run_own_dataset_leaves_only_its_test_when_asked(runs: dict[str, Pat
 
 
 def test_ensemble_runs_expands_a_cv_folder(tmp_path: Path) -> None:
-    from cellclass.errors import RankingError
+    from cellclass.errors import EnsembleError
 
     for k in (1, 0):
         (tmp_path / "cv" / f"fold_{k}" / "checkpoints").mkdir(parents=True)
         (tmp_path / "cv" / f"fold_{k}" / "checkpoints" / "best.ckpt").write_bytes(b"x")
     assert ensemble_runs([tmp_path / "cv"]) == [tmp_path / "cv" / "fold_0", tmp_path / "cv" / "fold_1"]
-    with pytest.raises(RankingError, match="is neither a run folder"):
+    with pytest.raises(EnsembleError, match="is neither a run folder"):
         ensemble_runs([tmp_path])
 
 

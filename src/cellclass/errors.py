@@ -194,5 +194,10 @@ class EmbeddingError(CellclassError):
     """Features cannot be taken from a model, mapped or aggregated as asked (a baseline has none)."""
 
 
+class EnsembleError(CellclassError, ValueError):
+    """Models cannot make an ensemble as given: a path that holds none, an ``ensemble.yaml``
+    that cannot be read, or members whose tasks or classes differ."""
+
+
 class RankingError(CellclassError, ValueError):
     """Images cannot be ranked for labelling as asked: strategy, budget, pool or ensemble."""

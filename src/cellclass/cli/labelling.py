@@ -153,7 +153,8 @@ def rank(
 ) -> None:
     """Rank a pool of unlabelled images for labelling: the images that would teach the model most first."""
     from cellclass.evaluation.ranking import check_budget, check_strategy
-    from cellclass.evaluation.selection import Member, ensemble_runs, rank_run
+    from cellclass.evaluation.selection import Member, rank_run
+    from cellclass.inference.ensemble import ensemble_runs
     from cellclass.training.config import run_config
 
     check_strategy(strategy)

@@ -169,11 +169,15 @@ def _print_fields(fields: dict[str, Any]) -> None:
 @app.command()
 @takes_options
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder made by `cellclass train`.")],
+    run: Annotated[Path, typer.Argument(
+        help="Run folder made by `cellclass train`; or a `cellclass cv` folder (its ensemble), with --data.")],
     dataset: DatasetOptions,
     data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this dataset instead of the run's test split.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/evaluation).")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
+    member: Annotated[list[Path] | None, typer.Option(
+        "--member", help="Another run folder (or cv folder) whose models join RUN's in an ensemble (with --data). "
+                         "Repeatable.", show_default=False)] = None,
     aggregate_by: AggregateByOpt = None,
     aggregate: AggregateOpt = None,
 ) -> None:
@@ -183,14 +187,22 @@ def evaluate(
     the field level: its cells' probabilities aggregated to their field (the field_id
     column, or --aggregate-by) and scored against the field's labels, in
     field_predictions.csv and the "fields" block of metrics.json.
+
+    An ensemble (a cv folder, or --member) is evaluated on another dataset (--data) only:
+    every image of a cross-validation's folds trained all of its members but one (its
+    held-out test, `cv --holdout --ensemble`, is scored in CV/ensemble_test).
     """
     from cellclass.evaluation.evaluate import evaluate_run
     from cellclass.evaluation.fields import parse_aggregation
+    from cellclass.inference.ensemble import is_ensemble_folder
     from cellclass.training.config import run_config
 
     if data is None and dataset.given():
         raise SpecError(f"{', '.join(dataset.given())} given without --data; valid: the dataset options with "
                         "--data SPEC (without --data the run's own test split is evaluated)")
+    if member or is_ensemble_folder(run):
+        _evaluate_ensemble(run, member or [], dataset, data, out, tta, aggregate_by or aggregate)
+        return
     choice = parse_aggregation(aggregate)
     spec = None if data is None else dataset.to_spec(data)
     with stage_progress() as update:
@@ -199,10 +211,35 @@ def evaluate(
     print_metrics(result, out or run / "evaluation")
 
 
+def _evaluate_ensemble(run: Path, members: list[Path], dataset: DatasetOptions, data: Path | None,
+                       out: Path | None, tta: bool | None, aggregating: str | None) -> None:
+    """``evaluate`` of an ensemble: every row of --data, the members' probabilities averaged."""
+    from cellclass.evaluation.ensemble import evaluate_ensemble
+    from cellclass.inference.ensemble import Ensemble
+    from cellclass.training.config import run_config
+
+    if data is None:
+        raise SpecError(f"{str(run)!r} is an ensemble, which has no test split of its own (every image of a "
+                        "cross-validation's folds trained all its members but one); valid: --data SPEC, or `cellclass "
+                        "cv --holdout --ensemble`, which scores it on the held-out test in CV/ensemble_test")
+    if aggregating is not None:
+        raise SpecError("--aggregate-by and --aggregate are for one run's cells; valid: evaluate an ensemble "
+                        "without them (cell level)")
+    model = Ensemble.load([run, *members], tta=tta)
+    spec = dataset.to_spec(data)
+    folder = out or run / f"evaluation-{'ensemble-' if members else ''}{spec.name}"
+    result = evaluate_ensemble(model, [run_config(r) for r in model.runs], spec, folder)
+    print_metrics(result, folder)
+    console.print(f"ensemble of {len(model.members)} models (probabilities averaged)"
+                  + (f"; multi-label thresholds: {model.thresholds_from}" if model.thresholds else ""),
+                  highlight=False)
+
+
 @app.command()
 @takes_options
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder or .ckpt file.")],
+    run: Annotated[Path, typer.Argument(
+        help="Run folder or .ckpt file; or a `cellclass cv` folder: its ensemble (ensemble.yaml, else its fold runs).")],
     dataset: DatasetOptions,
     images: Annotated[list[Path] | None, typer.Argument(
         help="Image files (TIFF, PNG, NPY); or none with --data.", show_default=False)] = None,
@@ -211,14 +248,22 @@ def predict(
                        "`cellclass crops`).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path("predictions.csv"),
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="D4 test-time augmentation.")] = None,
+    member: Annotated[list[Path] | None, typer.Option(
+        "--member", help="Another run folder (or cv folder) whose models join RUN's in an ensemble: their "
+                         "probabilities averaged. Repeatable.", show_default=False)] = None,
     aggregate_by: AggregateByOpt = None,
     aggregate: AggregateOpt = None,
 ) -> None:
-    """Predict image files, or every row of a dataset (--data), with a trained run; writes one CSV row per image.
+    """Predict image files, or every row of a dataset (--data), with a trained run or an ensemble; writes one CSV row per image.
 
     An image that cannot be predicted (missing, undecodable, empty, NaN pixels, another
     channel count) keeps its row, with the reason in the ``error`` column, and the others
     are predicted; the command then exits 1. The output never replaces an input.
+
+    An ensemble (a cv folder, or --member) averages its models' probabilities, each model
+    reading the images as its own training images were read; multi-label tasks apply the
+    thresholds of ensemble.yaml, else the mean of the members'. Its rows add
+    <task>__agreement: the share of members whose own decision is the ensemble's.
 
     Cells of fields (a --data with a field_id column, or --aggregate-by) are also answered
     per field, their probabilities aggregated (--aggregate), in field_<OUT name> beside OUT
@@ -228,7 +273,7 @@ def predict(
 
     from cellclass.atomic import atomic_path
     from cellclass.evaluation.fields import parse_aggregation, task_aggregations
-    from cellclass.inference.predictor import Predictor
+    from cellclass.inference.ensemble import Ensemble
 
     if (data is None) == (not images):
         raise SpecError("give image files or --data SPEC (one of them); valid: `cellclass predict RUN a.tif b.tif` "
@@ -240,29 +285,34 @@ def predict(
         raise SpecError(f"--aggregate-by {aggregate_by!r} with image files; valid: --aggregate-by folder (each "
                         "file's parent folder is its field), or a column of a --data dataset")
     fields_out = out.with_name(f"field_{out.name}")
-    sources = [run, *(images or []), *([] if data is None else [data])]
-    check_output_file(out, "--out", inputs=sources, input_folders=[run])
+    models = [run, *(member or [])]
+    sources = [*models, *(images or []), *([] if data is None else [data])]
+    check_output_file(out, "--out", inputs=sources, input_folders=models)
     choice = parse_aggregation(aggregate)
-    predictor = Predictor.from_checkpoint(run, tta=tta)
-    aggregations = task_aggregations(predictor.encoders, choice)
+    model = Ensemble.load(models, tta=tta)
+    aggregations = task_aggregations(model.encoders, choice)
     if data is None:
-        rows, column = _predict_files(predictor, images or [], aggregate_by == "folder"), aggregate_by
+        rows, column = _predict_files(model, images or [], aggregate_by == "folder"), aggregate_by
     else:
-        rows, column = _predict_rows(predictor, dataset.to_spec(data), aggregate_by)
+        rows, column = _predict_rows(model, dataset.to_spec(data), aggregate_by)
     if column is not None:
-        check_output_file(fields_out, "the field predictions file", inputs=sources, input_folders=[run])
+        check_output_file(fields_out, "the field predictions file", inputs=sources, input_folders=models)
     with atomic_path(out) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     failed = sum(bool(r["error"]) for r in rows)
-    console.print(f"{len(rows) - failed} prediction(s) written to {out}"
-                  + (f"; {failed} image(s) could not be predicted (see the error column)" if failed else ""))
+    by = (f" by an ensemble of {len(model.members)} models (probabilities averaged"
+          + ("; multi-label thresholds: " + model.thresholds_from if model.thresholds else "") + ")"
+          if len(model.members) > 1 else "")
+    console.print(f"{len(rows) - failed} prediction(s){by} written to {out}"
+                  + (f"; {failed} image(s) could not be predicted (see the error column)" if failed else ""),
+                  highlight=False)
     if column is not None:
-        _write_field_answers(predictor, rows, column, aggregations, fields_out)
+        _write_field_answers(model, rows, column, aggregations, fields_out)
     if failed:
         raise typer.Exit(1)
 
 
-def _predict_files(predictor: Any, images: list[Path], folders: bool) -> list[dict[str, Any]]:
+def _predict_files(model: Any, images: list[Path], folders: bool) -> list[dict[str, Any]]:
     """One row per image file: its path (and parent folder), an error or its labels and probabilities."""
     rows: list[dict[str, Any]] = []
     for start in range(0, len(images), 256):
@@ -271,63 +321,79 @@ def _predict_files(predictor: Any, images: list[Path], folders: bool) -> list[di
         for i, path in enumerate(chunk):
             row: dict[str, Any] = {"image": str(path), **({"folder": str(path.parent)} if folders else {}), "error": ""}
             try:
-                prepared[i] = predictor.prepare([predictor.read_image(path)], names=[f"image {str(path)!r}"])
+                prepared[i] = model.prepare(lambda member, path=path: member.read_image(path), f"image {str(path)!r}")
             except CellclassError as exc:
                 row["error"] = str(exc)
                 print_error(str(exc))
             rows.append(row)
-        _fill_predictions(predictor, rows, start, prepared)
+        _fill_predictions(model, rows, start, prepared)
     return rows
 
 
-def _predict_rows(predictor: Any, spec: Any, aggregate_by: str | None) -> tuple[list[dict[str, Any]], str | None]:
-    """One row per row of ``spec`` (read as the run's images were), and the column naming its field, if any."""
+def _predict_rows(model: Any, spec: Any, aggregate_by: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """One row per row of ``spec`` (read by each model as its training images were), and the column naming
+    its field, if any."""
     import dataclasses
 
     from cellclass.data.spec import ROW_COLUMN
     from cellclass.evaluation.fields import field_column
 
-    spec = dataclasses.replace(spec, image=spec.image.with_defaults(predictor.axes))
-    frame = spec.load_manifest(apply_drop=False)
+    # Stacks are read as each model's training images were, unless the spec says otherwise.
+    specs: list[tuple[Any, Any]] = []
+
+    def spec_of(member: Any) -> Any:
+        found = next((s for axes, s in specs if axes == member.axes), None)
+        if found is None:
+            found = dataclasses.replace(spec, image=spec.image.with_defaults(member.axes))
+            specs.append((member.axes, found))
+        return found
+
+    first = spec_of(model.members[0])
+    frame = first.load_manifest(apply_drop=False)
     column = field_column([c for c in frame.columns if c != ROW_COLUMN], aggregate_by)
     records = frame.to_dict("records")
     rows: list[dict[str, Any]] = []
     for start in range(0, len(records), 256):
         prepared: dict[int, Any] = {}
         for i, record in enumerate(records[start : start + 256]):
-            image_id = spec.image_id(record)
+            image_id = first.image_id(record)
             row: dict[str, Any] = {"image": image_id, "row": record[ROW_COLUMN]}
             if column is not None:
                 row[column] = str(record[column])
             row["error"] = ""
             try:
                 name = f"row {record[ROW_COLUMN]} ({image_id})"
-                prepared[i] = predictor.prepare([spec.read_image(record)], names=[name])
+                prepared[i] = model.prepare(lambda member, record=record: spec_of(member).read_image(record), name)
             except CellclassError as exc:
                 row["error"] = str(exc)
                 print_error(str(exc))
             rows.append(row)
-        _fill_predictions(predictor, rows, start, prepared)
+        _fill_predictions(model, rows, start, prepared)
     return rows, column
 
 
-def _fill_predictions(predictor: Any, rows: list[dict[str, Any]], start: int, prepared: dict[int, Any]) -> None:
-    """Predict the prepared images of a chunk and write their labels and probabilities into their rows."""
+def _fill_predictions(model: Any, rows: list[dict[str, Any]], start: int, prepared: dict[int, Any]) -> None:
+    """Predict the prepared images of a chunk and write their labels and probabilities (and, for an
+    ensemble, its members' agreement) into their rows."""
     if not prepared:
         return
-    x = predictor.normalize(np.concatenate(list(prepared.values())))
-    results = predictor.describe(predictor.predict_normalized(x))
-    for i, result in zip(prepared, results, strict=True):
+    probs, each = model.predict_prepared(list(prepared.values()))
+    results = model.describe(probs)
+    agreement = model.agreement(each, probs) if len(model.members) > 1 else {}
+    for n, (i, result) in enumerate(zip(prepared, results, strict=True)):
         row = rows[start + i]
         for task_name, r in result.items():
             label = r["label"]
             row[task_name] = ";".join(label) if isinstance(label, list) else label
             row.update({f"{task_name}__p__{c}": round(p, 6) for c, p in r["probabilities"].items()})
+            if task_name in agreement:
+                row[f"{task_name}__agreement"] = round(float(agreement[task_name][n]), 3)
 
 
 def _write_field_answers(predictor: Any, rows: list[dict[str, Any]], column: str, aggregations: dict[str, Any],
                          path: Path) -> None:
-    """Aggregate the predicted rows to their fields, write them to ``path`` and say how."""
+    """Aggregate the predicted rows of ``predictor`` (a run's or an ensemble's) to their fields, write them
+    to ``path`` and say how."""
     from cellclass.atomic import atomic_path
     from cellclass.evaluation.fields import (
         FIELD_COLUMN,
@@ -363,8 +429,21 @@ def cv(
     training: TrainOptions,
     tracking: TrackerOptions,
     folds: Annotated[int, typer.Option("--folds", min=2, help="Number of folds.")] = 5,
+    holdout: Annotated[bool, typer.Option(
+        "--holdout", help="Hold the test side of the split `train` would make (test_fraction, default 0.25; "
+                          "same method and seed) out of every fold, and score every fold model on it "
+                          "(holdout.csv).")] = False,
+    ensemble: Annotated[bool, typer.Option(
+        "--ensemble", help="Also write the fold models as an ensemble (ensemble.yaml: probabilities averaged; "
+                           "`cellclass predict OUT` uses it), scored on the held-out test with --holdout "
+                           "(ensemble_test/).")] = False,
 ) -> None:
     """k-fold cross-validation (stratified group k-fold by default); reports mean and spread.
+
+    Each fold model is tested on its own fold. With --holdout, the test side of the usual
+    split is held out of every fold and every fold model is tested on it too. With
+    --ensemble, the fold models are written as an ensemble; only a held-out test can score
+    it (each image of the folds trained every member but one).
 
     Re-running the same command skips the folds already finished.
     """
@@ -375,20 +454,33 @@ def cv(
     ds.load_manifest()  # a bad manifest fails now, before a tracker opens a run for it
     config = training.to_config()
     with tracking.open(out, "cv") as tracker:
-        tracker.log_params({**config.to_dict(), "folds": folds, "dataset": ds.name})
+        tracker.log_params({**config.to_dict(), "folds": folds, "dataset": ds.name, "holdout": holdout,
+                            "ensemble": ensemble})
         fold_logger = FoldLogger(tracker, out, folds)
         with stage_progress() as update:
-            summary = cross_validate(ds, config, out, n_folds=folds, progress=cv_progress(fold_logger, update))
+            summary = cross_validate(ds, config, out, n_folds=folds, holdout=holdout, ensemble=ensemble,
+                                     progress=cv_progress(fold_logger, update))
         fold_logger.finish(summary)
     _print_folds(summary, config.model, folds)
-    console.print(f"per-fold runs and cv.json in {out}")
+    if "holdout" in summary:
+        _print_held_out(summary["holdout"])
+    if "ensemble" in summary:
+        block = summary["ensemble"]
+        console.print(f"ensemble of the {len(block['members'])} fold models (probabilities averaged) in "
+                      f"{out / block['file']}" + (f"; multi-label thresholds: {block['thresholds_from']}"
+                                                  if block.get("thresholds_from") else ""), highlight=False)
+        if block.get("note"):
+            console.print(f"[bold]not scored:[/bold] {block['note']}", highlight=False)
+    console.print(f"per-fold runs and cv.json in {out}"
+                  + ("; holdout.csv" if "holdout" in summary else "")
+                  + ("; ensemble_test/ (report.html)" if summary.get("ensemble", {}).get("test") else ""))
 
 
 def _print_folds(summary: dict[str, Any], model: str, folds: int) -> None:
     """Mean, spread and range of each metric over the folds of a cross-validation."""
     split = summary["split"]
     table = Table(title=f"{model}: {folds}-fold cross-validation ({split['method']}"
-                        + (f" by {split['group']})" if split["group"] else ")"))
+                        + (f" by {split['group']})" if split["group"] else ")") + ", each fold model on its fold")
     for col in ("task", "metric", "mean", "std", "min", "max"):
         table.add_column(col, justify="right")
     for task_name, metrics in summary["tasks"].items():
@@ -397,6 +489,22 @@ def _print_folds(summary: dict[str, Any], model: str, folds: int) -> None:
             if name in metrics:
                 table.add_row(task_name, name, *[metric_text(metrics[name][k]) for k in ("mean", "std", "min", "max")])
     console.print(table)
+
+
+def _print_held_out(block: dict[str, Any]) -> None:
+    """Every fold model, their mean and the ensemble on the held-out test: a table per task."""
+    models = block["models"]
+    rows = {**{m: t for m, t in models.items() if m != "ensemble"}, "mean of folds": block["fold_mean"],
+            **({"ensemble": models["ensemble"]} if "ensemble" in models else {})}
+    for task in next(iter(models.values())):
+        columns = MULTILABEL_COLUMNS if _is_multilabel(next(iter(models.values()))[task]) else SINGLE_COLUMNS
+        table = Table(title=f"task {task} on the held-out test ({block['n_images']} images, in no fold)")
+        for header in ("model", *(h for h, _ in columns)):
+            table.add_column(header, justify="right")
+        for name, tasks in rows.items():
+            table.add_row(f"[bold]{name}[/bold]" if name == "ensemble" else name,
+                          *[metric_text(tasks.get(task, {}).get(k)) for _, k in columns])
+        console.print(table)
 
 
 @app.command()

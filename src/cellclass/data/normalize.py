@@ -370,6 +370,23 @@ class NormalizedView:
             out[start : start + chunk] = self[np.arange(start, min(len(self), start + chunk))]
         return out
 
+    def rows(self, rows: np.ndarray) -> NormalizedRows:
+        """Some of its rows, indexable (by slices or positions) as an array of their own, read when indexed."""
+        return NormalizedRows(self, np.asarray(rows, dtype=np.int64))
+
+
+class NormalizedRows:
+    """Rows of a :class:`NormalizedView`, indexable as an array of their own (see :meth:`NormalizedView.rows`)."""
+
+    def __init__(self, view: NormalizedView, rows: np.ndarray) -> None:
+        self.view, self.rows = view, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.view[self.rows[index]]
+
 
 class _PixelSample:
     """Pixel positions sampled from a stream of images, each image with an equal share.

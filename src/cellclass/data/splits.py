@@ -182,10 +182,12 @@ class Split:
     def _class_counts(
         self, labels: np.ndarray, classes: Sequence[str] | None
     ) -> dict[str, dict[str, int]]:
-        if len(labels) != self.n_rows:
+        # A split may leave rows out (a cross-validation's held-out test), never index past the labels.
+        reach = max((int(self.side(s).max()) + 1 for s in _SIDES if len(self.side(s))), default=0)
+        if len(labels) < max(self.n_rows, reach):
             raise SplitError(
-                f"labels have {len(labels)} rows but the split covers {self.n_rows}; "
-                "pass the labels of the whole frame"
+                f"labels have {len(labels)} rows but the split covers {self.n_rows} (positions up to "
+                f"{reach - 1}); pass the labels of the whole frame"
             )
         if labels.ndim == 2:
             k = labels.shape[1]

@@ -38,6 +38,7 @@ from cellclass.data.normalize import NormalizedView
 from cellclass.data.prepared import PreparedData, PrepareSettings, prepare_pool
 from cellclass.data.spec import ROW_COLUMN, DatasetSpec
 from cellclass.errors import RankingError, SpecError
+from cellclass.evaluation.ensemble import read_per_member, rows_probabilities
 from cellclass.evaluation.evaluate import run_spec
 from cellclass.evaluation.ranking import (
     DISAGREEMENT,
@@ -59,38 +60,6 @@ class Member:
 
     run: Path
     settings: PrepareSettings
-
-
-class _Rows:
-    """Some rows of a normalized view, indexable as an array of their own (slices or positions)."""
-
-    def __init__(self, view: NormalizedView, rows: np.ndarray) -> None:
-        self.view, self.rows = view, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        return self.view[self.rows[index]]
-
-
-def ensemble_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run folders of an ensemble: each path a run folder, or a ``cellclass cv`` folder (its ``fold_*`` runs).
-
-    Raises:
-        RankingError: When a path is neither.
-    """
-    runs: list[Path] = []
-    for path in map(Path, paths):
-        folds = sorted(p for p in path.glob("fold_*") if (p / "checkpoints" / "best.ckpt").is_file())
-        if (path / "checkpoints" / "best.ckpt").is_file():
-            runs.append(path)
-        elif folds:
-            runs += folds
-        else:
-            raise RankingError(f"ensemble member {str(path)!r} is neither a run folder (checkpoints/best.ckpt) nor "
-                               "a `cellclass cv` folder (fold_*/checkpoints/best.ckpt)")
-    return runs
 
 
 def rank_run(run: str | Path, settings: PrepareSettings, pool: DatasetSpec, out: str | Path, *, strategy: str,
@@ -186,7 +155,7 @@ def _score_inputs(predictor: Predictor, data: PreparedData, rows: np.ndarray, st
     if predictor.kind == "baseline":
         probs = predictor.predict_normalized(view[rows])
     else:
-        outputs = model_outputs(predictor, _Rows(view, rows))
+        outputs = model_outputs(predictor, view.rows(rows))
         probs = outputs.probabilities
         if strategy == "tta-bald":
             inputs["views"] = outputs.views[task]
@@ -205,7 +174,7 @@ def labelled_features(run: Path, predictor: Predictor, settings: PrepareSettings
     rows = np.asarray(sorted(split["train"] + split["val"]), dtype=np.int64)
     rows = rows[rows < len(data.ids)]
     view = NormalizedView(data.images, predictor.normalizer, data.groups)
-    return model_outputs(predictor, _Rows(view, rows), tta=predictor.tta).features
+    return model_outputs(predictor, view.rows(rows), tta=predictor.tta).features
 
 
 def member_probabilities(members: Sequence[Member], pool: PreparedData, rows: np.ndarray, task: str,
@@ -215,22 +184,15 @@ def member_probabilities(members: Sequence[Member], pool: PreparedData, rows: np
     Raises:
         RankingError: When a member lacks the task or has other classes.
     """
-    prepared: dict[tuple[Any, ...], PreparedData] = {}
-    out = []
-    for member in members:
-        predictor = Predictor.from_checkpoint(member.run, tta=False)
+    predictors = [Predictor.from_checkpoint(member.run, tta=False) for member in members]
+    for member, predictor in zip(members, predictors, strict=True):
         encoder = predictor.encoders.get(task)
         if encoder is None or list(encoder.classes) != list(classes):
             raise RankingError(f"ensemble member {str(member.run)!r} has "
                                + (f"classes {encoder.classes} for task {task!r}" if encoder else f"no task {task!r}")
                                + f"; valid: models of the same task and classes as the run ({', '.join(classes)})")
-        key = (predictor.image_size, predictor.fit, tuple(predictor.channel_indices))
-        if key not in prepared:
-            prepared[key] = prepare_pool(pool.spec, member.settings)
-        data = prepared[key]
-        view = NormalizedView(data.images, predictor.normalizer, data.groups)
-        x = view[rows] if predictor.kind == "baseline" else _Rows(view, rows)
-        out.append(predictor.predict_normalized(x)[task])
+    readings = read_per_member(predictors, [m.settings for m in members], pool.spec, prepare_pool)
+    out = [rows_probabilities(p, data, rows)[task] for p, data in zip(predictors, readings, strict=True)]
     return np.stack(out)
 
 

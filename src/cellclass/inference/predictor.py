@@ -188,15 +188,7 @@ class Predictor:
 
     def decide(self, probabilities: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
         """Labels per task: argmax for single/binary, tuned thresholds for multi-label."""
-        out: dict[str, list[Any]] = {}
-        for task, p in probabilities.items():
-            encoder = self.encoders[task]
-            if encoder.type == "multilabel":
-                thr = np.asarray(self.thresholds.get(task, [0.5] * encoder.n_outputs))
-                out[task] = encoder.decode((p >= thr).astype(np.uint8))
-            else:
-                out[task] = encoder.decode(p.argmax(axis=1))
-        return out
+        return decide(self.encoders, self.thresholds, probabilities)
 
     def predict_images(self, images: Sequence[np.ndarray], groups: Sequence[str] | None = None,
                        *, tta: bool | None = None) -> list[dict[str, Any]]:
@@ -206,19 +198,39 @@ class Predictor:
 
     def describe(self, probabilities: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
         """Per-image results (label and named probabilities per task) of probability arrays."""
-        labels = self.decide(probabilities)
-        n = len(next(iter(probabilities.values()))) if probabilities else 0
-        results = []
-        for i in range(n):
-            results.append({
-                task: {
-                    "label": labels[task][i],
-                    "probabilities": dict(zip(self.encoders[task].classes,
-                                              map(float, probabilities[task][i]), strict=True)),
-                }
-                for task in self.encoders
-            })
-        return results
+        return describe(self.encoders, self.thresholds, probabilities)
+
+
+def decide(encoders: Mapping[str, TaskEncoder], thresholds: Mapping[str, Sequence[float]],
+           probabilities: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
+    """Labels per task of probability arrays: argmax for single/binary, ``thresholds`` (per
+    class; 0.5 where a task has none) for multi-label."""
+    out: dict[str, list[Any]] = {}
+    for task, p in probabilities.items():
+        encoder = encoders[task]
+        if encoder.type == "multilabel":
+            thr = np.asarray(thresholds.get(task, [0.5] * encoder.n_outputs))
+            out[task] = encoder.decode((p >= thr).astype(np.uint8))
+        else:
+            out[task] = encoder.decode(p.argmax(axis=1))
+    return out
+
+
+def describe(encoders: Mapping[str, TaskEncoder], thresholds: Mapping[str, Sequence[float]],
+             probabilities: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per-image results (label and named probabilities per task) of probability arrays."""
+    labels = decide(encoders, thresholds, probabilities)
+    n = len(next(iter(probabilities.values()))) if probabilities else 0
+    results = []
+    for i in range(n):
+        results.append({
+            task: {
+                "label": labels[task][i],
+                "probabilities": dict(zip(encoders[task].classes, map(float, probabilities[task][i]), strict=True)),
+            }
+            for task in encoders
+        })
+    return results
 
 
 def check_image(image: np.ndarray, name: str) -> np.ndarray:

@@ -83,7 +83,8 @@ class FoldLogger:
             atomic_write_text(marker, json.dumps({"run_id": run_id}))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        """Log the remaining folds, the summary (``cv/<task>/<metric>/mean`` ...) and the files."""
+        """Log the remaining folds, the summary (``cv/<task>/<metric>/mean`` ...), the held-out
+        test's metrics of each model (``holdout/<model>/<task>/<metric>``) and the files."""
         self.poll()
         flat: dict[str, float] = {}
         for task, metrics in summary.get("tasks", {}).items():
@@ -91,6 +92,10 @@ class FoldLogger:
                 for stat in ("mean", "std", "min", "max"):
                     if isinstance(stats.get(stat), (int, float)):
                         flat[f"cv/{task}/{name}/{stat}"] = stats[stat]
+        for model, tasks in summary.get("holdout", {}).get("models", {}).items():
+            for task, metrics in tasks.items():
+                flat |= {f"holdout/{model}/{task}/{name}": v for name, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and not _nan(v)}
         self.tracker.log_metrics(flat, step=0)
         self.tracker.log_artifacts(self.out)
 
