@@ -171,8 +171,10 @@ def test_fold_logger_tells_each_fold_once(tmp_path: Path) -> None:
     seen = []
     logger = FoldLogger(recorder, tmp_path, 2, on_fold=lambda k, run: seen.append(k))
     assert logger.poll() == [0, 1] and logger.poll() == []
-    logger.finish({"tasks": {"t": {"accuracy": {"mean": 0.7, "std": 0.0, "min": 0.7, "max": 0.7}}}})
+    logger.finish({"tasks": {"t": {"accuracy": {"mean": 0.7, "std": 0.0, "min": 0.7, "max": 0.7}}},
+                   "holdout": {"models": {"ensemble": {"t": {"accuracy": 0.8, "task_type": "single"}}}}})
     assert seen == [0, 1]
+    assert ("holdout/ensemble/t/accuracy", 0.8, 0) in recorder.metrics
     assert ("fold_1/val/macro_f1", 1.6, 2) in recorder.metrics
     assert ("fold_0/test/t/accuracy", 0.7, 2) in recorder.metrics
     assert ("cv/t/accuracy/mean", 0.7, 0) in recorder.metrics

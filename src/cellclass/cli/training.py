@@ -239,7 +239,8 @@ def _evaluate_ensemble(run: Path, members: list[Path], dataset: DatasetOptions, 
 @takes_options
 def predict(
     run: Annotated[Path, typer.Argument(
-        help="Run folder or .ckpt file; or a `cellclass cv` folder: its ensemble (ensemble.yaml, else its fold runs).")],
+        help="Run folder or .ckpt file; or a `cellclass cv` folder: its ensemble (ensemble.yaml, else its fold "
+             "runs).")],
     dataset: DatasetOptions,
     images: Annotated[list[Path] | None, typer.Argument(
         help="Image files (TIFF, PNG, NPY); or none with --data.", show_default=False)] = None,
@@ -254,7 +255,7 @@ def predict(
     aggregate_by: AggregateByOpt = None,
     aggregate: AggregateOpt = None,
 ) -> None:
-    """Predict image files, or every row of a dataset (--data), with a trained run or an ensemble; writes one CSV row per image.
+    """Predict image files, or every row of a dataset (--data), with a run or an ensemble; writes a CSV row per image.
 
     An image that cannot be predicted (missing, undecodable, empty, NaN pixels, another
     channel count) keeps its row, with the reason in the ``error`` column, and the others

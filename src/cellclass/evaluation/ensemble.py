@@ -120,7 +120,8 @@ def evaluate_held_out(members: Sequence[Predictor], names: Sequence[str], data: 
     return results
 
 
-def members_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+def members_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                  metrics: Sequence[str]) -> list[dict[str, Any]]:
     """Long rows (model, task, metric, value) of :func:`evaluate_held_out`'s results, for ``metrics``."""
     return [{"model": model, "task": task, "metric": name, "value": float(m[name])}
             for model, tasks in results.items() for task, m in tasks.items() for name in metrics

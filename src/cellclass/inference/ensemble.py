@@ -33,6 +33,7 @@ from cellclass.atomic import atomic_write_text
 from cellclass.data.labels import TaskEncoder
 from cellclass.errors import EnsembleError, ImageReadError
 from cellclass.inference.predictor import Predictor, decide, describe
+from cellclass.textfiles import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,7 @@ def read_ensemble_file(folder: str | Path) -> dict[str, Any]:
         EnsembleError: When the file is not an ensemble file, or a member is not a run folder.
     """
     path = Path(folder) / ENSEMBLE_FILE
-    try:
-        content = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise EnsembleError(f"{str(path)!r} cannot be read: {exc}; valid: the ensemble.yaml written by "
-                            "`cellclass cv --ensemble`") from None
+    content = load_yaml(path, "ensemble file", EnsembleError)
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         got = content.get("format") if isinstance(content, dict) else type(content).__name__
         raise EnsembleError(f"{str(path)!r} has format {got!r}; valid: {FORMAT!r} (written by `cellclass cv "
@@ -133,8 +130,9 @@ def write_ensemble_file(folder: str | Path, runs: Sequence[Path], thresholds: Ma
     if thresholds_from:
         content["thresholds_from"] = thresholds_from
     path = folder / ENSEMBLE_FILE
+    text = yaml.safe_dump(content, sort_keys=False, default_flow_style=None, width=110)
     atomic_write_text(path, "# the models of this cross-validation, their probabilities averaged (`cellclass "
-                            "predict` takes this folder)\n" + yaml.safe_dump(content, sort_keys=False, default_flow_style=None, width=110))
+                            "predict` takes this folder)\n" + text)
     return path
 
 
