@@ -146,6 +146,10 @@ def test_normalized_view_matches_whole_array_normalization() -> None:
     np.testing.assert_allclose(view[4], whole[4:5])
     with pytest.raises(IndexError, match="out of range for 10 images"):
         view[np.array([3, 10])]
+    some = view.rows(idx)  # rows of the view, as an array of their own
+    assert len(some) == 4
+    np.testing.assert_allclose(some[1:3], whole[[2, 2]])
+    np.testing.assert_allclose(some[np.array([3, 0])], whole[[9, 7]])
 
 
 def test_materialized_view_is_the_normalized_array() -> None:

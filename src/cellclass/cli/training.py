@@ -446,7 +446,8 @@ def cv(
     --ensemble, the fold models are written as an ensemble; only a held-out test can score
     it (each image of the folds trained every member but one).
 
-    Re-running the same command skips the folds already finished.
+    Re-running the same command skips the folds already finished (a finished fold made with
+    other settings is refused).
     """
     from cellclass.tracking.folds import FoldLogger, cv_progress
     from cellclass.training.crossval import cross_validate
