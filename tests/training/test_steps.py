@@ -18,7 +18,7 @@ from cellclass.errors import TrainingError
 from cellclass.inference.checkpoint import Checkpoint
 from cellclass.training.config import ConfigError, TrainConfig
 from cellclass.training.loop import train
-from cellclass.training.optim import auto_batch_size, plan_steps
+from cellclass.training.optim import auto_batch_size, auto_epochs, plan_steps
 
 FAST = {"model": "lenet5", "tasks": ["particle_type"], "image_size": 64, "epochs": 1, "workers": 1,
         "tta": False, "channels_last": False}
@@ -52,6 +52,35 @@ class RecordingTracker:
 
 def runtime_steps(run: Path) -> dict[str, Any]:
     return yaml.safe_load((run / "config.yaml").read_text())["runtime"]["steps"]
+
+
+def test_auto_epochs_give_small_sets_more_passes_and_large_ones_20() -> None:
+    assert TrainConfig().epochs is None  # auto by default
+    # MitoCheck's 1,966 training images in batches of 64: 30 steps, 40 epochs (1,200 steps);
+    # AutoFoci's 206 at 8: 25 steps, 48 epochs; a large set: 20; a tiny one: at most 60.
+    assert [auto_epochs(s) for s in (1, 11, 25, 30, 40, 60, 61, 1200)] == [60, 60, 48, 40, 30, 20, 20, 20]
+    plan = plan_steps(TrainConfig(), 1966)
+    assert (plan.epochs, plan.epochs_from, plan.total_steps) == (40, "auto", 1200)
+    assert plan_steps(TrainConfig(epochs=20), 1966).epochs_from == "config"
+    assert plan_steps(TrainConfig(epochs=20), 1966).total_steps == 600
+    assert TrainConfig.from_dict({"epochs": "auto"}).epochs is None
+    with pytest.raises(ConfigError, match="epochs = 'lots' is invalid; valid: an integer >= 1 or auto"):
+        TrainConfig.from_dict({"epochs": "lots"})
+    with pytest.raises(ConfigError, match="epochs = 0 is invalid"):
+        TrainConfig(epochs=0)
+
+
+@pytest.mark.slow
+def test_auto_epochs_are_recorded_and_a_resumed_run_keeps_them(bps160: Path, tmp_path: Path) -> None:
+    out = tmp_path / "auto"
+    tracker = RecordingTracker()
+    cfg = TrainConfig(**{**FAST, "epochs": None, "image_size": 32})
+    result = train(bps(bps160), cfg, out, tracker=tracker)  # batch 8: 11 steps an epoch, so 60 epochs (cap)
+    assert result["epochs_run"] == 60 and runtime_steps(out)["epochs_from"] == "auto"
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 60
+    assert tracker.params["epochs"] == 60 and runtime_steps(out)["total_steps"] == 660
+    again = train(bps(bps160), cfg, out, resume=True)  # nothing left to do, same settings accepted
+    assert again["epochs_run"] == 60 and runtime_steps(out)["epochs_from"] == "auto"
 
 
 def test_auto_batch_size_gives_small_sets_enough_steps_and_leaves_large_ones_at_64() -> None:
@@ -128,7 +157,7 @@ def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"] == 8
     assert runtime_steps(out) | {"schedule_note": None} == {
         "batch_size": 8, "batch_size_from": "auto", "train_images": 94, "steps_per_epoch": 11, "total_steps": 11,
-        "schedule": "onecycle", "schedule_note": None, "ema_decay": 0.0}
+        "schedule": "onecycle", "schedule_note": None, "ema_decay": 0.0, "epochs": 1, "epochs_from": "config"}
     assert result["batch_size"] == 8 and json.loads((out / "metrics.json").read_text())["batch_size"] == 8
     assert Checkpoint.load(out).config["batch_size"] == 8
     assert tracker.params["batch_size"] == 8 and tracker.params["batch_size_from"] == "auto"

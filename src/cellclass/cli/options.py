@@ -161,7 +161,9 @@ class TrainOptions(OptionGroup):
     panel: ClassVar[str] = "Training"
 
     model: Annotated[str | None, typer.Option("--model", help="Model name (see `cellclass models`).")] = None
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Maximum epochs.")] = None
+    epochs: Annotated[int | None, typer.Option(
+        "--epochs", min=1, help="Maximum epochs (default: auto, enough for about 1,200 optimizer steps, "
+                                "20 to 60).")] = None
     image_size: Annotated[int | None, typer.Option(
         "--image-size", min=8, help="Side of the square model input.")] = None
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Global batch size.")] = None

@@ -328,9 +328,10 @@ class DataCache:
 class PruningTracker(Tracker):
     """Passes everything to the trial's tracker and reports the sweep metric of every epoch
     to Optuna, raising :class:`optuna.TrialPruned` when the pruner says so (never at the
-    last step, where stopping would save nothing)."""
+    last step, where stopping would save nothing). With ``last_step`` ``None`` (``epochs:
+    auto``) the last step is the epochs the run logs among its params."""
 
-    def __init__(self, inner: Tracker, trial: Any, metric: str, last_step: int) -> None:
+    def __init__(self, inner: Tracker, trial: Any, metric: str, last_step: int | None) -> None:
         self.inner, self.trial, self.metric, self.last_step = inner, trial, metric, last_step
         self.name = inner.name
 
@@ -340,6 +341,8 @@ class PruningTracker(Tracker):
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.inner.log_params(params)
+        if self.last_step is None and isinstance(params.get("epochs"), int):
+            self.last_step = params["epochs"]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.inner.log_metrics(metrics, step)
@@ -350,7 +353,7 @@ class PruningTracker(Tracker):
     def report(self, value: float, step: int) -> None:
         """Report an intermediate value; raise ``TrialPruned`` if the trial should stop."""
         self.trial.report(value, step)
-        if step < self.last_step and self.trial.should_prune():
+        if (self.last_step is None or step < self.last_step) and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: {self.metric} = {value:.4f}")
 
     def log_artifacts(self, folder: Path, exclude: Any = ()) -> None:

@@ -31,7 +31,11 @@ class TrainConfig:
         image_size: Side of the square images the model sees.
         fit: How images become square: ``pad``, ``resize`` or ``crop``.
         channels: Channel indices to keep (all when empty).
-        epochs: Maximum epochs.
+        epochs: Maximum epochs, or ``None`` (``auto``, the default): enough epochs for
+            about 1,200 optimizer steps, between 20 and 60 (40 for MitoCheck's 1,966 training
+            images in batches of 64; 20, as before, from about 77,000 images up; see
+            :func:`cellclass.training.optim.auto_epochs`). The number used is recorded in
+            the run.
         batch_size: Global batch size (split across devices under DDP), or ``None``
             (``auto``, the default): the largest power of two from 64 down to 8 that gives
             an epoch at least 16 optimizer steps (see
@@ -113,7 +117,7 @@ class TrainConfig:
     image_size: int = 64
     fit: str = "pad"
     channels: list[int] = field(default_factory=list)
-    epochs: int = 20
+    epochs: int | None = None
     batch_size: int | None = None
     lr: float = 3e-3
     weight_decay: float = 0.05
@@ -162,6 +166,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._coerce_numbers()
+        if isinstance(self.epochs, str):
+            self.epochs = _auto_or_number("epochs", self.epochs, int, "an integer >= 1")
         if isinstance(self.batch_size, str):
             self.batch_size = _auto_or_number("batch_size", self.batch_size, int, "an integer >= 1")
         if isinstance(self.ema_decay, str):
@@ -186,7 +192,7 @@ class TrainConfig:
         if self.split is not None and self.split not in ("group", "random", "predefined"):
             raise ConfigError(f"split = {self.split!r} is invalid; valid: group, random, predefined")
         for key in ("epochs", "batch_size", "image_size", "devices"):
-            if key == "batch_size" and self.batch_size is None:
+            if key in ("batch_size", "epochs") and getattr(self, key) is None:
                 continue
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid; valid: an integer >= 1")

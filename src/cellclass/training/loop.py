@@ -121,7 +121,7 @@ def train(
     _check_split(data, warn=is_main)
     plan = None if fabric is None else _step_plan(config, data, fabric.world_size, previous, log_it=is_main)
     if plan is not None:  # networks: the batch size used is recorded in the config of the run
-        config = dataclasses.replace(config, batch_size=plan.batch_size)
+        config = dataclasses.replace(config, batch_size=plan.batch_size, epochs=plan.epochs)
     norm = _fit_normalizer(data, config)
     x = normalized_images(data, norm, config)
 
@@ -166,7 +166,7 @@ def _previous_run(out: Path, resume: bool) -> Checkpoint | None:
 def resumed_config(config: TrainConfig, saved: Mapping[str, Any], done_epochs: int, out: Path) -> TrainConfig:
     """The configuration a resumed run continues with: ``config``, checked against the run's.
 
-    ``batch_size: auto`` takes the run's batch size. More epochs than are done extend the
+    ``batch_size: auto`` and ``epochs: auto`` take the run's. More epochs than are done extend the
     run; the settings in :data:`RESUMABLE` may differ (how this machine runs); any other
     difference is refused, as continuing would mix two configurations in one run.
 
@@ -177,6 +177,8 @@ def resumed_config(config: TrainConfig, saved: Mapping[str, Any], done_epochs: i
     before = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known}).to_dict()
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=before["batch_size"])
+    if config.epochs is None:
+        config = dataclasses.replace(config, epochs=before["epochs"])
     now = config.to_dict()
     changed = [k for k in now if k not in RESUMABLE and now[k] != before[k]]
     if changed:
@@ -272,14 +274,18 @@ def _check_split(data: PreparedData, *, warn: bool) -> None:
 
 def _step_plan(config: TrainConfig, data: PreparedData, world: int, previous: Checkpoint | None, *,
                log_it: bool) -> StepPlan:
-    """A network's batch size and schedule; a resumed run keeps how its batch size was chosen."""
+    """A network's batch size, epochs and schedule; a resumed run keeps how they were chosen."""
     plan = plan_steps(config, len(data.split.train), world)
     chosen = (previous.steps if previous is not None else None) or {}
     if chosen.get("batch_size") == plan.batch_size:
         plan.batch_size_from = chosen.get("batch_size_from", plan.batch_size_from)
+    if chosen.get("epochs") == plan.epochs:
+        plan.epochs_from = chosen.get("epochs_from", plan.epochs_from)
     if log_it and plan.batch_size_from == "auto":
         log.info("batch size auto: %d (%d training images, %d optimizer steps per epoch)",
                  plan.batch_size, plan.train_images, plan.steps_per_epoch)
+    if log_it and plan.epochs_from == "auto" and previous is None:
+        log.info("epochs auto: %d (%d optimizer steps)", plan.epochs, plan.total_steps)
     if log_it and plan.schedule_note:
         log.warning("schedule: %s", plan.schedule_note)
     return plan

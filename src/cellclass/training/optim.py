@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,8 @@ class StepPlan:
         schedule: Schedule used (``onecycle``, ``cosine`` or ``none``).
         schedule_note: Why it is not the configured one (``None`` when it is).
         ema_decay: Decay of the weight average (0: none), resolved from ``auto``.
+        epochs: Epochs of the run.
+        epochs_from: ``auto`` (chosen by :func:`auto_epochs`) or ``config``.
     """
 
     batch_size: int
@@ -63,6 +66,8 @@ class StepPlan:
     schedule: str
     schedule_note: str | None = None
     ema_decay: float = 0.0
+    epochs: int = 20
+    epochs_from: str = "config"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (recorded in config.yaml, metrics.json and the checkpoints)."""
@@ -78,7 +83,8 @@ def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
     batch = config.batch_size if config.batch_size is not None else auto_batch_size(n_train)
     per_rank = max(1, batch // world)
     steps = max(1, (n_train // world) // per_rank)
-    total = steps * config.epochs
+    epochs = config.epochs if config.epochs is not None else auto_epochs(steps)
+    total = steps * epochs
     schedule, note = config.schedule, None
     warmup = config.warmup_fraction * total
     if schedule == "onecycle" and warmup < MIN_WARMUP_STEPS:
@@ -89,7 +95,24 @@ def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
     return StepPlan(batch_size=batch, batch_size_from="config" if config.batch_size is not None else "auto",
                     train_images=n_train, steps_per_epoch=steps, total_steps=total, schedule=schedule,
                     schedule_note=note,
-                    ema_decay=auto_ema_decay(total) if config.ema_decay is None else config.ema_decay)
+                    ema_decay=auto_ema_decay(total) if config.ema_decay is None else config.ema_decay,
+                    epochs=epochs, epochs_from="config" if config.epochs is not None else "auto")
+
+
+AUTO_EPOCH_STEPS = 1200  # optimizer steps `epochs: auto` aims at
+AUTO_EPOCHS = (20, 60)  # the fewest and most epochs it gives
+
+
+def auto_epochs(steps_per_epoch: int) -> int:
+    """The epochs of ``epochs: auto``: enough for about :data:`AUTO_EPOCH_STEPS` optimizer
+    steps, within :data:`AUTO_EPOCHS`.
+
+    A small set gets more passes (40 for MitoCheck's 30 steps per epoch, where 20 epochs
+    left validation macro F1 still rising: docs/results.md); from 60 steps per epoch on
+    (about 3,800 images in batches of 64) it is 20, the fixed default before.
+    """
+    low, high = AUTO_EPOCHS
+    return int(min(high, max(low, math.ceil(AUTO_EPOCH_STEPS / max(steps_per_epoch, 1)))))
 
 
 def auto_ema_decay(total_steps: int) -> float:
