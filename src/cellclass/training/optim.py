@@ -42,7 +42,8 @@ def auto_batch_size(n_train: int) -> int:
 
 @dataclass
 class StepPlan:
-    """How a run steps through its epochs: batch size, steps and the learning-rate schedule.
+    """How a run steps through its epochs: batch size, steps, the learning-rate schedule,
+    and the precision and memory format of its steps.
 
     Attributes:
         batch_size: Global batch size used.
@@ -53,6 +54,12 @@ class StepPlan:
         schedule: Schedule used (``onecycle``, ``cosine`` or ``none``).
         schedule_note: Why it is not the configured one (``None`` when it is).
         ema_decay: Decay of the weight average (0: none), resolved from ``auto``.
+        precision: Fabric precision trained in (``auto`` until the loop resolves it, see
+            :mod:`cellclass.training.precision`).
+        memory_format: ``channels_last`` or ``contiguous``.
+        precision_from: How they were chosen: ``set``, ``auto: timed``, ``auto: cached``, ...
+        precision_timings: Training images per second of each candidate ``auto`` timed
+            (``precision/memory_format``), or ``None``.
     """
 
     batch_size: int
@@ -63,6 +70,10 @@ class StepPlan:
     schedule: str
     schedule_note: str | None = None
     ema_decay: float = 0.0
+    precision: str = "32-true"
+    memory_format: str = "contiguous"
+    precision_from: str = "set"
+    precision_timings: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (recorded in config.yaml, metrics.json and the checkpoints)."""
@@ -73,7 +84,8 @@ def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
     """Resolve the batch size (``auto`` or the configured one) and the schedule that fits.
 
     One-cycle needs :data:`MIN_WARMUP_STEPS` warm-up steps; a run with fewer (a small set,
-    few epochs) decays the rate by cosine from its peak instead.
+    few epochs) decays the rate by cosine from its peak instead. Precision and memory format
+    are the configured ones (``precision: auto`` is resolved by the training loop).
     """
     batch = config.batch_size if config.batch_size is not None else auto_batch_size(n_train)
     per_rank = max(1, batch // world)
@@ -89,7 +101,9 @@ def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
     return StepPlan(batch_size=batch, batch_size_from="config" if config.batch_size is not None else "auto",
                     train_images=n_train, steps_per_epoch=steps, total_steps=total, schedule=schedule,
                     schedule_note=note,
-                    ema_decay=auto_ema_decay(total) if config.ema_decay is None else config.ema_decay)
+                    ema_decay=auto_ema_decay(total) if config.ema_decay is None else config.ema_decay,
+                    precision=config.precision, memory_format="channels_last" if config.channels_last else "contiguous",
+                    precision_from="set" if config.precision != "auto" else "auto")
 
 
 def auto_ema_decay(total_steps: int) -> float:
