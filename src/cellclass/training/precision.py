@@ -52,10 +52,15 @@ CACHE_FORMAT = "cellclass-precision/1"
 WARMUP_STEPS = 1
 """Untimed steps per candidate (first-call allocations, kernel selection)."""
 TIMED_STEPS = 3
-"""Timed steps per candidate; the fastest counts (other load on the machine only adds time)."""
+"""Timed steps per candidate at least; the fastest counts (other load on the machine only adds time)."""
+TIMING_SECONDS = 1.0
+"""Timed steps continue, in turns, until the timing has taken this long (a small network's
+steps of milliseconds are too few at three to stand out of the noise) ..."""
+MAX_TIMED_STEPS = 20
+"""... or until every candidate has had this many."""
 MIN_STEPS_TO_TIME = 10
 """Fewest optimizer steps a run must have for ``auto`` to time its candidates (the timing
-takes four steps per candidate)."""
+takes four steps or more per candidate)."""
 CHANNELS_LAST, CONTIGUOUS = "channels_last", "contiguous"
 
 Batch = tuple[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -196,8 +201,9 @@ def time_candidates(model: torch.nn.Module, options: Sequence[Candidate], batche
                     device: torch.device) -> dict[str, float]:
     """Training images per second of each candidate, on a copy of ``model`` with a fresh
     optimizer of ``config``'s: :data:`WARMUP_STEPS` untimed steps each, then one step each
-    per remaining batch in turns (so a change in the machine's load falls on all alike), the
-    fastest step counting.
+    in turns (so a change in the machine's load falls on all alike), over ``batches`` again
+    and again, :data:`TIMED_STEPS` turns or more, until :data:`TIMING_SECONDS` have passed
+    (at most :data:`MAX_TIMED_STEPS` turns); each candidate's fastest step counts.
 
     The step is Fabric's (its precision plugin casts the inputs, runs the forward under
     autocast, casts the outputs back, then backward and optimizer step), as in training.
@@ -206,10 +212,13 @@ def time_candidates(model: torch.nn.Module, options: Sequence[Candidate], batche
         runners = [_Runner(model, option, batches, loss_fn, config, device) for option in options]
         for step in range(WARMUP_STEPS):
             for runner in runners:
-                runner.step(step)
-        for step in range(WARMUP_STEPS, len(batches)):
-            for runner in (runners if step % 2 else reversed(runners)):
-                runner.seconds.append(runner.step(step))
+                runner.step(step % len(batches))
+        started, turn = time.perf_counter(), 0
+        while turn < TIMED_STEPS or (time.perf_counter() - started < TIMING_SECONDS and turn < MAX_TIMED_STEPS):
+            step = WARMUP_STEPS + turn
+            for runner in (runners if turn % 2 else reversed(runners)):
+                runner.seconds.append(runner.step(step % len(batches)))
+            turn += 1
     return {r.option.name: round(len(batches[0][0]) / min(r.seconds), 1) for r in runners}
 
 
