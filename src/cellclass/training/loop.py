@@ -4,7 +4,9 @@ monitored metric, prepares data, split and normalization, builds the model, trai
 per epoch), then tunes thresholds and evaluates the best epoch on test.
 
 Networks train on Lightning Fabric, which brings devices, mixed precision and DDP
-(``--devices 2 --strategy ddp`` on CPU runs two gloo processes). Baselines from
+(``--devices 2 --strategy ddp`` on CPU runs two gloo processes), in the precision and
+memory format that ``precision: auto`` finds fastest by timing the first batches
+(:mod:`cellclass.training.precision`), or as configured. Baselines from
 scikit-learn go through the same data, split, normalization and evaluation, so their
 numbers are comparable with the networks'. An interrupted run resumes from ``last.ckpt``:
 the weights, and the :class:`Trainer`'s state dict (optimizer, schedule, random
