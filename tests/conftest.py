@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,16 @@ import pytest
 
 # The shared data sets live beside the repository checkout (../shared/data), not in it.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The per-user cache (``precision: auto``'s choices) in a folder of the session, also
+    for the CLI processes tests start: no test writes to the user's own cache."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CELLCLASS_USER_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

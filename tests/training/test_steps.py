@@ -155,13 +155,22 @@ def test_the_batch_size_used_is_recorded_everywhere(bps160: Path, tmp_path: Path
     tracker = RecordingTracker()
     result = train(bps(bps160), TrainConfig(**FAST), out, tracker=tracker)
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"] == 8
-    assert runtime_steps(out) | {"schedule_note": None} == {
+    steps = runtime_steps(out)
+    timings = steps.pop("precision_timings")  # precision auto, 11 steps: timed (or cached by an earlier test)
+    chosen = {k: steps.pop(k) for k in ("precision", "memory_format", "precision_from")}
+    assert steps | {"schedule_note": None} == {
         "batch_size": 8, "batch_size_from": "auto", "train_images": 94, "steps_per_epoch": 11, "total_steps": 11,
         "schedule": "onecycle", "schedule_note": None, "ema_decay": 0.0, "epochs": 1, "epochs_from": "config"}
+    assert chosen["precision_from"] in ("auto: timed", "auto: cached")
+    assert list(timings) == ["32-true/contiguous", "bf16-mixed/contiguous"]  # channels_last off in FAST
+    assert timings[f"{chosen['precision']}/{chosen['memory_format']}"] == max(timings.values())
     assert result["batch_size"] == 8 and json.loads((out / "metrics.json").read_text())["batch_size"] == 8
     assert Checkpoint.load(out).config["batch_size"] == 8
     assert tracker.params["batch_size"] == 8 and tracker.params["batch_size_from"] == "auto"
     assert tracker.params["schedule_used"] == "onecycle" and tracker.params["steps_per_epoch"] == 11
+    assert (tracker.params["precision"], tracker.params["precision_used"], tracker.params["memory_format"],
+            tracker.params["precision_from"], tracker.params["precision_timings"]) == \
+        ("auto", chosen["precision"], chosen["memory_format"], chosen["precision_from"], timings)
 
 
 @pytest.mark.slow

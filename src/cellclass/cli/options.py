@@ -179,8 +179,10 @@ class TrainOptions(OptionGroup):
         "--devices", min=1, help="Processes/devices (DDP when > 1).")] = None
     strategy: Annotated[str | None, typer.Option("--strategy", help="Fabric strategy: auto, ddp, ddp_spawn.")] = None
     precision: Annotated[str | None, typer.Option(
-        "--precision", help="32-true, bf16-mixed, 16-mixed or auto (the default: bf16-mixed on a GPU or "
-                            "a CPU with native bfloat16, else 32-true).")] = None
+        "--precision", help="32-true, bf16-mixed, 16-mixed or auto (the default: on a CPU the fastest of "
+                            "float32, float32 channels-last and bf16-mixed, timed on the first batches and "
+                            "cached per machine and model shape; bf16-mixed on a GPU). The choice is recorded "
+                            "under runtime in config.yaml.")] = None
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of split, weights and augmentation.")] = None
     pretrained: Annotated[str | None, typer.Option("--pretrained", help="Path to local weights (or 'hub').")] = None
     cache: Annotated[bool | None, typer.Option(

@@ -75,10 +75,15 @@ class TrainConfig:
         devices: Processes/devices (``--devices 2 --strategy ddp`` on CPU uses gloo).
         strategy: Fabric strategy (``auto``, ``ddp``, ``ddp_spawn``).
         accelerator: ``auto``, ``cpu``, ``gpu``.
-        precision: Fabric precision (``32-true``, ``bf16-mixed``, ``16-mixed``) or ``auto``
-            (bf16-mixed on a GPU and on a CPU with native bfloat16, else 32-true; the one
-            used is recorded under ``runtime`` in the run's config.yaml).
-        channels_last: Use channels-last memory format for convolutional networks.
+        precision: Fabric precision (``32-true``, ``bf16-mixed``, ``16-mixed``), used as set,
+            or ``auto``: on a CPU the fastest of float32, float32 channels-last and
+            bf16-mixed, timed on the run's first batches and cached per machine and model
+            shape (:mod:`cellclass.training.precision`; float32 for a run of under 10
+            steps); on a GPU bf16-mixed where it supports bfloat16. What was used, how it
+            was chosen and the timings are recorded under ``runtime`` in the run's
+            config.yaml; a resumed run keeps its choice.
+        channels_last: Use channels-last memory format for convolutional networks (under
+            ``precision: auto``: allow it, the timing decides; ``false``: never).
         workers: Image decoding threads.
         pretrained: ``False``, ``True`` (hub, needs network) or a path to local weights.
         drop_rate: Dropout before the heads.

@@ -4,7 +4,9 @@ monitored metric, prepares data, split and normalization, builds the model, trai
 per epoch), then tunes thresholds and evaluates the best epoch on test.
 
 Networks train on Lightning Fabric, which brings devices, mixed precision and DDP
-(``--devices 2 --strategy ddp`` on CPU runs two gloo processes). Baselines from
+(``--devices 2 --strategy ddp`` on CPU runs two gloo processes), in the precision and
+memory format that ``precision: auto`` finds fastest by timing the first batches
+(:mod:`cellclass.training.precision`), or as configured. Baselines from
 scikit-learn go through the same data, split, normalization and evaluation, so their
 numbers are comparable with the networks'. An interrupted run resumes from ``last.ckpt``:
 the weights, and the :class:`Trainer`'s state dict (optimizer, schedule, random
@@ -56,6 +58,7 @@ from cellclass.training.config import TrainConfig
 from cellclass.training.losses import build_loss, multitask_loss
 from cellclass.training.mixing import batch_mix
 from cellclass.training.optim import StepPlan, build_optimizer, build_scheduler, extended_scheduler, plan_steps
+from cellclass.training.precision import choose_precision, resumed_choice
 from cellclass.training.saver import CheckpointSaver
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ def train(
         config = resumed_config(config, previous.config, previous.epoch, out)
     spec = spec.select_tasks(config.tasks)
     check_monitor(config.monitor, {t.name: t.type for t in spec.tasks})
-    fabric = None if is_baseline(config.model) else _fabric(config)
+    fabric = None if is_baseline(config.model) else _fabric(config, _launch_precision(config))
     is_main = fabric is None or fabric.is_global_zero
 
     # data, split and normalization
@@ -125,8 +128,11 @@ def train(
     norm = _fit_normalizer(data, config)
     x = normalized_images(data, norm, config)
 
-    # model and run folder
+    # model, the precision it trains in, and the run folder
     model = _create_model(config, data, in_chans=x.shape[1])
+    loss_fn = _loss_fn(config, data)
+    if fabric is not None and plan is not None:  # a network: timed on its first batches under auto
+        fabric = _settle_precision(fabric, config, plan, model, x, data, loss_fn, previous)
     if is_main:
         _start_run_folder(out, spec, config, data, plan, tracker)
     template = _checkpoint_template(model, spec, data, config, norm, plan, out, in_chans=x.shape[1])
@@ -137,8 +143,8 @@ def train(
         best_epoch = _fit_baseline(model, x, data, out, template, progress, tracker)
     else:
         with steady_allocator():  # freed buffers stay in the process: no page faults per step
-            best_epoch = _fit_network(fabric, model, x, data, config, plan, out, template, previous, progress,
-                                      tracker)
+            best_epoch = _fit_network(fabric, model, loss_fn, x, data, config, plan, out, template, previous,
+                                      progress, tracker)
     seconds = time.perf_counter() - started
     if not is_main:
         return {}
@@ -220,44 +226,18 @@ def check_monitor(monitor: str, task_types: Mapping[str, str]) -> None:
                             f"chosen on validation data); valid: {', '.join(valid)}")
 
 
-def resolve_precision(config: TrainConfig) -> str:
-    """The Fabric precision a network trains in: ``config.precision``, or for ``auto``:
-
-    ``bf16-mixed`` on a GPU, and on a CPU with native bfloat16 instructions (``avx512_bf16``
-    or ``amx_bf16``), where it trains faster than float32 at the same test accuracy
-    (``benchmarks/train_step.py``, figures in docs/benchmarks.md); ``32-true`` on other
-    CPUs, which would only emulate bfloat16.
-    """
-    if config.precision != "auto":
-        return config.precision
-    if config.accelerator != "cpu" and torch.cuda.is_available():
-        return "bf16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU executes bfloat16 arithmetic natively (Linux ``/proc/cpuinfo`` flags)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def _fabric(config: TrainConfig) -> Fabric:
+def _fabric(config: TrainConfig, precision: str) -> Fabric:
     """The launched Fabric of a network's run (on CPU, DDP runs gloo processes; Fabric picks the backend)."""
-    precision = resolve_precision(config)
-    if config.precision == "auto":
-        log.info("precision auto: training in %s", precision)
     fabric = Fabric(accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
                     precision=precision)
     fabric.launch()
     return fabric
+
+
+def _launch_precision(config: TrainConfig) -> str:
+    """The precision the run's Fabric starts in: the configured one; under ``auto``, float32
+    until the choice is made (:func:`_settle_precision` relaunches when it is another)."""
+    return "32-true" if config.precision == "auto" else config.precision
 
 
 # -- data, split and normalization ------------------------------------------------------
@@ -338,13 +318,56 @@ def _network_kwargs(config: TrainConfig) -> dict[str, Any]:
     return kwargs
 
 
+def _loss_fn(config: TrainConfig, data: PreparedData) -> Callable[..., torch.Tensor]:
+    """The run's loss of ``(logits per task, targets per task)``, weighted from the training side."""
+    return multitask_loss({t: build_loss(e, config, data.targets[t][data.split.train])
+                           for t, e in data.encoders.items()}, config.task_weights)
+
+
+def _settle_precision(fabric: Fabric, config: TrainConfig, plan: StepPlan, model: Any, x: Any, data: PreparedData,
+                      loss_fn: Callable[..., torch.Tensor], previous: Checkpoint | None) -> Fabric:
+    """Record in ``plan`` the precision and memory format the network trains in; return the
+    Fabric that runs them (relaunched in the chosen precision when it is not the one started).
+
+    As configured; for ``auto``, a resumed run's own choice, else the fastest on this machine
+    (:func:`~cellclass.training.precision.choose_precision`, timed on the run's first batches),
+    chosen by the main process and sent to the others, so every rank trains alike.
+    """
+    choice = resumed_choice(config, previous.steps if previous is not None else None)
+    if choice is None:
+        chosen = None
+        if fabric.is_global_zero:
+            per_rank = max(1, plan.batch_size // fabric.world_size)
+            with steady_allocator():  # as training runs
+                chosen = choose_precision(config, model, functools.partial(_first_batches, x, data, per_rank),
+                                          loss_fn, device=fabric.device, batch_size=per_rank,
+                                          total_steps=plan.total_steps)
+        choice = fabric.broadcast(chosen, src=0)
+    for key, value in choice.to_steps().items():
+        setattr(plan, key, value)
+    if fabric.is_global_zero and choice.source != "set":
+        log.info("precision %s: training in %s, %s", choice.source, choice.precision, choice.memory_format)
+    return fabric if choice.precision == _launch_precision(config) else _fabric(config, choice.precision)
+
+
+def _first_batches(x: Any, data: PreparedData, batch_size: int, n: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The run's first ``n`` training batches, in split order (repeated where the side is short)."""
+    idx = np.resize(data.split.train, batch_size * n)
+    batches = []
+    for k in range(n):
+        rows = idx[k * batch_size : (k + 1) * batch_size]
+        batches.append((torch.from_numpy(np.ascontiguousarray(x[rows])),
+                        {t: torch.from_numpy(v[rows]) for t, v in data.targets.items()}))
+    return batches
+
+
 def _start_run_folder(out: Path, spec: DatasetSpec, config: TrainConfig, data: PreparedData,
                       plan: StepPlan | None, tracker: Tracker | None) -> None:
     """Write ``config.yaml``, ``encoders.json`` and ``split.json``; tell the tracker the parameters."""
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
         "train": config.to_dict(),
-        "runtime": {"precision": None if plan is None else resolve_precision(config),
+        "runtime": {"precision": None if plan is None else plan.precision,
                     "steps": None if plan is None else plan.to_dict()},
         "dataset": {**spec.to_dict(), "base_dir": str(spec.base_dir)},
         "split": data.describe_split(),
@@ -354,7 +377,10 @@ def _start_run_folder(out: Path, spec: DatasetSpec, config: TrainConfig, data: P
     write_split(out / "split.json", data)
     if tracker is not None:
         steps = {} if plan is None else {"batch_size_from": plan.batch_size_from,
-                                         "steps_per_epoch": plan.steps_per_epoch, "schedule_used": plan.schedule}
+                                         "steps_per_epoch": plan.steps_per_epoch, "schedule_used": plan.schedule,
+                                         "precision_used": plan.precision, "memory_format": plan.memory_format,
+                                         "precision_from": plan.precision_from,
+                                         "precision_timings": plan.precision_timings or {}}
         tracker.log_params({**config.to_dict(), **steps, "dataset": spec.name, "split": data.split.method})
 
 
@@ -418,19 +444,17 @@ def _labeled(data: PreparedData, idx: np.ndarray) -> np.ndarray:
 
 
 # -- networks ------------------------------------------------------------------------------
-def _fit_network(fabric: Fabric, model: Any, x: Any, data: PreparedData, config: TrainConfig, plan: StepPlan,
-                 out: Path, template: Checkpoint, previous: Checkpoint | None, progress: ProgressFn | None,
-                 tracker: Tracker | None) -> int:
+def _fit_network(fabric: Fabric, model: Any, loss_fn: Callable[..., torch.Tensor], x: Any, data: PreparedData,
+                 config: TrainConfig, plan: StepPlan, out: Path, template: Checkpoint, previous: Checkpoint | None,
+                 progress: ProgressFn | None, tracker: Tracker | None) -> int:
     """Train the epochs after ``previous``'s (from the first for a new run) up to
     ``config.epochs``, or until patience is spent; return the best epoch."""
     fabric.seed_everything(config.seed)
-    loss_fn = multitask_loss({t: build_loss(e, config, data.targets[t][data.split.train])
-                              for t, e in data.encoders.items()}, config.task_weights)
     saver = CheckpointSaver(out / "checkpoints", config.monitor, config.patience)
     trainer = Trainer(fabric, model, config, plan, loss_fn, saver)
     workers = config.loader_workers if config.loader_workers is not None else default_workers(x, fabric.world_size)
     loader = BatchLoader(x, batch_size=trainer.per_rank, augment=trainer.augment, workers=workers,
-                         max_memory_mb=config.loader_memory_mb, channels_last=config.channels_last)
+                         max_memory_mb=config.loader_memory_mb, channels_last=plan.memory_format == "channels_last")
     if previous is not None:
         trainer.model.load_state_dict(previous.state_dict)
         trainer.load_state_dict(previous.training_state)
@@ -475,14 +499,14 @@ class Trainer:
         fabric: The launched Fabric.
         model: The network (set up for Fabric here).
         config: The run's configuration.
-        plan: Its batch size and schedule.
+        plan: Its batch size, schedule and memory format.
         loss_fn: Loss of ``(logits per task, targets per task)``.
         saver: Best epoch, patience and checkpoint files.
     """
 
     def __init__(self, fabric: Fabric, model: Any, config: TrainConfig, plan: StepPlan,
                  loss_fn: Callable[..., torch.Tensor], saver: CheckpointSaver) -> None:
-        if config.channels_last:
+        if plan.memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)
         self.fabric, self.config, self.plan, self.loss_fn, self.saver = fabric, config, plan, loss_fn, saver
         self.inner_optimizer = build_optimizer(model, config, fabric.device)
@@ -545,7 +569,7 @@ def train_one_epoch(trainer: Trainer, loader: BatchLoader, data: PreparedData, e
     steps = plan.steps_per_epoch
     batches = loader.epoch([train_idx[shard[s * per_rank : (s + 1) * per_rank].numpy()] for s in range(steps)])
     targets = {t: torch.from_numpy(v[train_idx]) for t, v in data.targets.items()}
-    fmt = torch.channels_last if trainer.config.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if plan.memory_format == "channels_last" else torch.contiguous_format
     running, seen = 0.0, 0
     for step in range(steps):
         idx = shard[step * per_rank : (step + 1) * per_rank]

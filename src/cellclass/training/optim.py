@@ -43,7 +43,8 @@ def auto_batch_size(n_train: int) -> int:
 
 @dataclass
 class StepPlan:
-    """How a run steps through its epochs: batch size, steps and the learning-rate schedule.
+    """How a run steps through its epochs: batch size, steps, the learning-rate schedule,
+    and the precision and memory format of its steps.
 
     Attributes:
         batch_size: Global batch size used.
@@ -56,6 +57,12 @@ class StepPlan:
         ema_decay: Decay of the weight average (0: none), resolved from ``auto``.
         epochs: Epochs of the run.
         epochs_from: ``auto`` (chosen by :func:`auto_epochs`) or ``config``.
+        precision: Fabric precision trained in (``auto`` until the loop resolves it, see
+            :mod:`cellclass.training.precision`).
+        memory_format: ``channels_last`` or ``contiguous``.
+        precision_from: How they were chosen: ``set``, ``auto: timed``, ``auto: cached``, ...
+        precision_timings: Training images per second of each candidate ``auto`` timed
+            (``precision/memory_format``), or ``None``.
     """
 
     batch_size: int
@@ -68,6 +75,10 @@ class StepPlan:
     ema_decay: float = 0.0
     epochs: int = 20
     epochs_from: str = "config"
+    precision: str = "32-true"
+    memory_format: str = "contiguous"
+    precision_from: str = "set"
+    precision_timings: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (recorded in config.yaml, metrics.json and the checkpoints)."""
@@ -78,7 +89,8 @@ def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
     """Resolve the batch size (``auto`` or the configured one) and the schedule that fits.
 
     One-cycle needs :data:`MIN_WARMUP_STEPS` warm-up steps; a run with fewer (a small set,
-    few epochs) decays the rate by cosine from its peak instead.
+    few epochs) decays the rate by cosine from its peak instead. Precision and memory format
+    are the configured ones (``precision: auto`` is resolved by the training loop).
     """
     batch = config.batch_size if config.batch_size is not None else auto_batch_size(n_train)
     per_rank = max(1, batch // world)
@@ -96,7 +108,9 @@ def plan_steps(config: TrainConfig, n_train: int, world: int = 1) -> StepPlan:
                     train_images=n_train, steps_per_epoch=steps, total_steps=total, schedule=schedule,
                     schedule_note=note,
                     ema_decay=auto_ema_decay(total) if config.ema_decay is None else config.ema_decay,
-                    epochs=epochs, epochs_from="config" if config.epochs is not None else "auto")
+                    epochs=epochs, epochs_from="config" if config.epochs is not None else "auto",
+                    precision=config.precision, memory_format="channels_last" if config.channels_last else "contiguous",
+                    precision_from="set" if config.precision != "auto" else "auto")
 
 
 AUTO_EPOCH_STEPS = 1200  # optimizer steps `epochs: auto` aims at
