@@ -32,7 +32,7 @@ best-epoch and timm last-epoch) and ``time_ratio`` = cellclass training time / t
 the top-level ``ratio`` is the worst (lowest) over mitocheck and jurkat, ``time_ratio``
 the highest; mitocheck_random (a leaky split) is reported, not counted in them.
 
-    python benchmarks/peers.py --out bench-runs/peers                 # full: 20 epochs each
+    python benchmarks/peers.py --out bench-runs/peers                 # full: cellclass's epochs (auto) for each
     python benchmarks/peers.py --out bench-runs/peers --only jurkat
     python benchmarks/peers.py --quick --out /tmp/peers-quick         # 2 epochs, a fifth of the data: a smoke run
 
@@ -307,7 +307,8 @@ def main() -> None:
                         help="2 epochs per contender on a fifth of each data set (a smoke run, not figures).")
     parser.add_argument("--fraction", type=float,
                         help="Use this fraction of each class's rows, at least 10 (default: 1; --quick: 0.2).")
-    parser.add_argument("--epochs", type=int, help="Epochs for every contender (default: cellclass's, 20).")
+    parser.add_argument("--epochs", type=int,
+                        help="Epochs for every contender (default: what cellclass's epochs: auto gives).")
     parser.add_argument("--peers-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python",
                         help="Python of the peers' environment (default: .venv-peers/bin/python at the repo root).")
     args = parser.parse_args()
