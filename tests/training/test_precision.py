@@ -107,6 +107,7 @@ def test_a_resumed_run_keeps_its_choice_untimed(bps_dir: Path, tmp_path: Path, c
     train(bps(bps_dir), TrainConfig(**RUN), out)
     before = runtime(out)["steps"]
     cache_path().unlink()  # a timing on resume would write it again
+    caplog.clear()  # the first run's records (captured too when another test left the logger at INFO)
     with caplog.at_level(logging.INFO, logger="cellclass"):
         train(bps(bps_dir), TrainConfig(**{**RUN, "epochs": 4}), out, resume=True)
     after = runtime(out)["steps"]
