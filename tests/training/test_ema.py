@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -40,7 +39,8 @@ def test_decay_out_of_range_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_a_run_saves_the_average_and_resumes_to_the_same_result(bps_dir: Path, tmp_path: Path) -> None:
+def test_a_run_saves_the_average_and_resumes_to_the_same_result(bps_dir: Path, tmp_path: Path,
+        interrupt_in_epoch_2, same_epochs) -> None:
     cfg = TrainConfig(**FAST)
     straight = tmp_path / "straight"
     train(bps(bps_dir), cfg, straight)
@@ -49,21 +49,10 @@ def test_a_run_saves_the_average_and_resumes_to_the_same_result(bps_dir: Path, t
     assert last.training_state["ema_updates"] > 0
     changed = [k for k, v in last.state_dict.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
     assert changed, "the saved weights are the average, not the last step's"
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_in_epoch_2(stage: str, done: int, total: int) -> None:
-        if stage.startswith("epoch 2/"):
-            raise Interrupt
-
     broken = tmp_path / "broken"
-    with pytest.raises(Interrupt):
-        train(bps(bps_dir), cfg, broken, progress=stop_in_epoch_2)
+    interrupt_in_epoch_2(bps(bps_dir), cfg, broken)
     train(bps(bps_dir), cfg, broken, resume=True)
-    a = pd.read_csv(straight / "metrics.csv").drop(columns="seconds")
-    b = pd.read_csv(broken / "metrics.csv").drop(columns="seconds")
-    pd.testing.assert_frame_equal(a, b, atol=1e-6)
+    same_epochs(straight, broken)
 
 
 def test_auto_decay_spans_a_sixth_of_the_run_and_is_recorded_in_the_plan() -> None:

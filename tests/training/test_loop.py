@@ -67,29 +67,19 @@ def test_checkpoint_is_enough_to_serve(bps_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_result(bps_dir: Path, tmp_path: Path) -> None:
+def test_interrupted_run_resumes_to_the_same_result(bps_dir: Path, tmp_path: Path, interrupt_in_epoch_2,
+                                                    same_epochs) -> None:
     cfg = TrainConfig(model="lenet5", tasks=["particle_type"], **{**FAST, "epochs": 3})
     straight = tmp_path / "straight"
     train(bps(bps_dir), cfg, straight)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_in_epoch_2(stage: str, done: int, total: int) -> None:
-        if stage.startswith("epoch 2/"):
-            raise Interrupt
-
     broken = tmp_path / "broken"
-    with pytest.raises(Interrupt):
-        train(bps(bps_dir), cfg, broken, progress=stop_in_epoch_2)
+    interrupt_in_epoch_2(bps(bps_dir), cfg, broken)
     assert pd.read_csv(broken / "metrics.csv")["epoch"].tolist() == [1]
     assert not (broken / "metrics.json").exists()
     with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
         train(bps(bps_dir), cfg, broken)
     train(bps(bps_dir), cfg, broken, resume=True)
-    a = pd.read_csv(straight / "metrics.csv").drop(columns="seconds")
-    b = pd.read_csv(broken / "metrics.csv").drop(columns="seconds")
-    pd.testing.assert_frame_equal(a, b, atol=1e-6)
+    same_epochs(straight, broken)
 
 
 def test_resume_without_checkpoint_is_an_error(bps_dir: Path, tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def _paste_box(xb: torch.Tensor, perm: torch.Tensor, lam: float,
     returns the batch and the share of each image left its own (the box clipped at the edges)."""
     h, w = xb.shape[-2:]
     side = np.sqrt(1.0 - lam)
-    bh, bw = int(round(h * side)), int(round(w * side))
+    bh, bw = round(h * side), round(w * side)
     cy, cx = int(rng.integers(h)), int(rng.integers(w))
     y0, y1 = max(cy - bh // 2, 0), min(cy + (bh + 1) // 2, h)
     x0, x1 = max(cx - bw // 2, 0), min(cx + (bw + 1) // 2, w)
