@@ -105,17 +105,9 @@ def evaluate_held_out(members: Sequence[Predictor], names: Sequence[str], data: 
     results[ENSEMBLE_NAME] = evaluate_tasks(ensemble, targets, probs, ensemble.thresholds)  # type: ignore[arg-type]
     if out is not None:
         split = data.describe_split()
-        result = {
-            "dataset": data.spec.name,
-            "split": {**split, "method": note or split.get("method")},
-            "evaluation": evaluation_block(
-                on="test (held out from every fold)", n_images=len(rows),
-                checkpoint=f"the best checkpoint of each of {len(members)} fold models, probabilities averaged",
-                tta=ensemble.tta, thresholds=ensemble.thresholds_from if ensemble.thresholds else None),
-            "model": ensemble.identity["model"],
-            "members": [str(r) for r in ensemble.runs],
-            "tasks": results[ENSEMBLE_NAME],
-        }
+        result = _result(ensemble, data, {**split, "method": note or split.get("method")},
+                         on="test (held out from every fold)", n_images=len(rows),
+                         models=f"{len(members)} fold models", tasks=results[ENSEMBLE_NAME])
         write_results(out, result, ensemble, data, rows, targets, probs, "test")  # type: ignore[arg-type]
     return results
 
@@ -185,16 +177,23 @@ def evaluate_ensemble(ensemble: Ensemble, settings: Sequence[PrepareSettings], s
     rows = np.arange(len(data.ids))
     probs = ensemble.combine(each)
     targets = dict(data.targets)
-    result = {
+    result = _result(ensemble, data, {"method": "external dataset: every row evaluated", "n_rows": len(rows)},
+                     on="all rows", n_images=len(rows), models=f"{len(ensemble.members)} models",
+                     tasks=evaluate_tasks(ensemble, targets, probs, ensemble.thresholds))  # type: ignore[arg-type]
+    write_results(Path(out), result, ensemble, data, rows, targets, probs, "all rows")  # type: ignore[arg-type]
+    return result
+
+
+def _result(ensemble: Any, data: Any, split: dict[str, Any], *, on: str, n_images: int, models: str,
+            tasks: dict[str, Any]) -> dict[str, Any]:
+    """The ``metrics.json`` content of an ensemble's evaluation."""
+    return {
         "dataset": data.spec.name,
-        "split": {"method": "external dataset: every row evaluated", "n_rows": len(rows)},
+        "split": split,
         "evaluation": evaluation_block(
-            on="all rows", n_images=len(rows),
-            checkpoint=f"the best checkpoint of each of {len(ensemble.members)} models, probabilities averaged",
+            on=on, n_images=n_images, checkpoint=f"the best checkpoint of each of {models}, probabilities averaged",
             tta=ensemble.tta, thresholds=ensemble.thresholds_from if ensemble.thresholds else None),
         "model": ensemble.identity["model"],
         "members": [str(r) for r in ensemble.runs],
-        "tasks": evaluate_tasks(ensemble, targets, probs, ensemble.thresholds),  # type: ignore[arg-type]
+        "tasks": tasks,
     }
-    write_results(Path(out), result, ensemble, data, rows, targets, probs, "all rows")  # type: ignore[arg-type]
-    return result
