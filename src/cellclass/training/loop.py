@@ -454,7 +454,7 @@ def _fit_network(fabric: Fabric, model: Any, loss_fn: Callable[..., torch.Tensor
     trainer = Trainer(fabric, model, config, plan, loss_fn, saver)
     workers = config.loader_workers if config.loader_workers is not None else default_workers(x, fabric.world_size)
     loader = BatchLoader(x, batch_size=trainer.per_rank, augment=trainer.augment, workers=workers,
-                         max_memory_mb=config.loader_memory_mb, channels_last=plan.memory_format == "channels_last")
+                         max_memory_mb=config.loader_memory_mb, channels_last=plan.channels_last)
     if previous is not None:
         trainer.model.load_state_dict(previous.state_dict)
         trainer.load_state_dict(previous.training_state)
@@ -506,7 +506,7 @@ class Trainer:
 
     def __init__(self, fabric: Fabric, model: Any, config: TrainConfig, plan: StepPlan,
                  loss_fn: Callable[..., torch.Tensor], saver: CheckpointSaver) -> None:
-        if plan.memory_format == "channels_last":
+        if plan.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.fabric, self.config, self.plan, self.loss_fn, self.saver = fabric, config, plan, loss_fn, saver
         self.inner_optimizer = build_optimizer(model, config, fabric.device)
@@ -569,7 +569,7 @@ def train_one_epoch(trainer: Trainer, loader: BatchLoader, data: PreparedData, e
     steps = plan.steps_per_epoch
     batches = loader.epoch([train_idx[shard[s * per_rank : (s + 1) * per_rank].numpy()] for s in range(steps)])
     targets = {t: torch.from_numpy(v[train_idx]) for t, v in data.targets.items()}
-    fmt = torch.channels_last if plan.memory_format == "channels_last" else torch.contiguous_format
+    fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
     running, seen = 0.0, 0
     for step in range(steps):
         idx = shard[step * per_rank : (step + 1) * per_rank]

@@ -80,6 +80,11 @@ class StepPlan:
     precision_from: str = "set"
     precision_timings: dict[str, float] | None = None
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the network trains in channels-last memory format."""
+        return self.memory_format == "channels_last"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (recorded in config.yaml, metrics.json and the checkpoints)."""
         return dataclasses.asdict(self)
