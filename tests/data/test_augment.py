@@ -15,6 +15,7 @@ from cellclass.data.augment import (
     intensity_jitter,
     random_dihedral,
     random_resized_crop,
+    rotate,
     tta_d4,
     zoom,
 )
@@ -121,8 +122,10 @@ def test_batch_augment_reproducible_and_serialisable() -> None:
 def test_augment_errors() -> None:
     with pytest.raises(ValueError, match=r"crop_scale must be \(low, high\).*got \(0.5, 1.2\)"):
         AugmentConfig(crop_scale=(0.5, 1.2))
-    with pytest.raises(ValueError, match=r"unknown augmentation option\(s\) \['rotate'\]; valid: dihedral"):
-        AugmentConfig.from_dict({"rotate": True})
+    with pytest.raises(ValueError, match=r"unknown augmentation option\(s\) \['shear'\]; valid: dihedral"):
+        AugmentConfig.from_dict({"shear": True})
+    with pytest.raises(ValueError, match=r"rotate must be an angle in degrees in \[0, 180\]; got -5"):
+        AugmentConfig(rotate=-5)
     with pytest.raises(ValueError, match="intensity_scale and intensity_shift must be >= 0"):
         AugmentConfig(intensity_scale=-1)
     with pytest.raises(ValueError, match=r"shape \(N, C, H, W\); got \(3, 8, 8\)"):
@@ -235,3 +238,38 @@ def test_take_reads_rows_in_place_with_the_same_draws_and_values() -> None:
     untouched = BatchAugment(AugmentConfig(dihedral=False, crop_scale=None, intensity_scale=0,
                                            intensity_shift=0)).take(source, rows)
     assert torch.equal(untouched, torch.from_numpy(source[rows]))
+
+
+def test_rotation_by_right_angles_moves_pixels_exactly() -> None:
+    x = asymmetric(n=2, c=2, size=6)
+    assert torch.allclose(rotate(x, 0.0), x, atol=1e-4)
+    quarter = rotate(x, 90.0)
+    assert torch.allclose(quarter, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-4)
+    assert torch.allclose(rotate(x, [90.0, -90.0])[1], torch.rot90(x[1], -1, dims=(-2, -1)), atol=1e-4)
+    wide = torch.rand(1, 1, 8, 12)  # a half turn of a non-square image: no shear, both mirrors
+    assert torch.allclose(rotate(wide, 180.0), torch.flip(wide, dims=(-2, -1)), atol=1e-5)
+
+
+def test_rotation_keeps_a_centred_disc_and_its_mass() -> None:
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 64).float()[None, None]
+    turned = rotate(disc, 33.0)
+    assert torch.allclose(turned.sum(), disc.sum(), rtol=0.02)
+    bar = torch.zeros(1, 1, 32, 32)
+    bar[..., 14:18, 4:28] = 1  # a horizontal bar turns away from its rows
+    assert rotate(bar, 45.0)[..., 14:18, 4:28].sum() < 0.5 * bar.sum()
+
+
+def test_batch_augment_rotation_is_drawn_after_the_other_transforms() -> None:
+    x = torch.rand(8, 2, 16, 16)
+    plain, turned = AugmentConfig(), AugmentConfig(rotate=30.0)
+    a, b = BatchAugment(turned, seed=5)(x), BatchAugment(turned, seed=5)(x)
+    assert torch.equal(a, b)
+    base = BatchAugment(plain, seed=5)(x)
+    assert not torch.allclose(a, base)
+    # the same crops, elements and jitter as without rotation: the centre pixel, which a
+    # rotation does not move, is the one of the unrotated batch
+    assert torch.allclose(a[..., 7:9, 7:9].mean((-2, -1)), base[..., 7:9, 7:9].mean((-2, -1)), atol=0.15)
+    source = x.numpy().copy()
+    assert torch.equal(BatchAugment(turned, seed=5).take(source, range(8)), a)
+    assert AugmentConfig.from_dict(turned.to_dict()) == turned

@@ -184,6 +184,21 @@ def test_timm_output_shapes(name: str, in_chans: int) -> None:
     assert model.backbone.pretrained_cfg["architecture"] == name
 
 
+def test_mlp_head_pools_average_and_max_then_a_hidden_layer() -> None:
+    model = create_model("resnet18", 2, HEADS, image_size=32, head="mlp")
+    assert model.num_features == 1024  # ResNet18's 512 channels, average and max concatenated
+    assert [type(m).__name__ for m in model.neck] == ["BatchNorm1d", "Dropout", "Linear", "ReLU", "BatchNorm1d",
+                                                      "Dropout"]
+    assert model.heads["dose"].in_features == 512
+    assert model.config["head"] == "mlp" and "global_pool" not in model.config
+    model.eval()
+    out = _outputs(model, torch.randn(3, 2, 32, 32))
+    assert out["particle"].shape == (3, 3) and out["dose"].shape == (3, 4)
+    assert "head" not in create_model("resnet18", 2, HEADS, image_size=32).config
+    with pytest.raises(ModelError, match=r"head = 'deep' is invalid; valid: linear, mlp"):
+        create_model("resnet18", 2, HEADS, image_size=32, head="deep")
+
+
 def test_timm_transformer_gets_image_size() -> None:
     model = create_model("vit_tiny_patch16_224", 1, {"a": 2}, image_size=32)
     assert _outputs(model, torch.randn(1, 1, 32, 32))["a"].shape == (1, 2)
@@ -203,6 +218,7 @@ def test_timm_errors() -> None:
     [
         ("lenet5", {"drop_rate": 0.2, "task_types": {"particle": "single", "dose": "multilabel"}}),
         ("resnet18", {"drop_rate": 0.1, "drop_path_rate": 0.05}),
+        ("resnet18", {"head": "mlp", "stem_pool": False}),
     ],
 )
 def test_config_round_trip(name: str, kwargs: dict) -> None:

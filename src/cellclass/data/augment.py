@@ -226,6 +226,9 @@ class AugmentConfig:
         crop_ratio: Width/height ratio range of the crops.
         intensity_scale: Half-width of the multiplicative jitter (0 for none).
         intensity_shift: Half-width of the additive jitter (0 for none).
+        rotate: Largest angle, in degrees, of a random rotation per sample, drawn
+            uniformly from ``[-rotate, rotate]`` after the other transforms (0 for none;
+            bilinear, edges extended). With ``dihedral`` every angle is covered.
     """
 
     dihedral: bool = True
@@ -233,6 +236,7 @@ class AugmentConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     intensity_scale: float = 0.1
     intensity_shift: float = 0.05
+    rotate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.crop_scale is not None:
@@ -245,6 +249,8 @@ class AugmentConfig:
                 "intensity_scale and intensity_shift must be >= 0; got "
                 f"{self.intensity_scale}, {self.intensity_shift}"
             )
+        if not 0 <= self.rotate <= 180:
+            raise ConfigError(f"rotate must be an angle in degrees in [0, 180]; got {self.rotate}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (lists, not tuples) for YAML, JSON and checkpoints."""
@@ -286,11 +292,20 @@ class BatchAugment:
         _check_batch(x)
         draws = self._draw(x.shape)
         if draws is None:
-            return x
-        if x.device.type == "cpu" and x.dtype == torch.float32:
+            out = x
+        elif x.device.type == "cpu" and x.dtype == torch.float32:
             src = x.contiguous().numpy()
-            return torch.from_numpy(self._run_kernel(src, np.arange(len(src)), draws))
-        return self._apply_torch(x, draws)
+            out = torch.from_numpy(self._run_kernel(src, np.arange(len(src)), draws))
+        else:
+            out = self._apply_torch(x, draws)
+        return self._rotate(out)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch turned by a random angle per sample (``rotate``; drawn after the
+        other transforms' draws, so turning it on leaves those draws as they were)."""
+        if not self.config.rotate:
+            return x
+        return rotate(x, _uniform(len(x), (-self.config.rotate, self.config.rotate), self.generator).numpy())
 
     def _apply_torch(self, x: torch.Tensor, draws: tuple[np.ndarray | None, ...]) -> torch.Tensor:
         """A batch's draws (see :meth:`_draw`) applied by torch operations: the path for
@@ -332,8 +347,8 @@ class BatchAugment:
         rows = checked_rows(rows, len(source))
         draws = self._draw((len(rows), *source.shape[1:]))
         if draws is None:
-            return torch.from_numpy(source[rows])
-        return torch.from_numpy(self._run_kernel(source, rows, draws))
+            return self._rotate(torch.from_numpy(source[rows]))
+        return self._rotate(torch.from_numpy(self._run_kernel(source, rows, draws)))
 
     def _draw(self, shape: Sequence[int]) -> tuple[np.ndarray | None, ...] | None:
         """This batch's random draws, in this order: the crop's uniforms ``(4, N)``, the D4
@@ -375,6 +390,26 @@ class BatchAugment:
     def from_dict(cls, data: Mapping[str, Any]) -> BatchAugment:
         """Rebuild an augmenter saved with :meth:`to_dict` (its generator restarts)."""
         return cls(AugmentConfig.from_dict(data.get("config", {})), int(data.get("seed", 0)))
+
+
+def rotate(x: torch.Tensor, degrees: ArrayLike) -> torch.Tensor:
+    """Turn each sample of ``(N, C, H, W)`` by its angle (degrees, counter-clockwise as
+    shown with the origin top-left) about the image centre, in pixel space (a non-square
+    image is not sheared). Bilinear; the border pixels are extended outwards."""
+    _check_batch(x)
+    n, _, h, w = x.shape
+    rad = np.deg2rad(np.broadcast_to(np.asarray(degrees, dtype=np.float64), (n,)))
+    cos, sin = np.cos(rad), np.sin(rad)
+    theta = np.zeros((n, 2, 3))
+    # affine_grid maps output to input in coordinates normalized by each side: a rotation
+    # in pixels scales its off-diagonal terms by the sides' ratio.
+    theta[:, 0, 0] = cos
+    theta[:, 0, 1] = -sin * h / w
+    theta[:, 1, 0] = sin * w / h
+    theta[:, 1, 1] = cos
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    grid = F.affine_grid(torch.from_numpy(theta).to(work.device, work.dtype), list(work.shape), align_corners=False)
+    return F.grid_sample(work, grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
 
 def tta_d4(

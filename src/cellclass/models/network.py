@@ -17,6 +17,13 @@ from cellclass.models.arguments import check_task_types, image_size_to_config
 
 logger = logging.getLogger(__name__)
 
+HEADS = ("linear", "mlp")
+"""What sits between the pooled features and the task layers: ``linear`` (nothing: one
+linear layer per task) or ``mlp`` (fastai's head: BatchNorm, dropout 0.25, linear to
+512, ReLU, BatchNorm, dropout 0.5, shared by the tasks' linear layers)."""
+
+MLP_WIDTH = 512
+
 
 class MultiHeadNetwork(nn.Module):
     """A feature extractor followed by one linear head per task.
@@ -76,10 +83,22 @@ class MultiHeadNetwork(nn.Module):
         self._config = config
         self.head_drop = nn.Dropout(float(drop_rate))
 
-    def _init_heads(self, num_features: int) -> None:
+    def _init_heads(self, num_features: int, head: str = "linear") -> None:
+        """Build the task layers on ``num_features`` pooled features, with the ``head``
+        of :data:`HEADS` between them (``neck``: the identity for ``linear``)."""
+        if head not in HEADS:
+            raise ModelError(f"head = {head!r} is invalid; valid: {', '.join(HEADS)}")
         self.num_features = num_features
+        width = num_features
+        self.neck: nn.Module = nn.Identity()
+        if head == "mlp":
+            self.neck = nn.Sequential(
+                nn.BatchNorm1d(num_features), nn.Dropout(0.25), nn.Linear(num_features, MLP_WIDTH, bias=False),
+                nn.ReLU(inplace=True), nn.BatchNorm1d(MLP_WIDTH), nn.Dropout(0.5),
+            )
+            width = MLP_WIDTH
         self.heads = nn.ModuleDict(
-            {task: nn.Linear(num_features, n) for task, n in self._num_outputs.items()}
+            {task: nn.Linear(width, n) for task, n in self._num_outputs.items()}
         )
 
     @property
@@ -98,7 +117,7 @@ class MultiHeadNetwork(nn.Module):
 
     def forward_heads(self, features: Tensor) -> dict[str, Tensor]:
         """Map features ``(N, num_features)`` to ``{task: logits (N, heads[task])}``."""
-        features = self.head_drop(features)
+        features = self.head_drop(self.neck(features))
         return {task: head(features) for task, head in self.heads.items()}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

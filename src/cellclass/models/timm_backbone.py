@@ -58,6 +58,9 @@ class TimmNetwork(MultiHeadNetwork):
             models that have one, the ResNet family: the feature maps stay twice as
             large on each side, which small single-cell crops need; four times the
             compute after the stem).
+        head: ``linear`` or ``mlp`` (:data:`~cellclass.models.network.HEADS`); ``mlp``
+            also pools by concatenated average and max (timm's ``catavgmax``) unless
+            ``global_pool`` is given.
         **timm_kwargs: Passed to :func:`timm.create_model` (``drop_path_rate``, ...).
 
     Raises:
@@ -76,6 +79,7 @@ class TimmNetwork(MultiHeadNetwork):
         drop_rate: float = 0.0,
         task_types: Mapping[str, str] | None = None,
         stem_pool: bool = True,
+        head: str = "linear",
         **timm_kwargs: Any,
     ) -> None:
         reserved = sorted(set(timm_kwargs) & set(_RESERVED))
@@ -92,8 +96,11 @@ class TimmNetwork(MultiHeadNetwork):
             image_size=image_size,
             drop_rate=drop_rate,
             task_types=task_types,
-            extra_config=dict(timm_kwargs, **({} if stem_pool else {"stem_pool": False})),
+            extra_config=dict(timm_kwargs, **({} if stem_pool else {"stem_pool": False}),
+                              **({} if head == "linear" else {"head": head})),
         )
+        if head == "mlp" and "global_pool" not in timm_kwargs:
+            timm_kwargs = dict(timm_kwargs, global_pool="catavgmax")
         if pretrained is True:
             backbone = _hub_backbone(name, in_chans, image_size, timm_kwargs)
         else:
@@ -103,7 +110,7 @@ class TimmNetwork(MultiHeadNetwork):
         if not stem_pool:
             _drop_stem_pool(backbone, name)
         self.backbone = backbone
-        self._init_heads(_feature_width(backbone, in_chans, image_size, name))
+        self._init_heads(_feature_width(backbone, in_chans, image_size, name), head)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Map images ``(N, C, H, W)`` to the backbone's pooled features."""

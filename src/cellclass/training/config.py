@@ -61,6 +61,8 @@ class TrainConfig:
         crop_scale: Random resized crop scale range, or ``None`` for no crop.
         intensity_scale: Per-channel multiplicative jitter.
         intensity_shift: Per-channel additive jitter.
+        rotate: Largest angle (degrees) of a random rotation of each training image, on
+            top of the D4 symmetries (0, the default: none; fastai's default is 10).
         normalize: ``percentile`` (per channel, fitted on train), ``image``, ``group``, ``none``.
         norm_low: Lower percentile mapped to 0.
         norm_high: Upper percentile mapped to 1.
@@ -87,6 +89,10 @@ class TrainConfig:
         workers: Image decoding threads.
         pretrained: ``False``, ``True`` (hub, needs network) or a path to local weights.
         drop_rate: Dropout before the heads.
+        head: What timm backbones' pooled features pass through before the task layers:
+            ``linear`` (nothing) or ``mlp`` (fastai's head: average and max pooling
+            concatenated, BatchNorm, dropout 0.25, linear to 512, ReLU, BatchNorm, dropout
+            0.5).
         drop_path_rate: Stochastic depth of timm backbones (the chance a residual block
             is skipped, rising to this value in the last block; 0 is off).
         stem_pool: Keep the stem max-pool of ResNet-family backbones (``false``: feature
@@ -140,6 +146,7 @@ class TrainConfig:
     crop_scale: list[float] | None = field(default_factory=lambda: [0.85, 1.0])
     intensity_scale: float = 0.1
     intensity_shift: float = 0.05
+    rotate: float = 0.0
     normalize: str = "percentile"
     norm_low: float = 1.0
     norm_high: float = 99.8
@@ -158,6 +165,7 @@ class TrainConfig:
     workers: int = 4
     pretrained: bool | str = False
     drop_rate: float = 0.0
+    head: str = "linear"
     drop_path_rate: float = 0.0
     stem_pool: bool = True
     ema_decay: float | None = 0.0
@@ -189,6 +197,7 @@ class TrainConfig:
             "normalize": ("percentile", "image", "group", "none"),
             "threshold_method": ("f1", "prevalence", "none"),
             "fit": ("pad", "resize", "crop"),
+            "head": ("linear", "mlp"),
         }
         for key, valid in choices.items():
             value = getattr(self, key)
@@ -230,7 +239,8 @@ class TrainConfig:
             raise ConfigError(f"lr = {self.lr!r} is invalid; valid: a number > 0")
         bounds = {"weight_decay": (0, None), "intensity_scale": (0, None), "intensity_shift": (0, None),
                   "warmup_fraction": (0, 1), "label_smoothing": (0, 1), "drop_rate": (0, 1),
-                  "drop_path_rate": (0, 1), "ema_decay": (0, 1), "mixup": (0, None), "cutmix": (0, None)}
+                  "drop_path_rate": (0, 1), "ema_decay": (0, 1), "mixup": (0, None), "cutmix": (0, None),
+                  "rotate": (0, 181)}
         for key, (low, high) in bounds.items():
             value = getattr(self, key)
             if value is None:  # auto

@@ -315,6 +315,8 @@ def _network_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs["drop_path_rate"] = config.drop_path_rate
     if not config.stem_pool:
         kwargs["stem_pool"] = False
+    if config.head != "linear":
+        kwargs["head"] = config.head
     return kwargs
 
 
@@ -626,7 +628,8 @@ def augmenter(config: TrainConfig, rank: int = 0) -> BatchAugment | None:
         return None
     crop = tuple(config.crop_scale) if config.crop_scale else None
     return BatchAugment(AugmentConfig(dihedral=True, crop_scale=crop, intensity_scale=config.intensity_scale,
-                                      intensity_shift=config.intensity_shift), seed=config.seed + 7919 * rank)
+                                      intensity_shift=config.intensity_shift, rotate=config.rotate),
+                        seed=config.seed + 7919 * rank)
 
 
 def weight_average(model: torch.nn.Module, decay: float, device: Any = None) -> AveragedModel | None:
