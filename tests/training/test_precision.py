@@ -245,3 +245,23 @@ def test_images_normalized_once_train_as_per_batch(bps_dir: Path, tmp_path: Path
         results[bound] = (run["tasks"]["particle_type"]["accuracy"], history.splitlines()[-1].split(",")[1:3])
     assert len(materialized) == 1  # the 512 MB run only
     assert results[512] == results[1]
+
+
+def test_a_far_slower_candidate_is_retired_after_one_timed_step(cache_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 made far slower than a float32 step (as on a CPU without native bfloat16) is
+    timed once; the others are timed as before."""
+    calls: dict[str, int] = {}
+    step = precision._Runner.step
+
+    def counted(self: Any, k: int) -> float:
+        calls[self.option.name] = calls.get(self.option.name, 0) + 1
+        seconds = step(self, k)
+        return seconds + (0.5 if self.option.precision == "bf16-mixed" else 0.0)
+
+    monkeypatch.setattr(precision._Runner, "step", counted)
+    choice = choose(TrainConfig())
+    assert choice.precision == "32-true" and choice.source == "auto: timed"
+    assert calls["bf16-mixed/channels_last"] == precision.WARMUP_STEPS + 1
+    assert calls["32-true/contiguous"] >= precision.WARMUP_STEPS + precision.TIMED_STEPS
+    assert choice.timings["bf16-mixed/channels_last"] < 8 / 0.5  # the rate of its one timed (slowed) step

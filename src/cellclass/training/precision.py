@@ -58,6 +58,12 @@ TIMING_SECONDS = 1.0
 steps of milliseconds are too few at three to stand out of the noise) ..."""
 MAX_TIMED_STEPS = 20
 """... or until every candidate has had this many."""
+RETIRE_FACTOR = 3.0
+"""A candidate whose fastest timed step takes over this many times the fastest candidate's
+is timed no further: load on the machine only adds time, so it cannot win. On a CPU
+without native bfloat16 a bf16 step can take ten times a float32 one: timing it three
+times would cost the run a minute. (Untimed first steps are no guide: the first carries
+the process's one-off costs.)"""
 MIN_STEPS_TO_TIME = 10
 """Fewest optimizer steps a run must have for ``auto`` to time its candidates (the timing
 takes four steps or more per candidate)."""
@@ -203,7 +209,10 @@ def time_candidates(model: torch.nn.Module, options: Sequence[Candidate], batche
     optimizer of ``config``'s: :data:`WARMUP_STEPS` untimed steps each, then one step each
     in turns (so a change in the machine's load falls on all alike), over ``batches`` again
     and again, :data:`TIMED_STEPS` turns or more, until :data:`TIMING_SECONDS` have passed
-    (at most :data:`MAX_TIMED_STEPS` turns); each candidate's fastest step counts.
+    (at most :data:`MAX_TIMED_STEPS` turns); each candidate's fastest step counts. A
+    candidate far slower than the fastest is retired after a timed step
+    (:data:`RETIRE_FACTOR`), its rate that of its fastest step so far; timing ends when one
+    candidate is left.
 
     The step is Fabric's (its precision plugin casts the inputs, runs the forward under
     autocast, casts the outputs back, then backward and optimizer step), as in training.
@@ -213,13 +222,24 @@ def time_candidates(model: torch.nn.Module, options: Sequence[Candidate], batche
         for step in range(WARMUP_STEPS):
             for runner in runners:
                 runner.step(step % len(batches))
-        started, turn = time.perf_counter(), 0
-        while turn < TIMED_STEPS or (time.perf_counter() - started < TIMING_SECONDS and turn < MAX_TIMED_STEPS):
+        active, started, turn = list(runners), time.perf_counter(), 0
+        while turn == 0 or (len(active) > 1 and (turn < TIMED_STEPS or (
+                time.perf_counter() - started < TIMING_SECONDS and turn < MAX_TIMED_STEPS))):
             step = WARMUP_STEPS + turn
-            for runner in (runners if turn % 2 else reversed(runners)):
+            for runner in (active if turn % 2 else reversed(active)):
                 runner.seconds.append(runner.step(step % len(batches)))
+            active = _survivors(active, [min(r.seconds) for r in active], RETIRE_FACTOR)
             turn += 1
+    retired = [r.option.name for r in runners if r not in active]
+    if retired:
+        log.info("precision auto: %s retired early, far slower than the fastest", ", ".join(retired))
     return {r.option.name: round(len(batches[0][0]) / min(r.seconds), 1) for r in runners}
+
+
+def _survivors(runners: Sequence[_Runner], seconds: Sequence[float], factor: float) -> list[_Runner]:
+    """The runners whose ``seconds`` are within ``factor`` times the fastest's."""
+    fastest = min(seconds)
+    return [r for r, s in zip(runners, seconds, strict=True) if s <= factor * fastest]
 
 
 class _Runner:
