@@ -15,14 +15,8 @@ from pathlib import Path
 
 def machine() -> dict[str, object]:
     """Cores, CPU model, RAM, Python and torch versions, and the load when measured."""
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cellclass.training.precision import cpu_name  # what the precision cache is keyed by
+
     ram_gb = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -32,7 +26,7 @@ def machine() -> dict[str, object]:
         pass
     import torch
 
-    return {"nproc": os.cpu_count(), "cpu": model, "ram_gb": ram_gb, "python": platform.python_version(),
+    return {"nproc": os.cpu_count(), "cpu": cpu_name(), "ram_gb": ram_gb, "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
