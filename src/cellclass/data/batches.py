@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -137,23 +136,19 @@ class BatchLoader:
             pages after every read, a smaller one stays mapped (it sets the cache's
             ``release_each_read``).
         channels_last: Return channels-last tensors.
-        ahead: Without workers, make the next batch in a thread while the caller trains on
-            the current one (the augmentation kernel and NumPy release the GIL), instead of
-            in-line between steps; one more batch in memory.
 
     Raises:
         ConfigError: When ``workers`` is negative or ``max_memory_mb`` not positive.
     """
 
     def __init__(self, images: Any, *, batch_size: int, augment: BatchAugment | None = None, workers: int = 0,
-                 max_memory_mb: float = 512, channels_last: bool = False, ahead: bool = False) -> None:
+                 max_memory_mb: float = 512, channels_last: bool = False) -> None:
         if workers < 0:
             raise ConfigError(f"loader workers = {workers!r} is invalid; valid: an integer >= 0")
         if max_memory_mb <= 0:
             raise ConfigError(f"loader max_memory_mb = {max_memory_mb!r} is invalid; valid: a number > 0")
         self.augment = augment
         self.workers = int(workers)
-        self.ahead = bool(ahead) and not self.workers
         _bound_mapped_pages(images, max_memory_mb)
         self._items = _EpochItems()
         self._dataset = _Batches(images, augment.config if augment is not None else None, channels_last)
@@ -196,18 +191,9 @@ class BatchLoader:
         return self._iterate(items)
 
     def _iterate(self, items: list[tuple[np.ndarray, int | None]]) -> Iterator[torch.Tensor]:
-        if self._loader is None and not (self.ahead and len(items) > 1):
+        if self._loader is None:
             for item in items:
                 yield self._dataset[item]
-            return
-        if self._loader is None:
-            with ThreadPoolExecutor(1, thread_name_prefix="cellclass-batches") as pool:
-                pending = pool.submit(self._dataset.__getitem__, items[0])
-                for item in items[1:]:
-                    batch = pending.result()
-                    pending = pool.submit(self._dataset.__getitem__, item)
-                    yield batch
-                yield pending.result()
             return
         self._items.items = items
         yield from self._loader
