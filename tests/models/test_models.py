@@ -219,6 +219,7 @@ def test_timm_errors() -> None:
         ("lenet5", {"drop_rate": 0.2, "task_types": {"particle": "single", "dose": "multilabel"}}),
         ("resnet18", {"drop_rate": 0.1, "drop_path_rate": 0.05}),
         ("resnet18", {"head": "mlp", "stem_pool": False}),
+        ("resnet18", {"zero_init_last": False}),
     ],
 )
 def test_config_round_trip(name: str, kwargs: dict) -> None:
@@ -576,3 +577,12 @@ def test_area_downsample() -> None:
     np.testing.assert_allclose(odd.mean(axis=(2, 3)), X.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(area_downsample(np.ones((1, 1, 7, 9)), (3, 4)), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(area_downsample(X, (8, 12)), X)
+
+
+def test_zero_init_last_starts_residual_blocks_as_identity_or_not() -> None:
+    """timm zero-initialises each block's last BatchNorm; ``zero_init_last=False`` does not."""
+    def last_bn(model) -> torch.Tensor:
+        return next(p for n, p in model.named_parameters() if n.endswith("layer1.0.bn2.weight"))
+
+    assert torch.count_nonzero(last_bn(create_model("resnet18", 1, HEADS, image_size=32))) == 0
+    assert torch.all(last_bn(create_model("resnet18", 1, HEADS, image_size=32, zero_init_last=False)) == 1)

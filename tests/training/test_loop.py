@@ -14,7 +14,7 @@ from cellclass.errors import TrainingError
 from cellclass.inference.checkpoint import Checkpoint
 from cellclass.inference.predictor import Predictor
 from cellclass.training.config import ConfigError, TrainConfig, parse_set_options
-from cellclass.training.loop import monitor_names, train
+from cellclass.training.loop import _network_kwargs, monitor_names, train
 
 FAST = {"image_size": 32, "epochs": 2, "batch_size": 16, "workers": 2, "tta": False}
 
@@ -139,3 +139,10 @@ def test_a_wrong_monitor_fails_before_anything_is_read(bps_dir: Path, hpa_dir: P
                                             r"val/localization/map$"):
         train(hpa(hpa_dir), cfg, tmp_path / "ml", progress=lambda stage, done, total: seen.append(stage))
     assert seen == [] and not (tmp_path / "ml").exists()
+
+
+def test_network_settings_reach_the_model_only_when_set() -> None:
+    assert _network_kwargs(TrainConfig(model="resnet18")) == {}
+    chosen = TrainConfig(model="resnet18", zero_init_last=False, stem_pool=False, head="mlp", drop_path_rate=0.1)
+    assert _network_kwargs(chosen) == {"zero_init_last": False, "stem_pool": False, "head": "mlp",
+                                       "drop_path_rate": 0.1}

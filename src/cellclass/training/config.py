@@ -97,6 +97,9 @@ class TrainConfig:
             is skipped, rising to this value in the last block; 0 is off).
         stem_pool: Keep the stem max-pool of ResNet-family backbones (``false``: feature
             maps twice as large on each side, for small single-cell crops).
+        zero_init_last: Start the last BatchNorm of every residual block of timm's
+            ResNet-family backbones at zero, so each block begins as the identity (timm's
+            default; ``false``: torchvision's and fastai's initialisation, BatchNorm at one).
         ema_decay: Keep an exponential moving average of the weights with this decay per
             optimizer step; validation, checkpoints and evaluation then use the averaged
             weights. 0 (the default) is off; ``auto`` (``None``): ``1 - 6 / total steps``
@@ -168,6 +171,7 @@ class TrainConfig:
     head: str = "linear"
     drop_path_rate: float = 0.0
     stem_pool: bool = True
+    zero_init_last: bool = True
     ema_decay: float | None = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0

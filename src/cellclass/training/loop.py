@@ -315,6 +315,8 @@ def _network_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs["drop_path_rate"] = config.drop_path_rate
     if not config.stem_pool:
         kwargs["stem_pool"] = False
+    if not config.zero_init_last:
+        kwargs["zero_init_last"] = False
     if config.head != "linear":
         kwargs["head"] = config.head
     return kwargs
