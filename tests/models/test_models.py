@@ -586,3 +586,10 @@ def test_zero_init_last_starts_residual_blocks_as_identity_or_not() -> None:
 
     assert torch.count_nonzero(last_bn(create_model("resnet18", 1, HEADS, image_size=32))) == 0
     assert torch.all(last_bn(create_model("resnet18", 1, HEADS, image_size=32, zero_init_last=False)) == 1)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "convnext_atto"])
+def test_zero_init_last_false_builds_models_that_never_zero_a_block(name: str) -> None:
+    model = create_model(name, 2, HEADS, image_size=32, zero_init_last=False)
+    assert model.config["zero_init_last"] is False
+    assert create_model(**model.config).config == model.config

@@ -146,3 +146,7 @@ def test_network_settings_reach_the_model_only_when_set() -> None:
     chosen = TrainConfig(model="resnet18", zero_init_last=False, stem_pool=False, head="mlp", drop_path_rate=0.1)
     assert _network_kwargs(chosen) == {"zero_init_last": False, "stem_pool": False, "head": "mlp",
                                        "drop_path_rate": 0.1}
+
+
+def test_zero_init_last_is_not_passed_to_networks_without_residual_blocks() -> None:
+    assert _network_kwargs(TrainConfig(model="lenet5", zero_init_last=False)) == {}

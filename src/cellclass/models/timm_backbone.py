@@ -61,6 +61,9 @@ class TimmNetwork(MultiHeadNetwork):
         head: ``linear`` or ``mlp`` (:data:`~cellclass.models.network.HEADS`); ``mlp``
             also pools by concatenated average and max (timm's ``catavgmax``) unless
             ``global_pool`` is given.
+        zero_init_last: ``False`` starts the last BatchNorm of every residual block at
+            one instead of zero, for the models whose class zero-initialises it (timm's
+            ResNet family); models that never do are built as they are.
         **timm_kwargs: Passed to :func:`timm.create_model` (``drop_path_rate``, ...).
 
     Raises:
@@ -80,6 +83,7 @@ class TimmNetwork(MultiHeadNetwork):
         task_types: Mapping[str, str] | None = None,
         stem_pool: bool = True,
         head: str = "linear",
+        zero_init_last: bool = True,
         **timm_kwargs: Any,
     ) -> None:
         reserved = sorted(set(timm_kwargs) & set(_RESERVED))
@@ -97,14 +101,15 @@ class TimmNetwork(MultiHeadNetwork):
             drop_rate=drop_rate,
             task_types=task_types,
             extra_config=dict(timm_kwargs, **({} if stem_pool else {"stem_pool": False}),
-                              **({} if head == "linear" else {"head": head})),
+                              **({} if head == "linear" else {"head": head}),
+                              **({} if zero_init_last else {"zero_init_last": False})),
         )
         if head == "mlp" and "global_pool" not in timm_kwargs:
             timm_kwargs = dict(timm_kwargs, global_pool="catavgmax")
         if pretrained is True:
             backbone = _hub_backbone(name, in_chans, image_size, timm_kwargs)
         else:
-            backbone = _create_backbone(name, in_chans, image_size, timm_kwargs)
+            backbone = _create_backbone(name, in_chans, image_size, timm_kwargs, zero_init_last=zero_init_last)
             if pretrained:
                 load_backbone_weights(backbone, pretrained, model_name=name)
         if not stem_pool:
@@ -124,7 +129,16 @@ def _create_backbone(
     timm_kwargs: Mapping[str, Any],
     *,
     pretrained: bool = False,
+    zero_init_last: bool = True,
 ) -> nn.Module:
+    if not zero_init_last:
+        try:
+            return _create_backbone(name, in_chans, image_size, dict(timm_kwargs, zero_init_last=False),
+                                    pretrained=pretrained)
+        except ModelError as err:
+            if "zero_init_last" not in str(err.__cause__):
+                raise
+            # The model's class takes no zero_init_last: it never zero-initialises a block.
     args = dict(timm_kwargs, in_chans=in_chans, num_classes=0, pretrained=pretrained)
     if "img_size" not in timm_kwargs:
         # Transformers need the input size at construction, CNNs refuse the argument:

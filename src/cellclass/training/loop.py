@@ -52,7 +52,7 @@ from cellclass.evaluation.results import write_evaluation
 from cellclass.inference.checkpoint import Checkpoint
 from cellclass.inference.predictor import Predictor
 from cellclass.inference.probabilities import probabilities
-from cellclass.models import create_model, is_baseline
+from cellclass.models import create_model, is_baseline, model_info
 from cellclass.progress import ProgressFn
 from cellclass.training.config import TrainConfig
 from cellclass.training.losses import build_loss, multitask_loss
@@ -315,8 +315,8 @@ def _network_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs["drop_path_rate"] = config.drop_path_rate
     if not config.stem_pool:
         kwargs["stem_pool"] = False
-    if not config.zero_init_last:
-        kwargs["zero_init_last"] = False
+    if not config.zero_init_last and model_info(config.model).source == "timm":
+        kwargs["zero_init_last"] = False  # cellclass's own networks have no residual blocks
     if config.head != "linear":
         kwargs["head"] = config.head
     return kwargs
