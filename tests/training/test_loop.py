@@ -142,11 +142,12 @@ def test_a_wrong_monitor_fails_before_anything_is_read(bps_dir: Path, hpa_dir: P
 
 
 def test_network_settings_reach_the_model_only_when_set() -> None:
-    assert _network_kwargs(TrainConfig(model="resnet18")) == {}
-    chosen = TrainConfig(model="resnet18", zero_init_last=False, stem_pool=False, head="mlp", drop_path_rate=0.1)
+    assert _network_kwargs(TrainConfig(model="resnet18")) == {"zero_init_last": False}  # the training default
+    assert _network_kwargs(TrainConfig(model="resnet18", zero_init_last=True)) == {}  # timm's own
+    chosen = TrainConfig(model="resnet18", stem_pool=False, head="mlp", drop_path_rate=0.1)
     assert _network_kwargs(chosen) == {"zero_init_last": False, "stem_pool": False, "head": "mlp",
                                        "drop_path_rate": 0.1}
 
 
 def test_zero_init_last_is_not_passed_to_networks_without_residual_blocks() -> None:
-    assert _network_kwargs(TrainConfig(model="lenet5", zero_init_last=False)) == {}
+    assert _network_kwargs(TrainConfig(model="lenet5")) == {}

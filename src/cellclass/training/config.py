@@ -99,7 +99,9 @@ class TrainConfig:
             maps twice as large on each side, for small single-cell crops).
         zero_init_last: Start the last BatchNorm of every residual block of timm's
             ResNet-family backbones at zero, so each block begins as the identity (timm's
-            default; ``false``: torchvision's and fastai's initialisation, BatchNorm at one).
+            own default). ``false`` (the default) starts it at one, as torchvision and
+            fastai do: higher test macro F1 on MitoCheck, Jurkat and AutoFoci
+            (docs/results.md). cellclass's own networks have no residual blocks.
         ema_decay: Keep an exponential moving average of the weights with this decay per
             optimizer step; validation, checkpoints and evaluation then use the averaged
             weights. 0 (the default) is off; ``auto`` (``None``): ``1 - 6 / total steps``
@@ -171,7 +173,7 @@ class TrainConfig:
     head: str = "linear"
     drop_path_rate: float = 0.0
     stem_pool: bool = True
-    zero_init_last: bool = True
+    zero_init_last: bool = False
     ema_decay: float | None = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
