@@ -306,8 +306,9 @@ def _create_model(config: TrainConfig, data: PreparedData, *, in_chans: int) -> 
 
 
 def _network_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """The network arguments the configuration sets (only those away from their defaults,
-    so a model that lacks one is refused only when it is asked for)."""
+    """The network arguments the configuration sets (only those away from the networks' own
+    defaults, so a model that lacks one is refused only when it is asked for;
+    ``zero_init_last: false``, the training default, goes to timm backbones only)."""
     kwargs: dict[str, Any] = {}
     if config.drop_rate:
         kwargs["drop_rate"] = config.drop_rate
