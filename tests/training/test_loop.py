@@ -141,7 +141,7 @@ def test_a_wrong_monitor_fails_before_anything_is_read(bps_dir: Path, hpa_dir: P
     assert seen == [] and not (tmp_path / "ml").exists()
 
 
-def test_network_settings_reach_the_model_only_when_set() -> None:
+def test_network_settings_the_loop_passes_to_the_model() -> None:
     assert _network_kwargs(TrainConfig(model="resnet18")) == {"zero_init_last": False}  # the training default
     assert _network_kwargs(TrainConfig(model="resnet18", zero_init_last=True)) == {}  # timm's own
     chosen = TrainConfig(model="resnet18", stem_pool=False, head="mlp", drop_path_rate=0.1)
