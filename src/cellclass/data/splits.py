@@ -565,7 +565,7 @@ def _represent_classes(split: Split, targets: Mapping[str, float], classes: Sequ
     if not moves:
         return split
     for note in dataclasses.replace(split, moves=moves).move_notes():
-        log.info("%s", note)
+        log.debug("%s", note)  # shown once, by the run that uses the split (PreparedData.split_note)
     sides = {s: np.sort(pool[group_side[inverse] == i]) for i, s in enumerate(names)}
     return dataclasses.replace(split, **sides, moves=moves)
 
