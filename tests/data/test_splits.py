@@ -432,3 +432,12 @@ def test_mitocheck_plate_split_has_every_phenotype_on_validation(shared_data: Pa
     assert row_level.moves == []
     for side in _sides(row_level):
         assert set(y[side]) == set(range(16))
+
+
+def test_a_move_is_left_to_the_run_to_report_so_it_is_shown_once(caplog: pytest.LogCaptureFixture) -> None:
+    frame, labels, groups = rare_plates((0, 1, 2, 3))
+    with caplog.at_level(logging.DEBUG, logger="cellclass"):
+        split = make_split(frame, labels=labels, groups=groups, group_column="plate", classes=RARE)
+    assert split.moves  # a plate was moved, and the split carries its note for the run to log
+    assert split.move_notes()[0].startswith("moved plate P00 ")
+    assert "moved plate" not in caplog.text

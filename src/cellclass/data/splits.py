@@ -564,8 +564,6 @@ def _represent_classes(split: Split, targets: Mapping[str, float], classes: Sequ
     _warn_missing(names, present, counts, classes)
     if not moves:
         return split
-    for note in dataclasses.replace(split, moves=moves).move_notes():
-        log.debug("%s", note)  # shown once, by the run that uses the split (PreparedData.split_note)
     sides = {s: np.sort(pool[group_side[inverse] == i]) for i, s in enumerate(names)}
     return dataclasses.replace(split, **sides, moves=moves)
 
