@@ -98,3 +98,18 @@ def test_compare_json_and_csv(bps_dir: Path, tmp_path: Path, capsys: pytest.Capt
     rc, out, _ = call(["compare", tmp_path / "a", tmp_path / "b", "--n-boot", "100", "--format", "csv"], capsys)
     metrics = pd.read_csv(io.StringIO(out.split("\n\n")[0].split("\n", 1)[1]))
     assert metrics["run"].tolist() == ["a", "b"] and (metrics["task"] == "particle_type").all()
+
+
+def test_progress_notes_after_a_command_go_to_the_stderr_of_the_moment(capsys: pytest.CaptureFixture[str]) -> None:
+    """A program (or test) that runs a command through a runner whose stream is closed
+    afterwards still gets cellclass's later log lines on its own stderr, not a logging error."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from cellclass.cli import app
+
+    assert CliRunner().invoke(app, ["--version"]).exit_code == 0
+    logging.getLogger("cellclass.training").info("a note after the command")
+    err = capsys.readouterr().err
+    assert "a note after the command" in err and "Logging error" not in err
