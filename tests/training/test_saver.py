@@ -33,6 +33,31 @@ def test_a_loss_improves_downwards_and_nan_never_improves() -> None:
     assert not saver.patience_spent  # patience 0: never stops early
 
 
+def test_epochs_before_the_first_candidate_are_never_the_best_nor_count_against_patience() -> None:
+    saver = CheckpointSaver("unused", "val/macro_f1", patience=2, first_candidate=3)
+    assert [saver.update(e, v) for e, v in enumerate([0.9, 0.95, 0.6, 0.5, 0.7, 0.65], start=1)] == \
+        [False, False, True, False, True, False]
+    assert (saver.best_epoch, saver.best_value, saver.bad_epochs) == (5, 0.7, 1)
+
+
+@pytest.mark.parametrize(("best_after", "epochs", "first"), [(0.0, 30, 1), (0.5, 30, 16), (0.5, 1, 1),
+                                                             (0.5, 3, 2), (0.99, 10, 10)])
+def test_best_after_sets_the_first_candidate_within_the_run(best_after: float, epochs: int, first: int) -> None:
+    from cellclass.training.config import TrainConfig
+    from cellclass.training.loop import first_candidate
+
+    assert first_candidate(TrainConfig(best_after=best_after, epochs=epochs)) == first
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_best_after_outside_zero_to_one_is_refused(value: float) -> None:
+    from cellclass.errors import ConfigError
+    from cellclass.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="best_after"):
+        TrainConfig(best_after=value)
+
+
 def test_its_state_continues_where_it_stopped() -> None:
     saver = CheckpointSaver("unused", "val/macro_f1", patience=3)
     for epoch, value in enumerate([0.4, 0.6, 0.5], start=1):

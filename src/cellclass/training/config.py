@@ -57,6 +57,10 @@ class TrainConfig:
         patience: Epochs without improvement before stopping (0: never stop early).
         monitor: Validation metric that picks the best epoch (``val/macro_f1`` is the
             mean over tasks; ``val/<task>/<metric>`` for one task).
+        best_after: Fraction of the epochs before which no epoch can be the best: 0.5 (the
+            default) chooses among the second half, 0 among all. While the learning rate is
+            high, validation scores swing from epoch to epoch, and the highest of those
+            swings is a lucky draw on the validation images more than a better model.
         augment: Train-time augmentation on batches.
         crop_scale: Random resized crop scale range, or ``None`` for no crop.
         intensity_scale: Per-channel multiplicative jitter.
@@ -147,6 +151,7 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=dict)
     patience: int = 0
     monitor: str = "val/macro_f1"
+    best_after: float = 0.5
     augment: bool = True
     crop_scale: list[float] | None = field(default_factory=lambda: [0.85, 1.0])
     intensity_scale: float = 0.1
@@ -246,7 +251,7 @@ class TrainConfig:
         bounds = {"weight_decay": (0, None), "intensity_scale": (0, None), "intensity_shift": (0, None),
                   "warmup_fraction": (0, 1), "label_smoothing": (0, 1), "drop_rate": (0, 1),
                   "drop_path_rate": (0, 1), "ema_decay": (0, 1), "mixup": (0, None), "cutmix": (0, None),
-                  "rotate": (0, 181)}
+                  "rotate": (0, 181), "best_after": (0, 1)}
         for key, (low, high) in bounds.items():
             value = getattr(self, key)
             if value is None:  # auto

@@ -455,7 +455,11 @@ def _fit_network(fabric: Fabric, model: Any, loss_fn: Callable[..., torch.Tensor
     """Train the epochs after ``previous``'s (from the first for a new run) up to
     ``config.epochs``, or until patience is spent; return the best epoch."""
     fabric.seed_everything(config.seed)
-    saver = CheckpointSaver(out / "checkpoints", config.monitor, config.patience)
+    saver = CheckpointSaver(out / "checkpoints", config.monitor, config.patience,
+                            first_candidate=first_candidate(config))
+    if saver.first_candidate > 1 and fabric.is_global_zero:
+        log.info("best epoch by %s chosen among epochs %d-%d (best_after %s)", config.monitor,
+                 saver.first_candidate, config.epochs, config.best_after)
     trainer = Trainer(fabric, model, config, plan, loss_fn, saver)
     workers = config.loader_workers if config.loader_workers is not None else default_workers(x, fabric.world_size)
     loader = BatchLoader(x, batch_size=trainer.per_rank, augment=trainer.augment, workers=workers,
@@ -620,6 +624,11 @@ def validate(trainer: Trainer, x: Any, data: PreparedData, batch_size: int = 256
     targets = {t: torch.from_numpy(v[idx]) for t, v in data.targets.items()}
     loss = float(trainer.loss_fn(joined, targets))
     return loss, {t: probabilities(v, data.encoders[t].type).numpy() for t, v in joined.items()}
+
+
+def first_candidate(config: TrainConfig) -> int:
+    """The first epoch that can be the best under ``config.best_after`` (at most the last)."""
+    return int(config.best_after * config.epochs) + 1 if config.epochs else 1
 
 
 def augmenter(config: TrainConfig, rank: int = 0) -> BatchAugment | None:

@@ -16,18 +16,21 @@ class CheckpointSaver:
 
     A loss (a monitor name holding ``loss``) is better lower, any other metric higher; an
     undefined value (NaN) never improves. ``best.ckpt`` is written when an epoch improves
-    on every earlier one, ``last.ckpt`` (with the training state) after every epoch.
+    on every earlier candidate, ``last.ckpt`` (with the training state) after every epoch.
 
     Args:
         folder: The run's ``checkpoints`` folder.
         monitor: Name of the metric that picks the best epoch (``val/macro_f1``, ``val_loss`` ...).
-        patience: Epochs without improvement after which training stops (0: never).
+        patience: Epochs without improvement after which training stops (0: never); epochs
+            before ``first_candidate`` do not count.
+        first_candidate: First epoch that can be the best (earlier ones are recorded, never chosen).
     """
 
-    def __init__(self, folder: str | Path, monitor: str, patience: int = 0) -> None:
+    def __init__(self, folder: str | Path, monitor: str, patience: int = 0, first_candidate: int = 1) -> None:
         self.folder = Path(folder)
         self.monitor = monitor
         self.patience = patience
+        self.first_candidate = first_candidate
         self.mode = "min" if "loss" in monitor else "max"
         self.best_score = -math.inf
         self.best_epoch = 0
@@ -35,6 +38,8 @@ class CheckpointSaver:
 
     def update(self, epoch: int, value: float | None) -> bool:
         """Record ``epoch``'s value of the monitored metric; whether it is the best so far."""
+        if epoch < self.first_candidate:
+            return False
         score = -math.inf if value is None or math.isnan(value) else (value if self.mode == "max" else -value)
         improved = score > self.best_score
         if improved:
